@@ -1,0 +1,5 @@
+//! imprint: the host command line.
+
+fn main() {
+    println!("imprint");
+}

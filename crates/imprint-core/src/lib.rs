@@ -1,0 +1,27 @@
+//! imprint-core owns everything that touches a disk and everything both binaries share:
+//!
+//! - [`manifest`]: the `.img.zst` image format (a zstd stream with its manifest in a skippable
+//!   frame) — reading, validating and writing it.
+//! - [`blockdev`]: safe wrappers over the block-device ioctls and the exclusivity checks
+//!   (mounted, swap, holders) that decide whether a target may be touched at all.
+//! - [`write`]: the verified write engine: zero the ends, stream, read back, commit the first MiB
+//!   last, move the backup GPT.
+//! - [`verify`]: reading a target back and proving it holds an image.
+//! - [`gpt_fixup`]: moving the backup GPT header to the end of a larger disk.
+//! - [`progress`]: progress events for terminals, logs and the appliance (`--json`).
+//! - [`discover`], [`select`], [`config`], [`seed`]: what the appliance needs to find the
+//!   internal disk, decide on it, and render the cloud-init NoCloud seed.
+//!
+//! System roots (`/sys`, `/proc`, `/dev`) are parameters wherever discovery happens, so the
+//! policy is tested against fake trees.
+
+pub mod blockdev;
+pub mod config;
+pub mod discover;
+pub mod gpt_fixup;
+pub mod manifest;
+pub mod progress;
+pub mod seed;
+pub mod select;
+pub mod verify;
+pub mod write;
