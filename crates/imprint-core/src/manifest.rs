@@ -1,1 +1,763 @@
-//! (to be written)
+//! The imprint image format: a `.img.zst` file that plain `zstd -d` still decodes.
+//!
+//! ```text
+//! +--------------------------------------------------+  offset 0
+//! | zstd skippable frame, magic 0x184D2A5E           |
+//! |   u32 LE frame size                              |
+//! |   "IMPRINT\0" | manifest JSON (UTF-8)            |
+//! +--------------------------------------------------+  payload_offset
+//! | zstd frame(s) of the raw disk image, with        |
+//! | content checksums                                |
+//! +--------------------------------------------------+  payload_offset + compressed_size
+//! ```
+//!
+//! The manifest carries everything needed to refuse a wrong or damaged image before a byte is
+//! written, and to prove afterwards that a disk holds it: the raw size, the logical sector size
+//! found in the image's GPT, the sha256 of the raw image, one sha256 per chunk (so verification
+//! names the bad region), and the compressed payload's size and sha256 (so truncation is caught
+//! before writing). See `docs/image-format.md`.
+
+use std::fs::File;
+use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Skippable-frame magic used for the manifest (any of 0x184D2A50..=0x184D2A5F is skippable).
+pub const MANIFEST_FRAME_MAGIC: u32 = 0x184D_2A5E;
+/// Magic of a regular zstd frame.
+pub const ZSTD_FRAME_MAGIC: u32 = 0xFD2F_B528;
+/// Bytes after the frame header that mark the skippable frame as ours.
+pub const MANIFEST_TAG: &[u8; 8] = b"IMPRINT\0";
+/// The format name in the manifest.
+pub const FORMAT_NAME: &str = "imprint-image";
+/// The manifest version this code writes and the newest it reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// Default chunk size for chunk digests: verification runs and reports per chunk.
+pub const DEFAULT_CHUNK_SIZE: u64 = 16 << 20;
+/// Largest manifest frame accepted (a 2 TiB image at 16 MiB chunks is ~9 MiB of JSON).
+const MAX_MANIFEST_LEN: u32 = 32 << 20;
+
+/// Partition table found in the raw image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PartitionTable {
+    /// GUID partition table; `sector_size` is the sector size it was laid out for.
+    Gpt,
+    /// MBR only (no GPT).
+    Mbr,
+    /// Neither: a bare filesystem or unknown content.
+    None,
+}
+
+/// The manifest of an imprint image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Always [`FORMAT_NAME`].
+    pub format: String,
+    /// Format version, [`FORMAT_VERSION`].
+    pub version: u32,
+    /// Human name of the image (e.g. "ubuntu-24.04-server-cloudimg-amd64").
+    pub name: String,
+    /// Size of the raw disk image in bytes.
+    pub raw_size: u64,
+    /// Partition table found in the image.
+    pub partition_table: PartitionTable,
+    /// Logical sector size the image's partition table was laid out for (512 or 4096).
+    /// `None` for images without a GPT: they are written to disks of any sector size.
+    pub sector_size: Option<u32>,
+    /// sha256 of the raw image, lower-case hex.
+    pub sha256: String,
+    /// Size of each chunk covered by one entry of `chunks` (the last may be shorter).
+    pub chunk_size: u64,
+    /// sha256 of each chunk of the raw image, in order.
+    pub chunks: Vec<String>,
+    /// Size of the compressed payload (the zstd frames after the manifest frame).
+    pub compressed_size: u64,
+    /// sha256 of the compressed payload.
+    pub compressed_sha256: String,
+    /// The tool and version that made the image.
+    pub created_by: String,
+}
+
+/// Errors reading or validating an image.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// The image file could not be opened or read.
+    #[error("reading image {path}: {source}")]
+    Io {
+        /// The image file.
+        path: PathBuf,
+        /// What failed.
+        #[source]
+        source: io::Error,
+    },
+    /// The file is a zstd stream but has no imprint manifest.
+    #[error(
+        "{path} is a plain zstd file without an imprint manifest; run `imprint prepare {path}` to make an imprint image"
+    )]
+    PlainZstd {
+        /// The image file.
+        path: PathBuf,
+    },
+    /// The file is not an imprint image at all.
+    #[error(
+        "{path} is not an imprint image (it does not start with an imprint manifest frame); run `imprint prepare` on the raw, qcow2, xz, gz or zst disk image first"
+    )]
+    NotAnImage {
+        /// The image file.
+        path: PathBuf,
+    },
+    /// The manifest frame is there but its content is damaged or unsupported.
+    #[error("{path}: the image manifest is malformed: {reason}; re-create the image with `imprint prepare`")]
+    BadManifest {
+        /// The image file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The file is shorter than the manifest says: a truncated download or copy.
+    #[error(
+        "{path} is truncated: the manifest promises {expected} bytes of payload but the file holds {actual}; copy or download the image again"
+    )]
+    Truncated {
+        /// The image file.
+        path: PathBuf,
+        /// Payload bytes the manifest promises.
+        expected: u64,
+        /// Payload bytes present.
+        actual: u64,
+    },
+}
+
+impl Manifest {
+    /// Checks the manifest's internal consistency.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.format != FORMAT_NAME {
+            return Err(format!(
+                "format is {:?}, expected {FORMAT_NAME:?}",
+                self.format
+            ));
+        }
+        if self.version == 0 || self.version > FORMAT_VERSION {
+            return Err(format!(
+                "format version {} is not supported (this imprint reads up to {FORMAT_VERSION}); update imprint",
+                self.version
+            ));
+        }
+        if self.raw_size == 0 {
+            return Err("raw_size is 0".into());
+        }
+        if self.raw_size % 512 != 0 {
+            return Err(format!(
+                "raw_size {} is not a multiple of 512",
+                self.raw_size
+            ));
+        }
+        match (self.partition_table, self.sector_size) {
+            (PartitionTable::Gpt, Some(512 | 4096)) => {}
+            (PartitionTable::Gpt, other) => {
+                return Err(format!(
+                    "a GPT image needs sector_size 512 or 4096, not {other:?}"
+                ))
+            }
+            (_, None) => {}
+            (_, Some(s)) => return Err(format!("sector_size {s} given for an image without GPT")),
+        }
+        if let Some(ss) = self.sector_size {
+            if self.raw_size % u64::from(ss) != 0 {
+                return Err(format!(
+                    "raw_size {} is not a multiple of the sector size {ss}",
+                    self.raw_size
+                ));
+            }
+        }
+        if self.chunk_size == 0 || self.chunk_size % (1 << 20) != 0 {
+            return Err(format!(
+                "chunk_size {} is not a positive multiple of 1 MiB",
+                self.chunk_size
+            ));
+        }
+        let expect_chunks = self.raw_size.div_ceil(self.chunk_size);
+        if self.chunks.len() as u64 != expect_chunks {
+            return Err(format!(
+                "{} chunk digests for {} chunks",
+                self.chunks.len(),
+                expect_chunks
+            ));
+        }
+        for (what, d) in std::iter::once(("sha256", &self.sha256))
+            .chain(std::iter::once((
+                "compressed_sha256",
+                &self.compressed_sha256,
+            )))
+            .chain(self.chunks.iter().map(|c| ("chunk digest", c)))
+        {
+            if !is_hex_digest(d) {
+                return Err(format!("{what} {d:?} is not a sha256 hex digest"));
+            }
+        }
+        if self.compressed_size == 0 {
+            return Err("compressed_size is 0".into());
+        }
+        Ok(())
+    }
+
+    /// Number of chunks.
+    pub fn chunk_count(&self) -> u64 {
+        self.chunks.len() as u64
+    }
+
+    /// Byte range `[start, end)` of chunk `i`.
+    pub fn chunk_range(&self, i: u64) -> (u64, u64) {
+        let start = i * self.chunk_size;
+        (start, (start + self.chunk_size).min(self.raw_size))
+    }
+
+    /// Serialises the manifest as its skippable frame.
+    pub fn to_frame(&self) -> Vec<u8> {
+        // Serialising a plain struct of strings and integers cannot fail.
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        let len = (MANIFEST_TAG.len() + json.len()) as u32;
+        let mut frame = Vec::with_capacity(8 + len as usize);
+        frame.extend_from_slice(&MANIFEST_FRAME_MAGIC.to_le_bytes());
+        frame.extend_from_slice(&len.to_le_bytes());
+        frame.extend_from_slice(MANIFEST_TAG);
+        frame.extend_from_slice(&json);
+        frame
+    }
+}
+
+fn is_hex_digest(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// Lower-case hex of a digest.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// An opened, validated imprint image.
+#[derive(Debug)]
+pub struct Image {
+    path: PathBuf,
+    manifest: Manifest,
+    payload_offset: u64,
+}
+
+impl Image {
+    /// Opens an image, reads and validates its manifest, and checks that the payload is all
+    /// there. Nothing about the target is touched here: a bad image is refused before any write.
+    pub fn open(path: &Path) -> Result<Image, ImageError> {
+        let io_err = |source| ImageError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let mut file = File::open(path).map_err(io_err)?;
+        let file_len = file.metadata().map_err(io_err)?.len();
+        let mut head = [0u8; 16];
+        let got = read_full(&mut file, &mut head).map_err(io_err)?;
+        if got < 4 {
+            return Err(ImageError::NotAnImage {
+                path: path.to_owned(),
+            });
+        }
+        let magic = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+        if magic == ZSTD_FRAME_MAGIC {
+            return Err(ImageError::PlainZstd {
+                path: path.to_owned(),
+            });
+        }
+        if magic != MANIFEST_FRAME_MAGIC || got < 16 || &head[8..16] != MANIFEST_TAG {
+            return Err(ImageError::NotAnImage {
+                path: path.to_owned(),
+            });
+        }
+        let bad = |reason: String| ImageError::BadManifest {
+            path: path.to_owned(),
+            reason,
+        };
+        let frame_len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+        if !(MANIFEST_TAG.len() as u32..=MAX_MANIFEST_LEN).contains(&frame_len) {
+            return Err(bad(format!(
+                "manifest frame length {frame_len} is out of range"
+            )));
+        }
+        let payload_offset = 8 + u64::from(frame_len);
+        if payload_offset > file_len {
+            return Err(bad(format!(
+                "manifest frame of {frame_len} bytes runs past the end of the {file_len}-byte file"
+            )));
+        }
+        let mut json = vec![0u8; frame_len as usize - MANIFEST_TAG.len()];
+        file.read_exact(&mut json).map_err(io_err)?;
+        let manifest: Manifest =
+            serde_json::from_slice(&json).map_err(|e| bad(format!("manifest JSON: {e}")))?;
+        manifest.validate().map_err(bad)?;
+        let actual = file_len - payload_offset;
+        if actual < manifest.compressed_size {
+            return Err(ImageError::Truncated {
+                path: path.to_owned(),
+                expected: manifest.compressed_size,
+                actual,
+            });
+        }
+        if actual > manifest.compressed_size {
+            return Err(bad(format!(
+                "the file holds {} bytes after the manifest, {} more than its compressed_size; \
+                 the file was appended to or the manifest does not belong to it",
+                actual,
+                actual - manifest.compressed_size
+            )));
+        }
+        Ok(Image {
+            path: path.to_owned(),
+            manifest,
+            payload_offset,
+        })
+    }
+
+    /// The image's manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The image file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Offset of the first zstd frame of the payload.
+    pub fn payload_offset(&self) -> u64 {
+        self.payload_offset
+    }
+
+    /// A reader of the compressed payload (exactly `compressed_size` bytes).
+    pub fn payload(&self) -> Result<io::Take<BufReader<File>>, ImageError> {
+        let io_err = |source| ImageError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let mut f = File::open(&self.path).map_err(io_err)?;
+        f.seek(SeekFrom::Start(self.payload_offset))
+            .map_err(io_err)?;
+        Ok(BufReader::with_capacity(1 << 20, f).take(self.manifest.compressed_size))
+    }
+
+    /// A reader of the decoded raw image. The caller must check it yields exactly `raw_size`
+    /// bytes followed by a clean end (see [`crate::write`]); zstd checks each frame's checksum.
+    pub fn raw_reader(
+        &self,
+    ) -> Result<
+        zstd::stream::read::Decoder<'static, BufReader<io::Take<BufReader<File>>>>,
+        ImageError,
+    > {
+        let payload = self.payload()?;
+        zstd::stream::read::Decoder::new(payload).map_err(|source| ImageError::Io {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    /// Reads the whole compressed payload and checks its sha256 against the manifest: a fast
+    /// pre-flight check (reading the stick, no decoding) that catches a damaged payload before
+    /// the target is touched.
+    pub fn check_payload_digest(&self) -> Result<(), ImageError> {
+        let mut r = self.payload()?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = r.read(&mut buf).map_err(|source| ImageError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        let got = hex(&hasher.finalize());
+        if got != self.manifest.compressed_sha256 {
+            return Err(ImageError::BadManifest {
+                path: self.path.clone(),
+                reason: format!(
+                    "the compressed payload's sha256 is {got}, the manifest says {}: the payload is corrupted",
+                    self.manifest.compressed_sha256
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Reads until `buf` is full or the reader ends; returns how much was read.
+pub(crate) fn read_full<R: Read + ?Sized>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+/// Finds the partition table of a raw image from its first 8 KiB: a GPT header ("EFI PART") at
+/// LBA 1 of a 512-byte or a 4096-byte layout, else an MBR boot signature.
+pub fn detect_partition_table(head: &[u8]) -> (PartitionTable, Option<u32>) {
+    for ss in [512usize, 4096] {
+        if head.len() >= ss + 8 && &head[ss..ss + 8] == b"EFI PART" {
+            return (PartitionTable::Gpt, Some(ss as u32));
+        }
+    }
+    if head.len() >= 512 && head[510] == 0x55 && head[511] == 0xAA {
+        return (PartitionTable::Mbr, None);
+    }
+    (PartitionTable::None, None)
+}
+
+/// Options for [`pack`].
+#[derive(Debug, Clone)]
+pub struct PackOptions {
+    /// Image name recorded in the manifest.
+    pub name: String,
+    /// zstd level (1–22).
+    pub level: i32,
+    /// Compression threads (0 = single-threaded in the caller's thread).
+    pub threads: u32,
+    /// Chunk size of the chunk digests.
+    pub chunk_size: u64,
+}
+
+/// Errors while packing an image.
+#[derive(Debug, thiserror::Error)]
+pub enum PackError {
+    /// Reading the raw input failed.
+    #[error("reading the raw image: {0}")]
+    Read(#[source] io::Error),
+    /// Writing the output failed.
+    #[error("writing {path}: {source}")]
+    Write {
+        /// The file being written.
+        path: PathBuf,
+        /// What failed.
+        #[source]
+        source: io::Error,
+    },
+    /// The raw input is not a disk image imprint can write.
+    #[error("the raw image is not usable: {0}")]
+    Input(String),
+}
+
+/// A writer that hashes and counts what passes through it.
+struct HashingWriter<W> {
+    inner: W,
+    hasher: Sha256,
+    count: u64,
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.count += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Compresses a raw disk image into an imprint image at `out`, returning its manifest.
+///
+/// The payload is compressed into `OUT.payload.partial` first (the manifest needs its size and
+/// digests), then `OUT.partial` gets the manifest frame and the payload, and is renamed to `OUT`
+/// only when complete: an interrupted run never leaves a file that looks like a finished image.
+/// `on_progress` is called with the raw bytes consumed so far.
+pub fn pack(
+    raw: &mut dyn Read,
+    out: &Path,
+    opts: &PackOptions,
+    on_progress: &mut dyn FnMut(u64),
+) -> Result<Manifest, PackError> {
+    let payload_path = with_suffix(out, ".payload.partial");
+    let partial_path = with_suffix(out, ".partial");
+    let result = pack_inner(raw, out, &payload_path, &partial_path, opts, on_progress);
+    let _ = std::fs::remove_file(&payload_path);
+    if result.is_err() {
+        let _ = std::fs::remove_file(&partial_path);
+    }
+    result
+}
+
+fn with_suffix(p: &Path, suffix: &str) -> PathBuf {
+    let mut s = p.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+fn pack_inner(
+    raw: &mut dyn Read,
+    out: &Path,
+    payload_path: &Path,
+    partial_path: &Path,
+    opts: &PackOptions,
+    on_progress: &mut dyn FnMut(u64),
+) -> Result<Manifest, PackError> {
+    let werr = |path: &Path| {
+        let path = path.to_owned();
+        move |source| PackError::Write { path, source }
+    };
+    let payload_file = File::create(payload_path).map_err(werr(payload_path))?;
+    let hw = HashingWriter {
+        inner: io::BufWriter::with_capacity(1 << 20, payload_file),
+        hasher: Sha256::new(),
+        count: 0,
+    };
+    let mut enc = zstd::stream::write::Encoder::new(hw, opts.level).map_err(werr(payload_path))?;
+    enc.include_checksum(true).map_err(werr(payload_path))?;
+    if opts.threads > 0 {
+        enc.multithread(opts.threads).map_err(werr(payload_path))?;
+    }
+
+    let mut total = Sha256::new();
+    let mut chunk = Sha256::new();
+    let mut chunk_fill = 0u64;
+    let mut chunks = Vec::new();
+    let mut raw_size = 0u64;
+    let mut head = Vec::with_capacity(8192);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = read_full(raw, &mut buf).map_err(PackError::Read)?;
+        if n == 0 {
+            break;
+        }
+        let data = &buf[..n];
+        if head.len() < 8192 {
+            let take = (8192 - head.len()).min(n);
+            head.extend_from_slice(&data[..take]);
+        }
+        total.update(data);
+        // Chunk boundaries fall on multiples of chunk_size, which is a multiple of 1 MiB; the
+        // reads here are at most 1 MiB, so split at most once per read.
+        let mut rest = data;
+        while !rest.is_empty() {
+            let room = (opts.chunk_size - chunk_fill) as usize;
+            let take = room.min(rest.len());
+            chunk.update(&rest[..take]);
+            chunk_fill += take as u64;
+            rest = &rest[take..];
+            if chunk_fill == opts.chunk_size {
+                chunks.push(hex(&std::mem::take(&mut chunk).finalize()));
+                chunk_fill = 0;
+            }
+        }
+        enc.write_all(data).map_err(werr(payload_path))?;
+        raw_size += n as u64;
+        on_progress(raw_size);
+    }
+    if chunk_fill > 0 {
+        chunks.push(hex(&chunk.finalize()));
+    }
+    if raw_size == 0 {
+        return Err(PackError::Input("the input is empty".into()));
+    }
+    let (partition_table, sector_size) = detect_partition_table(&head);
+    let unit = u64::from(sector_size.unwrap_or(512));
+    if raw_size % unit != 0 {
+        return Err(PackError::Input(format!(
+            "its size, {raw_size} bytes, is not a multiple of its {unit}-byte sector size: not a disk image, or truncated"
+        )));
+    }
+    let hw = enc.finish().map_err(werr(payload_path))?;
+    let HashingWriter {
+        inner,
+        hasher,
+        count,
+    } = hw;
+    let payload_file = inner.into_inner().map_err(|e| PackError::Write {
+        path: payload_path.to_owned(),
+        source: e.into_error(),
+    })?;
+    payload_file.sync_all().map_err(werr(payload_path))?;
+    drop(payload_file);
+
+    let manifest = Manifest {
+        format: FORMAT_NAME.into(),
+        version: FORMAT_VERSION,
+        name: opts.name.clone(),
+        raw_size,
+        partition_table,
+        sector_size,
+        sha256: hex(&total.finalize()),
+        chunk_size: opts.chunk_size,
+        chunks,
+        compressed_size: count,
+        compressed_sha256: hex(&hasher.finalize()),
+        created_by: concat!("imprint ", env!("CARGO_PKG_VERSION")).into(),
+    };
+    manifest.validate().map_err(PackError::Input)?;
+
+    let mut outf = File::create(partial_path).map_err(werr(partial_path))?;
+    outf.write_all(&manifest.to_frame())
+        .map_err(werr(partial_path))?;
+    let mut payload = File::open(payload_path).map_err(werr(payload_path))?;
+    // std::io::copy uses copy_file_range between files on Linux.
+    io::copy(&mut payload, &mut outf).map_err(werr(partial_path))?;
+    outf.sync_all().map_err(werr(partial_path))?;
+    drop(outf);
+    std::fs::rename(partial_path, out).map_err(werr(out))?;
+    Ok(manifest)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// Builds a GPT-looking raw image: a protective MBR, "EFI PART" at LBA 1 of the given sector
+    /// size, some data and some zero runs.
+    pub(crate) fn fake_gpt_raw(size: usize, ss: usize) -> Vec<u8> {
+        let mut v = vec![0u8; size];
+        v[510] = 0x55;
+        v[511] = 0xAA;
+        v[ss..ss + 8].copy_from_slice(b"EFI PART");
+        let mut x = 0x1234_5678u32;
+        for (i, b) in v.iter_mut().enumerate().skip(2 * ss) {
+            // Alternate 1 MiB of pseudo-random data and 1 MiB of zeros.
+            if (i >> 20) % 2 == 0 {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                *b = x as u8;
+            }
+        }
+        v
+    }
+
+    pub(crate) fn pack_bytes(raw: &[u8], out: &Path) -> Manifest {
+        let opts = PackOptions {
+            name: "test".into(),
+            level: 3,
+            threads: 0,
+            chunk_size: 1 << 20,
+        };
+        pack(&mut &raw[..], out, &opts, &mut |_| {}).unwrap()
+    }
+
+    #[test]
+    fn round_trip_with_plain_zstd() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = fake_gpt_raw(5 << 20, 512);
+        let out = dir.path().join("a.img.zst");
+        let m = pack_bytes(&raw, &out);
+        assert_eq!(m.raw_size, raw.len() as u64);
+        assert_eq!(m.sector_size, Some(512));
+        assert_eq!(m.partition_table, PartitionTable::Gpt);
+        assert_eq!(m.chunks.len(), 5);
+        // Plain zstd decoding skips the manifest frame and yields the raw image.
+        let decoded = zstd::stream::decode_all(File::open(&out).unwrap()).unwrap();
+        assert_eq!(decoded, raw);
+        let img = Image::open(&out).unwrap();
+        assert_eq!(img.manifest(), &m);
+        img.check_payload_digest().unwrap();
+        let mut back = Vec::new();
+        img.raw_reader().unwrap().read_to_end(&mut back).unwrap();
+        assert_eq!(back, raw);
+    }
+
+    #[test]
+    fn detects_4k_gpt() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = fake_gpt_raw(3 << 20, 4096);
+        let m = pack_bytes(&raw, &dir.path().join("b.img.zst"));
+        assert_eq!(m.sector_size, Some(4096));
+    }
+
+    #[test]
+    fn refuses_plain_zstd_and_garbage() {
+        let dir = tempfile::tempdir().unwrap();
+        let z = dir.path().join("plain.zst");
+        std::fs::write(&z, zstd::stream::encode_all(&[0u8; 4096][..], 3).unwrap()).unwrap();
+        assert!(matches!(Image::open(&z), Err(ImageError::PlainZstd { .. })));
+        let g = dir.path().join("garbage.img");
+        std::fs::write(&g, b"hello world, not an image").unwrap();
+        let e = Image::open(&g).unwrap_err();
+        assert!(matches!(e, ImageError::NotAnImage { .. }));
+        assert!(e.to_string().contains("imprint prepare"));
+    }
+
+    #[test]
+    fn refuses_truncated_and_appended() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("c.img.zst");
+        pack_bytes(&fake_gpt_raw(2 << 20, 512), &out);
+        let full = std::fs::read(&out).unwrap();
+        std::fs::write(&out, &full[..full.len() - 10]).unwrap();
+        assert!(matches!(
+            Image::open(&out),
+            Err(ImageError::Truncated { .. })
+        ));
+        let mut longer = full.clone();
+        longer.extend_from_slice(b"junk");
+        std::fs::write(&out, &longer).unwrap();
+        assert!(matches!(
+            Image::open(&out),
+            Err(ImageError::BadManifest { .. })
+        ));
+    }
+
+    #[test]
+    fn refuses_corrupt_manifest() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("d.img.zst");
+        pack_bytes(&fake_gpt_raw(2 << 20, 512), &out);
+        let mut bytes = std::fs::read(&out).unwrap();
+        // Flip a byte inside the JSON.
+        bytes[20] ^= 0x55;
+        std::fs::write(&out, &bytes).unwrap();
+        assert!(matches!(
+            Image::open(&out),
+            Err(ImageError::BadManifest { .. })
+        ));
+    }
+
+    #[test]
+    fn payload_digest_catches_flipped_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("e.img.zst");
+        let m = pack_bytes(&fake_gpt_raw(4 << 20, 512), &out);
+        let mut bytes = std::fs::read(&out).unwrap();
+        let off = bytes.len() - (m.compressed_size as usize) / 2;
+        bytes[off] ^= 0x01;
+        std::fs::write(&out, &bytes).unwrap();
+        let img = Image::open(&out).unwrap();
+        assert!(img.check_payload_digest().is_err());
+    }
+
+    #[test]
+    fn refuses_unaligned_raw() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = vec![1u8; 1000];
+        let opts = PackOptions {
+            name: "x".into(),
+            level: 1,
+            threads: 0,
+            chunk_size: 1 << 20,
+        };
+        let out = dir.path().join("f.img.zst");
+        let e = pack(&mut &raw[..], &out, &opts, &mut |_| {}).unwrap_err();
+        assert!(e.to_string().contains("multiple"), "{e}");
+        assert!(!out.exists());
+        assert!(!with_suffix(&out, ".partial").exists());
+    }
+}
