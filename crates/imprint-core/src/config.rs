@@ -249,9 +249,7 @@ impl FromStr for Cidr {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = |why: &str| format!("{s:?} is not an address/prefix like 192.168.1.54/24: {why}");
-        let (addr, prefix) = s
-            .split_once('/')
-            .ok_or_else(|| bad("missing /prefix"))?;
+        let (addr, prefix) = s.split_once('/').ok_or_else(|| bad("missing /prefix"))?;
         let addr: IpAddr = addr.parse().map_err(|_| bad("bad address"))?;
         let prefix: u8 = prefix.parse().map_err(|_| bad("bad prefix length"))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
@@ -455,7 +453,10 @@ impl Config {
                 );
             }
             if t.transports[..i].contains(tr) {
-                issue(format!("target.transports[{i}]"), format!("{tr} listed twice"));
+                issue(
+                    format!("target.transports[{i}]"),
+                    format!("{tr} listed twice"),
+                );
             }
         }
         if let (Some(min), Some(max)) = (t.min_size, t.max_size) {
@@ -466,7 +467,11 @@ impl Config {
                 );
             }
         }
-        for (name, v) in [("serial", &t.serial), ("wwid", &t.wwid), ("model", &t.model)] {
+        for (name, v) in [
+            ("serial", &t.serial),
+            ("wwid", &t.wwid),
+            ("model", &t.model),
+        ] {
             if v.as_deref().is_some_and(|s| s.trim().is_empty()) {
                 issue(
                     format!("target.{name}"),
@@ -529,7 +534,10 @@ impl Config {
                     );
                 }
                 if let Some(first) = seen.insert(format!("{k}={v}"), i) {
-                    issue(at(k), format!("{v} is also the key of seed.machines[{first}]"));
+                    issue(
+                        at(k),
+                        format!("{v} is also the key of seed.machines[{first}]"),
+                    );
                 }
             }
             if let Err(msg) = check_hostname(&m.hostname) {
@@ -539,7 +547,10 @@ impl Config {
             {
                 issue(
                     at("hostname"),
-                    format!("{} is also the hostname of seed.machines[{first}]", m.hostname),
+                    format!(
+                        "{} is also the hostname of seed.machines[{first}]",
+                        m.hostname
+                    ),
                 );
             }
             if m.network.is_some() && m.network_config.is_some() {
@@ -615,9 +626,14 @@ pub fn check_hostname(h: &str) -> Result<(), String> {
     }
     for label in h.split('.') {
         if label.is_empty() || label.len() > 63 {
-            return Err(format!("{h:?}: each dot-separated part has 1 to 63 characters"));
+            return Err(format!(
+                "{h:?}: each dot-separated part has 1 to 63 characters"
+            ));
         }
-        if !label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
             return Err(format!(
                 "{h:?}: only letters, digits, hyphens and dots are allowed"
             ));
@@ -743,7 +759,11 @@ mod tests {
     fn wrong_values_name_the_field() {
         for (text, field, needle) in [
             (r#"{"confirm": "sometimes"}"#, "confirm", "unknown variant"),
-            (r#"{"target": {"min_size": "12X"}}"#, "target.min_size", "not a size"),
+            (
+                r#"{"target": {"min_size": "12X"}}"#,
+                "target.min_size",
+                "not a size",
+            ),
             (
                 r#"{"seed": {"machines": [{"mac": "zz", "hostname": "a"}]}}"#,
                 "seed.machines[0].mac",
@@ -762,7 +782,9 @@ mod tests {
             ),
         ] {
             match Config::from_json(text) {
-                Err(ConfigError::Parse { field: f, message, .. }) => {
+                Err(ConfigError::Parse {
+                    field: f, message, ..
+                }) => {
                     assert_eq!(f, field, "{text}");
                     assert!(message.contains(needle), "{message}");
                 }

@@ -481,8 +481,10 @@ pub(crate) mod fixture {
 
         /// A USB mass-storage (or UAS) disk.
         pub fn usb(name: &str, size_gib: u64, serial: &str, removable: bool) -> Self {
+            // One USB port and SCSI host per disk, so fake attributes never collide.
+            let h = 6 + u32::from(name.bytes().last().unwrap_or(b'a') - b'a');
             let devpath = format!(
-                "pci0000:00/0000:00:14.0/usb2/2-1/2-1:1.0/host6/target6:0:0/6:0:0:0/block/{name}"
+                "pci0000:00/0000:00:14.0/usb2/2-{h}/2-{h}:1.0/host{h}/target{h}:0:0/{h}:0:0:0/block/{name}"
             );
             let mut d = Self::new(name, devpath, size_gib, serial, true);
             d.removable = removable;
@@ -545,8 +547,14 @@ pub(crate) mod fixture {
                 &dev.join("removable"),
                 if d.removable { "1\n" } else { "0\n" },
             );
-            write(&dev.join("queue/logical_block_size"), format!("{}\n", d.lbs));
-            write(&dev.join("queue/physical_block_size"), format!("{}\n", d.lbs));
+            write(
+                &dev.join("queue/logical_block_size"),
+                format!("{}\n", d.lbs),
+            );
+            write(
+                &dev.join("queue/physical_block_size"),
+                format!("{}\n", d.lbs),
+            );
             write(&dev.join("queue/rotational"), "0\n");
             fs::create_dir_all(dev.join("holders")).unwrap();
             for h in &d.holders {
@@ -587,7 +595,8 @@ pub(crate) mod fixture {
                 write(&p.join("partition"), format!("{n}\n"));
                 write(&p.join("start"), format!("{}\n", start / 512));
                 write(&p.join("size"), format!("{}\n", size / 512));
-                let mut uevent = format!("MAJOR=259\nMINOR=1\nDEVNAME={pname}\nDEVTYPE=partition\nPARTN={n}\n");
+                let mut uevent =
+                    format!("MAJOR=259\nMINOR=1\nDEVNAME={pname}\nDEVTYPE=partition\nPARTN={n}\n");
                 if let Some(l) = label {
                     uevent.push_str(&format!("PARTNAME={l}\n"));
                 }
@@ -663,7 +672,11 @@ mod tests {
         assert_eq!(n.serial.as_deref(), Some("S64DNX0T123456"));
         assert_eq!(n.wwid.as_deref(), Some("eui.0000000000000000"));
         assert_eq!(n.major, 259);
-        assert!(n.sys_path.ends_with("nvme/nvme0/nvme0n1"), "{:?}", n.sys_path);
+        assert!(
+            n.sys_path.ends_with("nvme/nvme0/nvme0n1"),
+            "{:?}",
+            n.sys_path
+        );
         assert_eq!(n.partitions.len(), 2);
         assert_eq!(n.partitions[0].name, "nvme0n1p1");
         assert_eq!(n.partitions[0].label.as_deref(), Some("EFI System"));

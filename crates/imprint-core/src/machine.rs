@@ -212,8 +212,7 @@ impl MachineIdentity {
             if name == "lo" || !dir.join("device").exists() {
                 continue;
             }
-            let Some(mac) = read_trimmed(&dir.join("address")).and_then(|a| a.parse().ok())
-            else {
+            let Some(mac) = read_trimmed(&dir.join("address")).and_then(|a| a.parse().ok()) else {
                 continue;
             };
             let mac: MacAddr = mac;
@@ -289,7 +288,9 @@ mod tests {
     fn placeholders() {
         assert!(is_placeholder_serial("To Be Filled By O.E.M."));
         assert!(is_placeholder_serial("  "));
-        assert!(is_placeholder_serial("00000000-0000-0000-0000-000000000000"));
+        assert!(is_placeholder_serial(
+            "00000000-0000-0000-0000-000000000000"
+        ));
         assert!(!is_placeholder_serial("BTTN12345678"));
     }
 
@@ -302,7 +303,10 @@ mod tests {
     fn reads_dmi_and_physical_nics() {
         let tmp = tempfile::tempdir().unwrap();
         let sys = tmp.path();
-        write(&sys.join("class/dmi/id/sys_vendor"), "Intel(R) Client Systems\n");
+        write(
+            &sys.join("class/dmi/id/sys_vendor"),
+            "Intel(R) Client Systems\n",
+        );
         write(&sys.join("class/dmi/id/product_name"), "NUC11TNHi5\n");
         write(&sys.join("class/dmi/id/product_serial"), "Default string\n");
         write(&sys.join("class/dmi/id/board_serial"), "BTTN1234\n");
