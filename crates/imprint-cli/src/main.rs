@@ -1,5 +1,134 @@
-//! imprint: the host command line.
+//! imprint: the host command line. Parses arguments and dispatches each subcommand to one
+//! library function; errors are printed with their whole chain and mapped to exit codes.
 
-fn main() {
-    println!("imprint");
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod commands;
+mod prepare;
+
+/// imprint: provision bare-metal machines from a USB stick, and write OS images to disks with
+/// verified direct writes.
+#[derive(Debug, Parser)]
+#[command(name = "imprint", version, about, long_about = None)]
+#[command(
+    after_help = "Exit status: 0 success; 1 other error; 2 usage; 3 the image is bad \
+(corrupt, truncated, not an imprint image); 4 the target was refused before anything was written \
+(too small, in use, wrong sector size, not confirmed); 5 the target failed (I/O error, \
+read-back mismatch)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Make an imprint image (.img.zst with manifest) from a raw, zstd, xz, gzip or qcow2 disk image.
+    Prepare {
+        /// The disk image to convert.
+        input: PathBuf,
+        /// Output file [default: NAME.img.zst next to the input].
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// zstd compression level (1-19; higher is smaller and slower to make, not to write).
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(1..=19))]
+        level: i32,
+        /// Image name recorded in the manifest [default: the input's name without extensions].
+        #[arg(long)]
+        name: Option<String>,
+        /// Compression threads [default: all cores].
+        #[arg(long, default_value_t = 0)]
+        threads: u32,
+    },
+    /// Write an imprint image to a disk (or a file), verify it, and make it bootable.
+    ///
+    /// Refuses before writing anything if the target is too small, in use (mounted, swap, held by
+    /// LVM/RAID), not openable exclusively, or has another logical sector size than the image.
+    /// The partition table is written last, after the whole image was read back and matched: a
+    /// failed or interrupted write leaves a disk with no partition table.
+    Write {
+        /// The imprint image (.img.zst).
+        image: PathBuf,
+        /// Whole-disk block device or regular file.
+        target: PathBuf,
+        /// Skip reading the target back (the stream is still checked against the manifest).
+        #[arg(long)]
+        no_verify: bool,
+        /// Read the whole compressed payload and check its digest before touching the target.
+        #[arg(long)]
+        precheck: bool,
+        /// Do not ask for confirmation before overwriting a block device.
+        #[arg(short, long)]
+        yes: bool,
+        /// Print JSON progress events and a JSON result on standard output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check that a disk (or file) holds an imprint image.
+    Verify {
+        /// The imprint image (.img.zst).
+        image: PathBuf,
+        /// Whole-disk block device or regular file.
+        target: PathBuf,
+        /// Print JSON progress events and a JSON result on standard output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show an imprint image's manifest.
+    Inspect {
+        /// The imprint image (.img.zst).
+        image: PathBuf,
+        /// Print the manifest as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Also read the compressed payload and check its sha256.
+        #[arg(long)]
+        check: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Prepare {
+            input,
+            output,
+            level,
+            name,
+            threads,
+        } => commands::prepare(&prepare::PrepareArgs {
+            input,
+            output,
+            level,
+            name,
+            threads,
+        }),
+        Command::Write {
+            image,
+            target,
+            no_verify,
+            precheck,
+            yes,
+            json,
+        } => commands::write(&image, &target, !no_verify, precheck, yes, json),
+        Command::Verify {
+            image,
+            target,
+            json,
+        } => commands::verify(&image, &target, json),
+        Command::Inspect { image, json, check } => commands::inspect(&image, json, check),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("imprint: error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::from(commands::exit_code(&e))
+        }
+    }
 }

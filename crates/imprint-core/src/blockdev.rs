@@ -48,7 +48,7 @@ pub enum TargetKind {
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
     /// A syscall failed on the target.
-    #[error("{step} {path}: {source}")]
+    #[error("{step} {path}")]
     Io {
         /// The step that failed ("opening", "reading the size of", …).
         step: &'static str,

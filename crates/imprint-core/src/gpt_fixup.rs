@@ -18,13 +18,13 @@ use gpt::header::{Header, HeaderBuilder};
 #[derive(Debug, thiserror::Error)]
 pub enum GptFixupError {
     /// The disk's GPT could not be read.
-    #[error("reading the GPT written to the disk: {0}")]
+    #[error("reading the GPT written to the disk")]
     Read(#[source] gpt::GptError),
     /// The headers could not be built or written.
-    #[error("writing the moved GPT headers: {0}")]
+    #[error("writing the moved GPT headers")]
     Header(#[source] gpt::header::HeaderError),
     /// Copying the partition entry array failed.
-    #[error("copying the GPT partition entry array: {0}")]
+    #[error("copying the GPT partition entry array")]
     Io(#[source] std::io::Error),
     /// The sector size is not one GPT supports.
     #[error("unsupported logical sector size {0}")]

@@ -86,7 +86,7 @@ pub struct Manifest {
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     /// The image file could not be opened or read.
-    #[error("reading image {path}: {source}")]
+    #[error("reading image {path}")]
     Io {
         /// The image file.
         path: PathBuf,
@@ -442,10 +442,10 @@ pub struct PackOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum PackError {
     /// Reading the raw input failed.
-    #[error("reading the raw image: {0}")]
+    #[error("reading the raw image")]
     Read(#[source] io::Error),
     /// Writing the output failed.
-    #[error("writing {path}: {source}")]
+    #[error("writing {path}")]
     Write {
         /// The file being written.
         path: PathBuf,

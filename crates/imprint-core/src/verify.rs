@@ -37,7 +37,7 @@ pub struct Overlay<'a> {
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
     /// Reading the target failed.
-    #[error("reading back {target} at offset {offset}: {source}")]
+    #[error("reading back {target} at offset {offset}")]
     ReadIo {
         /// Target path.
         target: String,

@@ -146,7 +146,7 @@ pub enum WriteError {
     },
     /// The compressed stream could not be decoded: corrupt or truncated payload.
     #[error(
-        "the image payload is corrupt or truncated: decoding failed after {offset} bytes of the raw image (chunk {chunk}): {source}; nothing bootable was left on the target"
+        "the image payload is corrupt or truncated: decoding failed after {offset} bytes of the raw image (chunk {chunk}); nothing bootable was left on the target"
     )]
     Decode {
         /// Raw offset reached.
@@ -198,7 +198,7 @@ pub enum WriteError {
         actual: String,
     },
     /// Writing to the target failed.
-    #[error("writing {len} bytes at offset {offset} of {target}: {source}")]
+    #[error("writing {len} bytes at offset {offset} of {target}")]
     WriteIo {
         /// Target path.
         target: String,

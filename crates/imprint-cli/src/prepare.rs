@@ -1,0 +1,234 @@
+//! `imprint prepare`: turns a disk image as vendors publish it — raw, zstd, xz, gzip or qcow2 —
+//! into an imprint image (`.img.zst` with its manifest).
+//!
+//! Inputs are recognised by their magic bytes, not their names. qcow2 is read by [`qcow2`], a
+//! streaming reader of the subset cloud images use (v2/v3, zlib or zstd compressed clusters, no
+//! backing file, no encryption); anything else it refuses by name.
+
+use std::fs::File;
+use std::io::{self, BufReader, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use imprint_core::manifest::{self, Manifest, PackOptions};
+
+pub mod qcow2;
+
+/// What an input file is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputKind {
+    /// A raw disk image.
+    Raw,
+    /// zstd-compressed raw image.
+    Zstd,
+    /// xz-compressed raw image.
+    Xz,
+    /// gzip-compressed raw image.
+    Gzip,
+    /// qcow2 image.
+    Qcow2,
+    /// Already an imprint image.
+    Imprint,
+}
+
+impl InputKind {
+    /// Recognises an input by its first bytes.
+    pub fn sniff(head: &[u8]) -> InputKind {
+        let starts = |m: &[u8]| head.len() >= m.len() && &head[..m.len()] == m;
+        if starts(&manifest::MANIFEST_FRAME_MAGIC.to_le_bytes()) {
+            InputKind::Imprint
+        } else if starts(&manifest::ZSTD_FRAME_MAGIC.to_le_bytes()) {
+            InputKind::Zstd
+        } else if starts(&[0xFD, b'7', b'z', b'X', b'Z', 0x00]) {
+            InputKind::Xz
+        } else if starts(&[0x1F, 0x8B]) {
+            InputKind::Gzip
+        } else if starts(b"QFI\xfb") {
+            InputKind::Qcow2
+        } else {
+            InputKind::Raw
+        }
+    }
+
+    /// Human name.
+    pub fn name(self) -> &'static str {
+        match self {
+            InputKind::Raw => "raw disk image",
+            InputKind::Zstd => "zstd-compressed raw image",
+            InputKind::Xz => "xz-compressed raw image",
+            InputKind::Gzip => "gzip-compressed raw image",
+            InputKind::Qcow2 => "qcow2 image",
+            InputKind::Imprint => "imprint image",
+        }
+    }
+}
+
+/// Counts bytes read from the input file, for progress.
+struct Counting<R> {
+    inner: R,
+    count: Arc<AtomicU64>,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+impl<R: Seek> Seek for Counting<R> {
+    fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+        self.inner.seek(pos)
+    }
+}
+
+/// Options of `imprint prepare`.
+#[derive(Debug, Clone)]
+pub struct PrepareArgs {
+    /// Input file.
+    pub input: PathBuf,
+    /// Output file (default: next to the input, `NAME.img.zst`).
+    pub output: Option<PathBuf>,
+    /// zstd level.
+    pub level: i32,
+    /// Image name (default: the input's name without extensions).
+    pub name: Option<String>,
+    /// Compression threads (0: all cores).
+    pub threads: u32,
+}
+
+/// The default image name: the file name without its image/compression extensions.
+pub fn default_name(input: &Path) -> String {
+    let mut name = input
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "image".into());
+    loop {
+        let lower = name.to_ascii_lowercase();
+        let stripped = [".zst", ".xz", ".gz", ".qcow2", ".img", ".raw", ".bin"]
+            .iter()
+            .find(|ext| lower.ends_with(*ext))
+            .map(|ext| name[..name.len() - ext.len()].to_string());
+        match stripped {
+            Some(s) if !s.is_empty() => name = s,
+            _ => break,
+        }
+    }
+    name
+}
+
+/// Runs `imprint prepare`; `progress` receives (input bytes read, input size).
+pub fn prepare(
+    args: &PrepareArgs,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(PathBuf, Manifest, InputKind)> {
+    let input = &args.input;
+    let mut file = File::open(input).with_context(|| format!("opening {}", input.display()))?;
+    let input_size = file
+        .metadata()
+        .with_context(|| format!("reading {}", input.display()))?
+        .len();
+    let mut head = [0u8; 8];
+    let n = file
+        .read(&mut head)
+        .with_context(|| format!("reading {}", input.display()))?;
+    file.seek(SeekFrom::Start(0))
+        .with_context(|| format!("reading {}", input.display()))?;
+    let kind = InputKind::sniff(&head[..n]);
+    if kind == InputKind::Imprint {
+        bail!(
+            "{} is already an imprint image; `imprint inspect` shows its manifest",
+            input.display()
+        );
+    }
+    let name = args.name.clone().unwrap_or_else(|| default_name(input));
+    let output = args.output.clone().unwrap_or_else(|| {
+        input
+            .parent()
+            .unwrap_or_else(|| Path::new("."))
+            .join(format!("{name}.img.zst"))
+    });
+    if output == *input {
+        bail!("the output {} would overwrite the input", output.display());
+    }
+    let count = Arc::new(AtomicU64::new(0));
+    let counted = Counting {
+        inner: file,
+        count: count.clone(),
+    };
+    let mut raw: Box<dyn Read> = match kind {
+        InputKind::Raw => Box::new(BufReader::with_capacity(1 << 20, counted)),
+        InputKind::Zstd => Box::new(
+            zstd::stream::read::Decoder::new(counted)
+                .with_context(|| format!("decoding {}", input.display()))?,
+        ),
+        InputKind::Xz => Box::new(liblzma::read::XzDecoder::new_multi_decoder(BufReader::new(
+            counted,
+        ))),
+        InputKind::Gzip => Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(counted))),
+        InputKind::Qcow2 => Box::new(
+            qcow2::Qcow2Reader::new(BufReader::new(counted))
+                .with_context(|| format!("reading the qcow2 image {}", input.display()))?,
+        ),
+        InputKind::Imprint => unreachable_imprint()?,
+    };
+    let threads = if args.threads == 0 {
+        std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1)
+    } else {
+        args.threads
+    };
+    let opts = PackOptions {
+        name,
+        level: args.level,
+        threads,
+        chunk_size: manifest::DEFAULT_CHUNK_SIZE,
+    };
+    let manifest = manifest::pack(&mut raw, &output, &opts, &mut |_| {
+        progress(count.load(Ordering::Relaxed), input_size)
+    })
+    .with_context(|| format!("preparing {} ({})", input.display(), kind.name()))?;
+    Ok((output, manifest, kind))
+}
+
+// `Imprint` inputs were refused above; this keeps the match exhaustive without a panic.
+fn unreachable_imprint() -> Result<Box<dyn Read>> {
+    bail!("internal: imprint input reached the decoder")
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sniffs_magic() {
+        assert_eq!(InputKind::sniff(b"QFI\xfb\0\0\0\x03"), InputKind::Qcow2);
+        assert_eq!(InputKind::sniff(&[0x28, 0xB5, 0x2F, 0xFD]), InputKind::Zstd);
+        assert_eq!(
+            InputKind::sniff(&[0xFD, b'7', b'z', b'X', b'Z', 0]),
+            InputKind::Xz
+        );
+        assert_eq!(InputKind::sniff(&[0x1F, 0x8B, 8]), InputKind::Gzip);
+        assert_eq!(
+            InputKind::sniff(&[0x5E, 0x2A, 0x4D, 0x18]),
+            InputKind::Imprint
+        );
+        assert_eq!(InputKind::sniff(&[0; 8]), InputKind::Raw);
+    }
+
+    #[test]
+    fn names() {
+        assert_eq!(
+            default_name(Path::new("/x/ubuntu-24.04.qcow2")),
+            "ubuntu-24.04"
+        );
+        assert_eq!(default_name(Path::new("disk.img.xz")), "disk");
+        assert_eq!(default_name(Path::new("debian.raw.zst")), "debian");
+        assert_eq!(default_name(Path::new(".img")), ".img");
+    }
+}
