@@ -1,0 +1,367 @@
+//! Integration tests: the real `imprint` binary against real loop devices (needs root, which the
+//! test suite and CI have). Each test asserts the target's exact state afterwards.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use sha2::{Digest, Sha256};
+
+const MIB: u64 = 1 << 20;
+
+fn imprint() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_imprint"))
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("running a command");
+    out
+}
+
+fn check(cmd: &mut Command) {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the loop-device tests need root (run scripts/test as root, as CI does)"
+    );
+}
+
+/// A loop device over a file, detached on drop.
+struct Loop {
+    dev: PathBuf,
+}
+
+impl Loop {
+    fn new(file: &Path, sector_size: u32) -> Loop {
+        let out = run(Command::new("losetup")
+            .args(["--find", "--show", "--direct-io=on", "--sector-size"])
+            .arg(sector_size.to_string())
+            .arg(file));
+        assert!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Loop {
+            dev: PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()),
+        }
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+    }
+}
+
+/// Deterministic pseudo-random bytes.
+fn noise(len: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+/// A real GPT disk image: an ESP and a data partition made by sgdisk, data in a few places,
+/// long zero runs in between.
+fn make_raw(dir: &Path, size: u64, ss: u32) -> PathBuf {
+    let raw = dir.join(format!("os-{ss}.raw"));
+    let f = std::fs::File::create(&raw).unwrap();
+    f.set_len(size).unwrap();
+    drop(f);
+    // sgdisk has no sector-size switch for files; a loop device with that sector size does it.
+    let lo = Loop::new(&raw, ss);
+    check(
+        Command::new("sgdisk")
+            .args([
+                "-n1:0:+8M",
+                "-t1:ef00",
+                "-c1:EFI",
+                "-n2:0:0",
+                "-t2:8300",
+                "-c2:root",
+            ])
+            .arg(&lo.dev),
+    );
+    drop(lo);
+    let mut data = std::fs::read(&raw).unwrap();
+    for (i, at) in [3 * MIB, 20 * MIB, size - 5 * MIB].into_iter().enumerate() {
+        let n = noise(MIB as usize + 4096, i as u32 + 7);
+        data[at as usize..at as usize + n.len()].copy_from_slice(&n);
+    }
+    std::fs::write(&raw, &data).unwrap();
+    raw
+}
+
+fn prepare(raw: &Path) -> PathBuf {
+    let out = raw.with_extension("img.zst");
+    check(
+        imprint()
+            .arg("prepare")
+            .arg(raw)
+            .arg("-o")
+            .arg(&out)
+            .args(["--level", "3"]),
+    );
+    out
+}
+
+fn fill(path: &Path, size: u64, byte: u8) {
+    std::fs::write(path, vec![byte; size as usize]).unwrap();
+}
+
+fn sha(path: &Path) -> String {
+    format!("{:x}", Sha256::digest(std::fs::read(path).unwrap()))
+}
+
+fn write(image: &Path, dev: &Path) -> Output {
+    run(imprint().arg("write").arg(image).arg(dev).arg("--yes"))
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// No GPT header at LBA 1 nor at the disk's last LBA, and a zeroed first MiB: nothing can boot.
+fn assert_no_partition_table(disk: &[u8], ss: usize) {
+    assert!(
+        disk[..MIB as usize].iter().all(|&b| b == 0),
+        "first MiB must be zero"
+    );
+    assert_ne!(&disk[ss..ss + 8], b"EFI PART");
+    let last = disk.len() - ss;
+    assert_ne!(&disk[last..last + 8], b"EFI PART");
+}
+
+#[test]
+fn round_trip_moves_backup_gpt_and_verifies() {
+    require_root();
+    let t = tempfile::tempdir().unwrap();
+    let raw = make_raw(t.path(), 64 * MIB, 512);
+    let img = prepare(&raw);
+    let disk = t.path().join("disk");
+    fill(&disk, 100 * MIB, 0xAA);
+    let lo = Loop::new(&disk, 512);
+    let o = write(&img, &lo.dev);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(imprint().arg("verify").arg(&img).arg(&lo.dev));
+    assert!(o.status.success(), "verify: {}", stderr(&o));
+    check(Command::new("sgdisk").arg("-v").arg(&lo.dev));
+    drop(lo);
+    let got = std::fs::read(&disk).unwrap();
+    let want = std::fs::read(&raw).unwrap();
+    // Byte for byte the image, except LBA 1 (the primary header now points at the new backup).
+    assert_eq!(&got[..512], &want[..512]);
+    assert_eq!(&got[1024..want.len()], &want[1024..]);
+    // The backup header is at the disk's last LBA; past the image, the old bytes are untouched
+    // except the backup entry array and header at the end.
+    assert_eq!(&got[got.len() - 512..got.len() - 504], b"EFI PART");
+    assert!(got[want.len()..got.len() - 2 * MIB as usize]
+        .iter()
+        .all(|&b| b == 0xAA));
+}
+
+#[test]
+fn corrupt_payload_leaves_no_partition_table() {
+    require_root();
+    let t = tempfile::tempdir().unwrap();
+    let raw = make_raw(t.path(), 64 * MIB, 512);
+    let img = prepare(&raw);
+    let mut bytes = std::fs::read(&img).unwrap();
+    let mid = bytes.len() - bytes.len() / 3;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&img, &bytes).unwrap();
+    let disk = t.path().join("disk");
+    fill(&disk, 80 * MIB, 0xAA);
+    let lo = Loop::new(&disk, 512);
+    let o = write(&img, &lo.dev);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    let msg = stderr(&o);
+    assert!(msg.contains("corrupt"), "{msg}");
+    drop(lo);
+    assert_no_partition_table(&std::fs::read(&disk).unwrap(), 512);
+}
+
+#[test]
+fn truncated_image_is_refused_before_writing() {
+    require_root();
+    let t = tempfile::tempdir().unwrap();
+    let raw = make_raw(t.path(), 64 * MIB, 512);
+    let img = prepare(&raw);
+    let bytes = std::fs::read(&img).unwrap();
+    std::fs::write(&img, &bytes[..bytes.len() - 1000]).unwrap();
+    let disk = t.path().join("disk");
+    fill(&disk, 80 * MIB, 0xAA);
+    let before = sha(&disk);
+    let lo = Loop::new(&disk, 512);
+    let o = write(&img, &lo.dev);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(stderr(&o).contains("truncated"), "{}", stderr(&o));
+    drop(lo);
+    assert_eq!(sha(&disk), before, "the target must be untouched");
+}
+
+#[test]
+fn too_small_target_is_refused_untouched() {
+    require_root();
+    let t = tempfile::tempdir().unwrap();
+    let raw = make_raw(t.path(), 64 * MIB, 512);
+    let img = prepare(&raw);
+    let disk = t.path().join("disk");
+    fill(&disk, 48 * MIB, 0x55);
+    let before = sha(&disk);
+    let lo = Loop::new(&disk, 512);
+    let o = write(&img, &lo.dev);
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    assert!(stderr(&o).contains("too small"), "{}", stderr(&o));
+    drop(lo);
+    assert_eq!(sha(&disk), before);
+}
+
+#[test]
+fn mounted_target_is_refused_untouched() {
+    require_root();
+    let t = tempfile::tempdir().unwrap();
+    let raw = make_raw(t.path(), 64 * MIB, 512);
+    let img = prepare(&raw);
+    let disk = t.path().join("disk");
+    fill(&disk, 80 * MIB, 0);
+    let lo = Loop::new(&disk, 512);
+    check(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&lo.dev));
+    let mnt = t.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    check(Command::new("mount").arg(&lo.dev).arg(&mnt));
+    let o = write(&img, &lo.dev);
+    let _ = Command::new("umount").arg(&mnt).status();
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    assert!(stderr(&o).contains("is mounted on"), "{}", stderr(&o));
+    // Still a clean ext4 filesystem: nothing was written.
+    check(Command::new("e2fsck").args(["-fn"]).arg(&lo.dev));
+}
+
+#[test]
+fn sector_size_mismatch_is_refused_and_matching_4k_image_installs() {
+    require_root();
+    let t = tempfile::tempdir().unwrap();
+    let raw512 = make_raw(t.path(), 64 * MIB, 512);
+    let img512 = prepare(&raw512);
+    let disk = t.path().join("disk4k");
+    fill(&disk, 96 * MIB, 0x33);
+    let before = sha(&disk);
+    let lo = Loop::new(&disk, 4096);
+    let o = write(&img512, &lo.dev);
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("4096-byte logical sectors"),
+        "{}",
+        stderr(&o)
+    );
+    drop(lo);
+    assert_eq!(sha(&disk), before);
+
+    let raw4k = make_raw(t.path(), 64 * MIB, 4096);
+    let img4k = prepare(&raw4k);
+    let o = run(imprint().args(["inspect", "--json"]).arg(&img4k));
+    let m: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(m["sector_size"], 4096);
+    let lo = Loop::new(&disk, 4096);
+    let o = write(&img4k, &lo.dev);
+    assert!(o.status.success(), "{}", stderr(&o));
+    check(Command::new("sgdisk").arg("-v").arg(&lo.dev));
+    drop(lo);
+    let got = std::fs::read(&disk).unwrap();
+    assert_eq!(
+        &got[got.len() - 4096..got.len() - 4088],
+        b"EFI PART",
+        "backup GPT at the 4Kn disk's end"
+    );
+}
+
+#[test]
+fn zero_runs_read_back_as_zeros_over_old_data() {
+    require_root();
+    let t = tempfile::tempdir().unwrap();
+    let raw = make_raw(t.path(), 64 * MIB, 512);
+    let img = prepare(&raw);
+    let disk = t.path().join("disk");
+    fill(&disk, 64 * MIB, 0xFF);
+    let lo = Loop::new(&disk, 512);
+    let o = run(imprint()
+        .arg("write")
+        .arg(&img)
+        .arg(&lo.dev)
+        .args(["--yes", "--json"]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let result: serde_json::Value = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["event"] == "result")
+        .expect("a JSON result line");
+    assert!(
+        result["report"]["zeroed_bytes"].as_u64().unwrap() > 30 * MIB,
+        "{result}"
+    );
+    assert_eq!(result["report"]["verified"], true);
+    drop(lo);
+    // Same size as the image: every byte equals the image (no GPT move needed), zero runs included.
+    assert_eq!(sha(&disk), sha(&raw));
+}
+
+#[test]
+fn verify_names_the_damaged_chunk() {
+    require_root();
+    let t = tempfile::tempdir().unwrap();
+    let raw = make_raw(t.path(), 64 * MIB, 512);
+    let img = prepare(&raw);
+    let disk = t.path().join("disk");
+    fill(&disk, 64 * MIB, 0);
+    let lo = Loop::new(&disk, 512);
+    assert!(write(&img, &lo.dev).status.success());
+    drop(lo);
+    let mut bytes = std::fs::read(&disk).unwrap();
+    bytes[(20 * MIB + 100) as usize] ^= 1;
+    std::fs::write(&disk, &bytes).unwrap();
+    let lo = Loop::new(&disk, 512);
+    let o = run(imprint().arg("verify").arg(&img).arg(&lo.dev));
+    assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("chunk 1 (bytes 16777216..33554432)"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn refuses_without_confirmation_off_a_terminal() {
+    require_root();
+    let t = tempfile::tempdir().unwrap();
+    let raw = make_raw(t.path(), 64 * MIB, 512);
+    let img = prepare(&raw);
+    let disk = t.path().join("disk");
+    fill(&disk, 64 * MIB, 0x11);
+    let before = sha(&disk);
+    let lo = Loop::new(&disk, 512);
+    let o = run(imprint()
+        .arg("write")
+        .arg(&img)
+        .arg(&lo.dev)
+        .stdin(std::process::Stdio::null()));
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--yes"));
+    drop(lo);
+    assert_eq!(sha(&disk), before);
+}
