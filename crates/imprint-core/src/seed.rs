@@ -1,1 +1,1783 @@
-//! (to be written)
+//! The cloud-init NoCloud seed: checking the templates on the stick (`imprint/seed/`),
+//! rendering them for one machine (hostname and network from the config's `machines` table or
+//! the hostname pattern, a fresh `instance-id` per install), and putting the result where the
+//! installed OS's cloud-init finds it:
+//!
+//! - [`inject_cidata`]: a small FAT partition labelled `CIDATA` at the very end of the disk's
+//!   usable space (works for any root filesystem, needs no mount; the root partition's
+//!   growpart grows up to it);
+//! - [`inject_into_dir`]: `/var/lib/cloud/seed/nocloud/` on the mounted root filesystem.
+//!
+//! Both read every file back and compare. Files are written as JSON where we render them
+//! (meta-data, network-config): JSON is YAML, so cloud-init reads it, and we need no YAML
+//! library in the PID-1 binary. user-data is copied byte for byte and may hold secrets, so the
+//! report only ever sees [`RenderedSeed::summary`]: sizes and digests, never contents.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use gpt::disk::LogicalBlockSize;
+use gpt::partition::Partition as GptPartition;
+use gpt::partition_types;
+use serde::Serialize;
+use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
+
+use crate::config::{check_hostname, MachineEntry, RootPartition, SeedConfig, StaticNetwork};
+use crate::machine::{MacAddr, MachineIdentity};
+
+/// GPT partition name and FAT volume label of the seed partition; NoCloud looks for the label.
+pub const CIDATA_LABEL: &str = "CIDATA";
+/// Size of the seed partition. Small enough to cost nothing, large enough for user-data with
+/// embedded files; a whole number of MiB so it stays aligned on 512- and 4096-byte disks.
+pub const CIDATA_SIZE: u64 = 8 << 20;
+/// Where NoCloud looks on the root filesystem, relative to its mount point.
+pub const ROOTFS_SEED_DIR: &str = "var/lib/cloud/seed/nocloud";
+/// The NoCloud file names.
+pub const USER_DATA: &str = "user-data";
+/// See [`USER_DATA`].
+pub const META_DATA: &str = "meta-data";
+/// See [`USER_DATA`].
+pub const NETWORK_CONFIG: &str = "network-config";
+
+const MIB: u64 = 1 << 20;
+
+/// What kind of user-data the template is (the first line decides, as in cloud-init).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UserDataKind {
+    /// `#cloud-config`.
+    CloudConfig,
+    /// `#!…`: a script run once.
+    Script,
+    /// `## template: jinja` followed by one of the others.
+    JinjaTemplate,
+    /// A MIME multipart archive (`Content-Type: multipart/…`).
+    Multipart,
+    /// No user-data template: an empty `#cloud-config` is written, because NoCloud needs the
+    /// file to exist.
+    Empty,
+}
+
+/// The validated templates from the stick's seed folder.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeedTemplates {
+    /// user-data, byte for byte.
+    pub user_data: Vec<u8>,
+    /// Its kind.
+    pub user_data_kind: UserDataKind,
+    /// meta-data keys (merged under ours: `instance-id` and `local-hostname` always win).
+    pub meta_data: Map<String, Value>,
+    /// network-config, byte for byte, if present (a machines-table entry replaces it).
+    pub network_config: Option<Vec<u8>>,
+}
+
+/// Seed handling failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SeedError {
+    /// A template file or the folder could not be read.
+    #[error("reading {}", path.display())]
+    Read {
+        /// The file or folder.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+    /// A template is malformed.
+    #[error("{}: {reason}", path.display())]
+    Template {
+        /// The template file.
+        path: PathBuf,
+        /// What is wrong and what is accepted.
+        reason: String,
+    },
+    /// The install id cannot be part of an instance-id.
+    #[error("install id {id:?} must be non-empty letters, digits, '-', '_' or '.'")]
+    InstallId {
+        /// The rejected id.
+        id: String,
+    },
+    /// More than one machines-table entry matches this machine.
+    #[error("this machine matches seed.machines {}: make the keys unique", entries.iter().map(|(i, k)| format!("[{i}] by {k}")).collect::<Vec<_>>().join(" and "))]
+    AmbiguousMachine {
+        /// Index and matching key of each entry.
+        entries: Vec<(usize, String)>,
+    },
+    /// The hostname could not be made.
+    #[error("hostname: {reason}")]
+    Hostname {
+        /// Why.
+        reason: String,
+    },
+    /// A static network entry names no usable interface.
+    #[error("seed.machines[{entry}].network: {reason}")]
+    Network {
+        /// The entry.
+        entry: usize,
+        /// Why.
+        reason: String,
+    },
+    /// The seed does not fit its partition.
+    #[error("the seed is {size} bytes; the {capacity}-byte CIDATA partition cannot hold it")]
+    TooLarge {
+        /// Bytes needed.
+        size: u64,
+        /// Bytes available.
+        capacity: u64,
+    },
+    /// The disk's partition table could not be read or written.
+    #[error("{step} on {}", disk.display())]
+    Gpt {
+        /// The disk.
+        disk: PathBuf,
+        /// What was being done.
+        step: &'static str,
+        /// The cause.
+        source: gpt::GptError,
+    },
+    /// The disk's layout does not allow the seed partition.
+    #[error("{}: {reason}", disk.display())]
+    Layout {
+        /// The disk.
+        disk: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// I/O on the disk or the seed directory failed.
+    #[error("{step} {}", path.display())]
+    Io {
+        /// The disk, file or folder.
+        path: PathBuf,
+        /// What was being done.
+        step: &'static str,
+        /// The cause.
+        source: io::Error,
+    },
+    /// A file read back differs from what was written.
+    #[error("read-back of {file} on {} does not match what was written: {reason}", location.display())]
+    ReadBack {
+        /// The disk or folder.
+        location: PathBuf,
+        /// The seed file (`user-data`, …) or `volume label`.
+        file: String,
+        /// How it differs.
+        reason: String,
+    },
+    /// The root partition for `root-filesystem` placement could not be determined.
+    #[error("seed.root_partition: {reason}")]
+    RootPartition {
+        /// Why.
+        reason: String,
+    },
+}
+
+fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, SeedError> {
+    match fs::read(path) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(SeedError::Read {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+fn classify_user_data(path: &Path, data: &[u8]) -> Result<UserDataKind, SeedError> {
+    let text = String::from_utf8_lossy(&data[..data.len().min(4096)]);
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    let first = text.lines().next().unwrap_or("").trim_end();
+    if first.starts_with("#cloud-config") {
+        Ok(UserDataKind::CloudConfig)
+    } else if first.starts_with("#!") {
+        Ok(UserDataKind::Script)
+    } else if first.eq_ignore_ascii_case("## template: jinja") {
+        Ok(UserDataKind::JinjaTemplate)
+    } else if text.lines().take(20).any(|l| {
+        l.to_ascii_lowercase()
+            .starts_with("content-type: multipart/")
+    }) {
+        Ok(UserDataKind::Multipart)
+    } else {
+        Err(SeedError::Template {
+            path: path.to_path_buf(),
+            reason: format!(
+                "first line {first:?} is not a kind cloud-init runs; start with \
+                 \"#cloud-config\", \"#!\" (a script), \"## template: jinja\", or use a MIME \
+                 multipart archive"
+            ),
+        })
+    }
+}
+
+/// Parses meta-data: a JSON object, or flat YAML (`key: value` lines, `#` comments). Nested
+/// YAML is refused rather than misread; write such meta-data as JSON.
+fn parse_meta_data(path: &Path, text: &str) -> Result<Map<String, Value>, SeedError> {
+    let bad = |line: usize, why: &str| SeedError::Template {
+        path: path.to_path_buf(),
+        reason: format!("line {line}: {why}"),
+    };
+    let trimmed = text.trim_start_matches('\u{feff}').trim();
+    if trimmed.starts_with('{') {
+        return match serde_json::from_str::<Value>(trimmed) {
+            Ok(Value::Object(m)) => Ok(m),
+            Ok(_) => Err(bad(1, "JSON meta-data must be an object")),
+            Err(e) => Err(bad(e.line(), &format!("not valid JSON: {e}"))),
+        };
+    }
+    let mut map = Map::new();
+    for (i, raw) in text.lines().enumerate() {
+        let n = i + 1;
+        let line = raw.trim_end();
+        let content = line.trim_start();
+        if content.is_empty() || content.starts_with('#') || content == "---" {
+            continue;
+        }
+        if line.starts_with([' ', '\t']) || content.starts_with("- ") {
+            return Err(bad(
+                n,
+                "nested YAML is not supported in the meta-data template; write the file as a \
+                 JSON object instead",
+            ));
+        }
+        let (key, value) = content
+            .split_once(':')
+            .ok_or_else(|| bad(n, "expected \"key: value\""))?;
+        let key = key.trim().trim_matches(|c| c == '"' || c == '\'');
+        if key.is_empty() {
+            return Err(bad(n, "empty key"));
+        }
+        let value = value.trim();
+        let value = value
+            .strip_prefix('"')
+            .and_then(|v| v.strip_suffix('"'))
+            .or_else(|| value.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')))
+            .unwrap_or(value);
+        if value.is_empty() {
+            return Err(bad(
+                n,
+                &format!("{key} has no value (a nested block?): write the file as JSON"),
+            ));
+        }
+        if map
+            .insert(key.to_string(), Value::String(value.to_string()))
+            .is_some()
+        {
+            return Err(bad(n, &format!("{key} given twice")));
+        }
+    }
+    Ok(map)
+}
+
+/// Checks network-config: JSON with `version` 1 or 2 (optionally under `network:`), or YAML
+/// with a `version: 1|2` line and no tabs.
+fn check_network_config(path: &Path, text: &str) -> Result<(), SeedError> {
+    let bad = |why: String| SeedError::Template {
+        path: path.to_path_buf(),
+        reason: why,
+    };
+    let trimmed = text.trim();
+    if trimmed.starts_with('{') {
+        let v: Value =
+            serde_json::from_str(trimmed).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        let inner = v.get("network").unwrap_or(&v);
+        return match inner.get("version").and_then(Value::as_u64) {
+            Some(1 | 2) => Ok(()),
+            _ => Err(bad("needs \"version\": 1 or 2".into())),
+        };
+    }
+    if let Some(n) = text.lines().position(|l| l.contains('\t')) {
+        return Err(bad(format!(
+            "line {}: tab character (YAML indents with spaces)",
+            n + 1
+        )));
+    }
+    let has_version = text.lines().any(|l| {
+        let t = l.trim();
+        t == "version: 1" || t == "version: 2"
+    });
+    if has_version {
+        Ok(())
+    } else {
+        Err(bad(
+            "no \"version: 1\" or \"version: 2\" line: not a cloud-init network-config".into(),
+        ))
+    }
+}
+
+/// Reads and checks the seed templates in `dir` (`user-data`, `meta-data`,
+/// `network-config`). Each file is optional, the folder is not.
+pub fn validate_seed_dir(dir: &Path) -> Result<SeedTemplates, SeedError> {
+    let meta = fs::metadata(dir).map_err(|source| SeedError::Read {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    if !meta.is_dir() {
+        return Err(SeedError::Template {
+            path: dir.to_path_buf(),
+            reason: "not a folder".into(),
+        });
+    }
+    let ud_path = dir.join(USER_DATA);
+    let (user_data, user_data_kind) = match read_optional(&ud_path)? {
+        Some(b) => {
+            let kind = classify_user_data(&ud_path, &b)?;
+            (b, kind)
+        }
+        None => (b"#cloud-config\n{}\n".to_vec(), UserDataKind::Empty),
+    };
+
+    let md_path = dir.join(META_DATA);
+    let meta_data = match read_optional(&md_path)? {
+        Some(b) => {
+            let text = String::from_utf8(b).map_err(|_| SeedError::Template {
+                path: md_path.clone(),
+                reason: "not UTF-8 text".into(),
+            })?;
+            parse_meta_data(&md_path, &text)?
+        }
+        None => Map::new(),
+    };
+
+    let nc_path = dir.join(NETWORK_CONFIG);
+    let network_config = match read_optional(&nc_path)? {
+        Some(b) => {
+            let text = std::str::from_utf8(&b).map_err(|_| SeedError::Template {
+                path: nc_path.clone(),
+                reason: "not UTF-8 text".into(),
+            })?;
+            check_network_config(&nc_path, text)?;
+            Some(b)
+        }
+        None => None,
+    };
+
+    Ok(SeedTemplates {
+        user_data,
+        user_data_kind,
+        meta_data,
+        network_config,
+    })
+}
+
+/// How the machine was recognised.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "by", rename_all = "kebab-case")]
+pub enum MachineMatch {
+    /// A machines-table entry keyed by one of its NICs' MAC.
+    Mac {
+        /// Index in `seed.machines`.
+        entry: usize,
+        /// The MAC.
+        mac: MacAddr,
+    },
+    /// A machines-table entry keyed by the DMI product or board serial.
+    DmiSerial {
+        /// Index in `seed.machines`.
+        entry: usize,
+    },
+    /// A machines-table entry keyed by the DMI product UUID.
+    DmiUuid {
+        /// Index in `seed.machines`.
+        entry: usize,
+    },
+    /// No entry: the hostname comes from `seed.hostname_pattern`.
+    Pattern {
+        /// The pattern used.
+        pattern: String,
+    },
+}
+
+/// Where the network-config came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NetworkSource {
+    /// The entry's simple static form, rendered to v2.
+    TableStatic {
+        /// The address (not a secret; the operator wants to see it).
+        address: String,
+        /// The NIC it applies to.
+        interface: MacAddr,
+    },
+    /// The entry's `network_config`.
+    TableNetworkConfig,
+    /// The template's `network-config`.
+    Template,
+    /// None: cloud-init's default (DHCP on the first NIC).
+    None,
+}
+
+/// The seed for one machine and one install.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RenderedSeed {
+    /// `imprint-<install id>`.
+    pub instance_id: String,
+    /// `local-hostname`.
+    pub hostname: String,
+    /// How the machine was recognised.
+    pub matched: MachineMatch,
+    /// Where the network-config came from.
+    pub network_source: NetworkSource,
+    /// user-data bytes.
+    pub user_data: Vec<u8>,
+    /// meta-data bytes (JSON).
+    pub meta_data: Vec<u8>,
+    /// network-config bytes, if any.
+    pub network_config: Option<Vec<u8>>,
+}
+
+/// One file of the seed, as the report shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FileSummary {
+    /// `user-data`, `meta-data`, `network-config`.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// SHA-256 of the contents, hex.
+    pub sha256: String,
+}
+
+/// What the report says about the seed. Contents are never included: user-data and
+/// network-config (Wi-Fi passwords) may hold secrets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SeedSummary {
+    /// The instance-id.
+    pub instance_id: String,
+    /// The hostname.
+    pub hostname: String,
+    /// How the machine was recognised.
+    pub matched: MachineMatch,
+    /// Where the network-config came from.
+    pub network: NetworkSource,
+    /// The files, by size and digest.
+    pub files: Vec<FileSummary>,
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    Sha256::digest(b).iter().fold(String::new(), |mut s, x| {
+        let _ = write!(s, "{x:02x}");
+        s
+    })
+}
+
+impl RenderedSeed {
+    /// The files to write, in order.
+    pub fn files(&self) -> Vec<(&'static str, &[u8])> {
+        let mut v = vec![
+            (USER_DATA, self.user_data.as_slice()),
+            (META_DATA, self.meta_data.as_slice()),
+        ];
+        if let Some(nc) = &self.network_config {
+            v.push((NETWORK_CONFIG, nc.as_slice()));
+        }
+        v
+    }
+
+    /// The report's view: hostname, match, network source, and each file's size and digest.
+    pub fn summary(&self) -> SeedSummary {
+        SeedSummary {
+            instance_id: self.instance_id.clone(),
+            hostname: self.hostname.clone(),
+            matched: self.matched.clone(),
+            network: self.network_source.clone(),
+            files: self
+                .files()
+                .into_iter()
+                .map(|(name, data)| FileSummary {
+                    name: name.to_string(),
+                    size: data.len() as u64,
+                    sha256: sha256_hex(data),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Lower-case, hostname-safe form of an identifier: runs of anything but letters and digits
+/// become one hyphen, no hyphen at either end.
+fn hostname_part(s: &str) -> String {
+    let mut out = String::new();
+    for c in s.chars() {
+        if c.is_ascii_alphanumeric() {
+            out.push(c.to_ascii_lowercase());
+        } else if !out.ends_with('-') {
+            out.push('-');
+        }
+    }
+    out.trim_matches('-').to_string()
+}
+
+/// Expands a hostname pattern for this machine. `{serial}` falls back to the primary MAC when
+/// the firmware has no real serial, so a pattern never yields a hostname shared by a fleet.
+pub fn expand_hostname(pattern: &str, id: &MachineIdentity) -> Result<String, SeedError> {
+    let err = |reason: String| SeedError::Hostname { reason };
+    let mac = id.primary_mac();
+    let mut out = String::new();
+    let mut rest = pattern;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let close = rest[open..]
+            .find('}')
+            .ok_or_else(|| err(format!("{pattern:?}: unclosed '{{'")))?;
+        let name = &rest[open + 1..open + close];
+        let value = match name {
+            "serial" => id
+                .serial()
+                .map(hostname_part)
+                .filter(|s| !s.is_empty())
+                .or_else(|| mac.map(|m| m.compact()))
+                .ok_or_else(|| {
+                    err("{serial}: no DMI serial and no network interface on this machine".into())
+                })?,
+            "mac" => mac
+                .map(|m| m.compact())
+                .ok_or_else(|| err("{mac}: no physical network interface found".into()))?,
+            "mac6" => mac
+                .map(|m| m.compact()[6..].to_string())
+                .ok_or_else(|| err("{mac6}: no physical network interface found".into()))?,
+            "uuid" => id
+                .uuid()
+                .map(hostname_part)
+                .ok_or_else(|| err("{uuid}: the firmware reports no DMI product UUID".into()))?,
+            other => return Err(err(format!("unknown placeholder {{{other}}}"))),
+        };
+        out.push_str(&value);
+        rest = &rest[open + close + 1..];
+    }
+    out.push_str(rest);
+    // A long serial must not make an invalid label: cut each label at 63 characters.
+    let out = out
+        .split('.')
+        .map(|l| l[..l.len().min(63)].trim_end_matches('-'))
+        .collect::<Vec<_>>()
+        .join(".");
+    check_hostname(&out).map_err(err)?;
+    Ok(out)
+}
+
+fn entry_matches(e: &MachineEntry, id: &MachineIdentity) -> Option<MachineMatch> {
+    let eq = |a: &str, b: &str| a.trim().eq_ignore_ascii_case(b.trim());
+    if let Some(mac) = e.mac {
+        if id.nics.iter().any(|n| n.mac == mac) {
+            return Some(MachineMatch::Mac { entry: 0, mac });
+        }
+    }
+    if let Some(s) = &e.dmi_serial {
+        let serials = [&id.dmi.product_serial, &id.dmi.board_serial];
+        if serials.into_iter().flatten().any(|x| eq(x, s)) {
+            return Some(MachineMatch::DmiSerial { entry: 0 });
+        }
+    }
+    if let Some(u) = &e.dmi_uuid {
+        if id.dmi.product_uuid.as_deref().is_some_and(|x| eq(x, u)) {
+            return Some(MachineMatch::DmiUuid { entry: 0 });
+        }
+    }
+    None
+}
+
+fn with_entry(m: MachineMatch, i: usize) -> MachineMatch {
+    match m {
+        MachineMatch::Mac { mac, .. } => MachineMatch::Mac { entry: i, mac },
+        MachineMatch::DmiSerial { .. } => MachineMatch::DmiSerial { entry: i },
+        MachineMatch::DmiUuid { .. } => MachineMatch::DmiUuid { entry: i },
+        p @ MachineMatch::Pattern { .. } => p,
+    }
+}
+
+/// Renders the simple static form to cloud-init network-config v2. The interface is matched
+/// by MAC, so it does not matter what the installed OS names it.
+pub fn static_network_v2(n: &StaticNetwork, mac: MacAddr) -> Value {
+    let mut eth = Map::new();
+    eth.insert("match".into(), json!({ "macaddress": mac.to_string() }));
+    eth.insert("addresses".into(), json!([n.address.to_string()]));
+    eth.insert("dhcp4".into(), json!(false));
+    eth.insert("dhcp6".into(), json!(false));
+    if let Some(gw) = n.gateway {
+        // An explicit default route rather than gateway4/gateway6, which netplan deprecates.
+        let to = if gw.is_ipv4() { "0.0.0.0/0" } else { "::/0" };
+        eth.insert(
+            "routes".into(),
+            json!([{ "to": to, "via": gw.to_string() }]),
+        );
+    }
+    if !n.dns.is_empty() || !n.search.is_empty() {
+        let mut ns = Map::new();
+        if !n.dns.is_empty() {
+            ns.insert(
+                "addresses".into(),
+                json!(n.dns.iter().map(|a| a.to_string()).collect::<Vec<_>>()),
+            );
+        }
+        if !n.search.is_empty() {
+            ns.insert("search".into(), json!(n.search));
+        }
+        eth.insert("nameservers".into(), Value::Object(ns));
+    }
+    json!({ "version": 2, "ethernets": { "lan0": Value::Object(eth) } })
+}
+
+fn to_json_bytes(v: &Value) -> Vec<u8> {
+    // Serializing a Value cannot fail (string keys only); fall back to compact just in case.
+    let mut s = serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string());
+    s.push('\n');
+    s.into_bytes()
+}
+
+/// Renders the seed for this machine and this install.
+///
+/// The machine is looked up in `seed.machines` by any NIC's MAC, the DMI product/board serial
+/// or the DMI UUID; more than one matching entry is an error (never a guess). Without a match
+/// the hostname comes from `seed.hostname_pattern` and network-config from the template.
+pub fn render(
+    templates: &SeedTemplates,
+    seed: &SeedConfig,
+    identity: &MachineIdentity,
+    install_id: &str,
+) -> Result<RenderedSeed, SeedError> {
+    if install_id.is_empty()
+        || !install_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return Err(SeedError::InstallId {
+            id: install_id.to_string(),
+        });
+    }
+    let instance_id = format!("imprint-{install_id}");
+
+    let hits: Vec<(usize, MachineMatch)> = seed
+        .machines
+        .iter()
+        .enumerate()
+        .filter_map(|(i, e)| entry_matches(e, identity).map(|m| (i, with_entry(m, i))))
+        .collect();
+    if hits.len() > 1 {
+        return Err(SeedError::AmbiguousMachine {
+            entries: hits
+                .iter()
+                .map(|(i, m)| {
+                    let key = match m {
+                        MachineMatch::Mac { mac, .. } => format!("mac {mac}"),
+                        MachineMatch::DmiSerial { .. } => "dmi_serial".into(),
+                        MachineMatch::DmiUuid { .. } => "dmi_uuid".into(),
+                        MachineMatch::Pattern { .. } => "pattern".into(),
+                    };
+                    (*i, key)
+                })
+                .collect(),
+        });
+    }
+
+    let (hostname, matched, entry) = match hits.into_iter().next() {
+        Some((i, m)) => {
+            let e = &seed.machines[i];
+            check_hostname(&e.hostname).map_err(|reason| SeedError::Hostname { reason })?;
+            (e.hostname.clone(), m, Some((i, e)))
+        }
+        None => (
+            expand_hostname(&seed.hostname_pattern, identity)?,
+            MachineMatch::Pattern {
+                pattern: seed.hostname_pattern.clone(),
+            },
+            None,
+        ),
+    };
+
+    let (network_config, network_source) = match entry {
+        Some((i, e)) if e.network.is_some() => {
+            let n = e.network.as_ref().ok_or(SeedError::Network {
+                entry: i,
+                reason: "missing".into(),
+            })?;
+            let mac = n
+                .interface
+                .or(e.mac)
+                .or_else(|| identity.primary_mac())
+                .ok_or_else(|| SeedError::Network {
+                    entry: i,
+                    reason: "no physical network interface on this machine".into(),
+                })?;
+            if !identity.nics.iter().any(|nic| nic.mac == mac) {
+                return Err(SeedError::Network {
+                    entry: i,
+                    reason: format!(
+                        "interface {mac} is not a NIC of this machine (found: {})",
+                        identity
+                            .nics
+                            .iter()
+                            .map(|n| format!("{} {}", n.name, n.mac))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                });
+            }
+            (
+                Some(to_json_bytes(&static_network_v2(n, mac))),
+                NetworkSource::TableStatic {
+                    address: n.address.to_string(),
+                    interface: mac,
+                },
+            )
+        }
+        Some((_, e)) if e.network_config.is_some() => (
+            e.network_config.as_ref().map(to_json_bytes),
+            NetworkSource::TableNetworkConfig,
+        ),
+        _ => match &templates.network_config {
+            Some(nc) => (Some(nc.clone()), NetworkSource::Template),
+            None => (None, NetworkSource::None),
+        },
+    };
+
+    // Template keys, then the entry's extras, then ours — ours always win.
+    let mut meta = templates.meta_data.clone();
+    if let Some((_, e)) = entry {
+        meta.extend(e.meta_data.clone());
+    }
+    meta.insert("instance-id".into(), Value::String(instance_id.clone()));
+    meta.insert("local-hostname".into(), Value::String(hostname.clone()));
+
+    Ok(RenderedSeed {
+        instance_id,
+        hostname,
+        matched,
+        network_source,
+        user_data: templates.user_data.clone(),
+        meta_data: to_json_bytes(&Value::Object(meta)),
+        network_config,
+    })
+}
+
+/// Where the seed landed, for the report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "placement", rename_all = "kebab-case")]
+pub enum SeedPlacement {
+    /// A `CIDATA` partition on the disk.
+    CidataPartition {
+        /// The disk.
+        disk: PathBuf,
+        /// GPT partition number.
+        partition_number: u32,
+        /// GPT partition GUID (`PARTUUID`).
+        partition_guid: String,
+        /// First sector.
+        first_lba: u64,
+        /// Last sector.
+        last_lba: u64,
+        /// Logical sector size.
+        sector_size: u32,
+        /// The image already had a `CIDATA` partition, which was reformatted and reused.
+        reused: bool,
+    },
+    /// A folder on the mounted root filesystem.
+    Directory {
+        /// The folder.
+        path: PathBuf,
+    },
+}
+
+/// A window onto one partition of a disk, so the FAT code cannot touch anything outside it.
+#[derive(Debug)]
+struct PartitionSlice<'a> {
+    file: &'a mut File,
+    start: u64,
+    len: u64,
+    pos: u64,
+}
+
+impl PartitionSlice<'_> {
+    fn remaining(&self) -> u64 {
+        self.len.saturating_sub(self.pos)
+    }
+}
+
+impl Read for PartitionSlice<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = (buf.len() as u64).min(self.remaining()) as usize;
+        if n == 0 {
+            return Ok(0);
+        }
+        self.file.seek(SeekFrom::Start(self.start + self.pos))?;
+        let got = self.file.read(&mut buf[..n])?;
+        self.pos += got as u64;
+        Ok(got)
+    }
+}
+
+impl Write for PartitionSlice<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = (buf.len() as u64).min(self.remaining()) as usize;
+        if n == 0 && !buf.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "write past the end of the seed partition",
+            ));
+        }
+        self.file.seek(SeekFrom::Start(self.start + self.pos))?;
+        let put = self.file.write(&buf[..n])?;
+        self.pos += put as u64;
+        Ok(put)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+impl Seek for PartitionSlice<'_> {
+    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+        let new = match to {
+            SeekFrom::Start(o) => Some(o),
+            SeekFrom::End(o) => self.len.checked_add_signed(o),
+            SeekFrom::Current(o) => self.pos.checked_add_signed(o),
+        };
+        match new {
+            Some(p) if p <= self.len => {
+                self.pos = p;
+                Ok(p)
+            }
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "seek outside the seed partition",
+            )),
+        }
+    }
+}
+
+fn lb_size(disk: &Path, sector_size: u32) -> Result<LogicalBlockSize, SeedError> {
+    match sector_size {
+        512 => Ok(LogicalBlockSize::Lb512),
+        4096 => Ok(LogicalBlockSize::Lb4096),
+        other => Err(SeedError::Layout {
+            disk: disk.to_path_buf(),
+            reason: format!("sector size {other} (only 512 and 4096 are supported)"),
+        }),
+    }
+}
+
+/// A partition GUID derived from the instance-id: stable for one install (the report and the
+/// disk agree), different across installs, and no random source needed in PID 1.
+fn partition_guid(instance_id: &str) -> uuid::Uuid {
+    let d = Sha256::digest(format!("imprint cidata {instance_id}").as_bytes());
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&d[..16]);
+    uuid::Builder::from_random_bytes(b).into_uuid()
+}
+
+/// Adds the `CIDATA` seed partition at the end of `disk` (a block device or an image file),
+/// formats it FAT, writes the seed and reads it back. Opens `disk` read-write itself.
+pub fn inject_cidata(
+    disk: &Path,
+    sector_size: u32,
+    rendered: &RenderedSeed,
+) -> Result<SeedPlacement, SeedError> {
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(nix::libc::O_CLOEXEC)
+        .open(disk)
+        .map_err(|source| SeedError::Io {
+            path: disk.to_path_buf(),
+            step: "opening",
+            source,
+        })?;
+    inject_cidata_into(&mut file, disk, sector_size, rendered)
+}
+
+/// [`inject_cidata`] on an already open disk; `disk` names it in errors and the placement.
+///
+/// Preconditions (the write engine establishes them): the image is written, and the backup
+/// GPT header sits at the disk's last sector. The new partition takes the last
+/// [`CIDATA_SIZE`] bytes of usable space (1-MiB aligned), numbered with the first free slot:
+/// existing entries are neither moved nor renumbered, only one entry and both headers change
+/// (the `gpt` crate's own writer would compact the table and renumber e.g. Ubuntu's
+/// partitions 14 and 15). A `CIDATA` partition the image already has is reformatted and reused.
+pub fn inject_cidata_into(
+    file: &mut File,
+    disk: &Path,
+    sector_size: u32,
+    rendered: &RenderedSeed,
+) -> Result<SeedPlacement, SeedError> {
+    let lb = lb_size(disk, sector_size)?;
+    let ss = u64::from(sector_size);
+    let gpt_err = |step: &'static str| {
+        move |source: gpt::GptError| SeedError::Gpt {
+            disk: disk.to_path_buf(),
+            step,
+            source,
+        }
+    };
+    let io_err = |step: &'static str| {
+        move |source: io::Error| SeedError::Io {
+            path: disk.to_path_buf(),
+            step,
+            source,
+        }
+    };
+    let layout = |reason: String| SeedError::Layout {
+        disk: disk.to_path_buf(),
+        reason,
+    };
+
+    let payload: u64 = rendered.files().iter().map(|(_, d)| d.len() as u64).sum();
+    // FAT metadata and cluster slack take well under 1 MiB of the partition.
+    if payload > CIDATA_SIZE - MIB {
+        return Err(SeedError::TooLarge {
+            size: payload,
+            capacity: CIDATA_SIZE - MIB,
+        });
+    }
+
+    let disk_len = file.seek(SeekFrom::End(0)).map_err(io_err("sizing"))?;
+    let last_lba = (disk_len / ss)
+        .checked_sub(1)
+        .ok_or_else(|| layout("empty disk".into()))?;
+
+    let (mut primary, mut backup, parts) = {
+        let g = gpt::GptConfig::new()
+            .writable(false)
+            .logical_block_size(lb)
+            .open_from_device(&mut *file)
+            .map_err(gpt_err("reading the partition table"))?;
+        let primary = g
+            .primary_header()
+            .map_err(|e| layout(format!("no valid primary GPT header: {e}")))?
+            .clone();
+        let backup = g
+            .backup_header()
+            .map_err(|e| {
+                layout(format!(
+                    "no valid backup GPT header at the disk's last sector ({e}); move it \
+                     there first (gpt_fixup)"
+                ))
+            })?
+            .clone();
+        (primary, backup, g.partitions().clone())
+    };
+    if primary.backup_lba != last_lba || backup.current_lba != last_lba {
+        return Err(layout(format!(
+            "the backup GPT header is at sector {}, not at the disk's last sector {last_lba}; \
+             move it first (gpt_fixup)",
+            backup.current_lba
+        )));
+    }
+    if primary.part_size != 128 || backup.part_size != 128 {
+        return Err(layout(format!(
+            "partition entries of {} bytes (only 128 supported)",
+            primary.part_size
+        )));
+    }
+
+    let existing = parts
+        .iter()
+        .find(|(_, p)| p.is_used() && p.name.eq_ignore_ascii_case(CIDATA_LABEL))
+        .map(|(n, p)| (*n, p.clone()));
+    let reused = existing.is_some();
+    let (number, entry) = match existing {
+        Some((n, p)) => {
+            if (p.last_lba + 1 - p.first_lba) * ss < MIB {
+                return Err(layout(format!(
+                    "the image's own CIDATA partition {n} is smaller than 1 MiB"
+                )));
+            }
+            (n, p)
+        }
+        None => {
+            let size_lba = CIDATA_SIZE / ss;
+            let align = MIB / ss;
+            let end = primary.last_usable; // inclusive
+            let first = (end + 1)
+                .checked_sub(size_lba)
+                .map(|f| f / align * align)
+                .ok_or_else(|| layout("disk too small for the seed partition".into()))?;
+            let used_end = parts
+                .values()
+                .filter(|p| p.is_used())
+                .map(|p| p.last_lba)
+                .max()
+                .unwrap_or(0);
+            if first <= used_end || first < primary.first_usable {
+                return Err(layout(format!(
+                    "no {} MiB free at the end of the disk: the last partition ends at sector \
+                     {used_end}, usable space ends at {end}",
+                    CIDATA_SIZE / MIB
+                )));
+            }
+            let number = (1..=primary.num_parts)
+                .find(|n| !parts.get(n).is_some_and(GptPartition::is_used))
+                .ok_or_else(|| layout("the partition table has no free entry".into()))?;
+            let entry = GptPartition {
+                part_type_guid: partition_types::BASIC,
+                part_guid: partition_guid(&rendered.instance_id),
+                first_lba: first,
+                last_lba: end,
+                flags: 0,
+                name: CIDATA_LABEL.to_string(),
+            };
+            // Only this entry and the two headers change; the header writers recompute the
+            // entry-array and header CRCs from what is on disk.
+            for start in [primary.part_start, backup.part_start] {
+                entry
+                    .write_to_device(&mut *file, u64::from(number - 1), start, lb, 128)
+                    .map_err(|e| SeedError::Io {
+                        path: disk.to_path_buf(),
+                        step: "writing the CIDATA partition entry on",
+                        source: e,
+                    })?;
+            }
+            backup
+                .write_backup(&mut *file, lb)
+                .map_err(|e| layout(format!("writing the backup GPT header: {e}")))?;
+            primary
+                .write_primary(&mut *file, lb)
+                .map_err(|e| layout(format!("writing the primary GPT header: {e}")))?;
+            (number, entry)
+        }
+    };
+
+    let start = entry.first_lba * ss;
+    let len = (entry.last_lba + 1 - entry.first_lba) * ss;
+    // Zero the whole partition first: stale signatures (an old ext4 superblock in FAT's
+    // reserved sectors) would make blkid see two filesystems and report no label.
+    file.seek(SeekFrom::Start(start))
+        .map_err(io_err("seeking on"))?;
+    let zeros = vec![0u8; MIB as usize];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(MIB) as usize;
+        file.write_all(&zeros[..n])
+            .map_err(io_err("zeroing the CIDATA partition on"))?;
+        left -= n as u64;
+    }
+
+    let mut label = [b' '; 11];
+    label[..CIDATA_LABEL.len()].copy_from_slice(CIDATA_LABEL.as_bytes());
+    let volume_id = u32::from_le_bytes(
+        entry.part_guid.as_bytes()[..4]
+            .try_into()
+            .map_err(|_| layout("partition GUID".into()))?,
+    );
+    {
+        let slice = PartitionSlice {
+            file: &mut *file,
+            start,
+            len,
+            pos: 0,
+        };
+        fatfs::format_volume(
+            slice,
+            fatfs::FormatVolumeOptions::new()
+                .volume_label(label)
+                .volume_id(volume_id)
+                .bytes_per_sector(sector_size as u16),
+        )
+        .map_err(io_err("formatting the CIDATA partition on"))?;
+    }
+    {
+        let slice = PartitionSlice {
+            file: &mut *file,
+            start,
+            len,
+            pos: 0,
+        };
+        let fs = fatfs::FileSystem::new(slice, fatfs::FsOptions::new())
+            .map_err(io_err("opening the new CIDATA filesystem on"))?;
+        for (name, data) in rendered.files() {
+            let mut f = fs
+                .root_dir()
+                .create_file(name)
+                .map_err(io_err("creating a seed file on"))?;
+            f.truncate().map_err(io_err("truncating a seed file on"))?;
+            f.write_all(data)
+                .map_err(io_err("writing a seed file on"))?;
+            f.flush().map_err(io_err("flushing a seed file on"))?;
+        }
+        fs.unmount()
+            .map_err(io_err("closing the CIDATA filesystem on"))?;
+    }
+    file.sync_all().map_err(io_err("syncing"))?;
+    drop_cache(file);
+
+    verify_cidata(file, disk, lb, number, &entry, rendered)?;
+
+    Ok(SeedPlacement::CidataPartition {
+        disk: disk.to_path_buf(),
+        partition_number: number,
+        partition_guid: entry.part_guid.to_string(),
+        first_lba: entry.first_lba,
+        last_lba: entry.last_lba,
+        sector_size,
+        reused,
+    })
+}
+
+/// Asks the kernel to forget cached pages of `file`, so the read-back comes from the device.
+/// Best effort: if the advice fails, the read-back still checks the filesystem structure.
+fn drop_cache(file: &File) {
+    let _ = nix::fcntl::posix_fadvise(
+        file,
+        0,
+        0,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    );
+}
+
+fn verify_cidata(
+    file: &mut File,
+    disk: &Path,
+    lb: LogicalBlockSize,
+    number: u32,
+    entry: &GptPartition,
+    rendered: &RenderedSeed,
+) -> Result<(), SeedError> {
+    let mismatch = |file: &str, reason: String| SeedError::ReadBack {
+        location: disk.to_path_buf(),
+        file: file.to_string(),
+        reason,
+    };
+    let parts = gpt::GptConfig::new()
+        .writable(false)
+        .logical_block_size(lb)
+        .only_valid_headers(true)
+        .open_from_device(&mut *file)
+        .map_err(|source| SeedError::Gpt {
+            disk: disk.to_path_buf(),
+            step: "re-reading the partition table",
+            source,
+        })?
+        .partitions()
+        .clone();
+    match parts.get(&number) {
+        Some(p) if p == entry => {}
+        Some(p) => {
+            return Err(mismatch(
+                "partition table",
+                format!("entry {number} reads back as {p:?}"),
+            ))
+        }
+        None => {
+            return Err(mismatch(
+                "partition table",
+                format!("entry {number} is missing"),
+            ))
+        }
+    }
+    let ss = lb.as_u64();
+    let slice = PartitionSlice {
+        file: &mut *file,
+        start: entry.first_lba * ss,
+        len: (entry.last_lba + 1 - entry.first_lba) * ss,
+        pos: 0,
+    };
+    let fs = fatfs::FileSystem::new(slice, fatfs::FsOptions::new()).map_err(|e| {
+        mismatch(
+            "filesystem",
+            format!("the FAT filesystem does not open: {e}"),
+        )
+    })?;
+    let label = fs.volume_label();
+    if label != CIDATA_LABEL {
+        return Err(mismatch(
+            "volume label",
+            format!("{label:?} instead of {CIDATA_LABEL:?}"),
+        ));
+    }
+    for (name, want) in rendered.files() {
+        let mut got = Vec::new();
+        fs.root_dir()
+            .open_file(name)
+            .and_then(|mut f| f.read_to_end(&mut got))
+            .map_err(|e| mismatch(name, format!("cannot be read: {e}")))?;
+        compare(name, want, &got).map_err(|r| mismatch(name, r))?;
+    }
+    Ok(())
+}
+
+fn compare(_name: &str, want: &[u8], got: &[u8]) -> Result<(), String> {
+    if got.len() != want.len() {
+        return Err(format!("{} bytes instead of {}", got.len(), want.len()));
+    }
+    match want.iter().zip(got).position(|(a, b)| a != b) {
+        Some(at) => Err(format!("first difference at byte {at}")),
+        None => Ok(()),
+    }
+}
+
+/// Writes the seed into `dir` (the root filesystem's `var/lib/cloud/seed/nocloud`, see
+/// [`ROOTFS_SEED_DIR`]; the appliance mounts), creating it, with files readable by root only
+/// (user-data may hold secrets), synced, and read back.
+pub fn inject_into_dir(dir: &Path, rendered: &RenderedSeed) -> Result<SeedPlacement, SeedError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let io = |path: &Path, step: &'static str| {
+        let path = path.to_path_buf();
+        move |source| SeedError::Io { path, step, source }
+    };
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)
+        .map_err(io(dir, "creating"))?;
+    for (name, data) in rendered.files() {
+        let path = dir.join(name);
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io(&path, "creating"))?;
+        // An existing file keeps its mode on open; set it explicitly.
+        f.set_permissions(fs::Permissions::from_mode(0o600))
+            .map_err(io(&path, "setting permissions of"))?;
+        f.write_all(data).map_err(io(&path, "writing"))?;
+        f.sync_all().map_err(io(&path, "syncing"))?;
+        drop_cache(&f);
+    }
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir, "syncing"))?;
+    for (name, want) in rendered.files() {
+        let path = dir.join(name);
+        let got = fs::read(&path).map_err(io(&path, "reading back"))?;
+        compare(name, want, &got).map_err(|reason| SeedError::ReadBack {
+            location: dir.to_path_buf(),
+            file: name.to_string(),
+            reason,
+        })?;
+    }
+    Ok(SeedPlacement::Directory {
+        path: dir.to_path_buf(),
+    })
+}
+
+/// Picks the root partition for `root-filesystem` placement from the installed disk's GPT
+/// (as read by the `gpt` crate): by number or name if configured, else the only "Linux root
+/// (x86-64)" partition, else the only "Linux filesystem" partition. Never guesses between two.
+pub fn pick_root_partition(
+    parts: &BTreeMap<u32, GptPartition>,
+    sel: &RootPartition,
+) -> Result<u32, SeedError> {
+    let err = |reason: String| SeedError::RootPartition { reason };
+    let used = || parts.iter().filter(|(_, p)| p.is_used());
+    if let Some(n) = sel.number {
+        return match parts.get(&n) {
+            Some(p) if p.is_used() => match &sel.label {
+                Some(l) if p.name != *l => Err(err(format!(
+                    "partition {n} is named {:?}, not {l:?}",
+                    p.name
+                ))),
+                _ => Ok(n),
+            },
+            _ => Err(err(format!("the image has no partition {n}"))),
+        };
+    }
+    if let Some(l) = &sel.label {
+        let hits: Vec<u32> = used()
+            .filter(|(_, p)| p.name == *l)
+            .map(|(n, _)| *n)
+            .collect();
+        return match hits.as_slice() {
+            [n] => Ok(*n),
+            [] => Err(err(format!("no partition is named {l:?}"))),
+            many => Err(err(format!("partitions {many:?} are all named {l:?}"))),
+        };
+    }
+    for ty in [partition_types::LINUX_ROOT_X64, partition_types::LINUX_FS] {
+        let hits: Vec<u32> = used()
+            .filter(|(_, p)| p.part_type_guid.guid == ty.guid)
+            .map(|(n, _)| *n)
+            .collect();
+        match hits.as_slice() {
+            [n] => return Ok(*n),
+            [] => continue,
+            many => {
+                return Err(err(format!(
+                    "partitions {many:?} all have type {}; set seed.root_partition.number",
+                    ty.guid
+                )))
+            }
+        }
+    }
+    Err(err(
+        "no Linux root or Linux filesystem partition; set seed.root_partition.number".into(),
+    ))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::machine::{Dmi, Nic};
+
+    fn identity() -> MachineIdentity {
+        MachineIdentity {
+            dmi: Dmi {
+                sys_vendor: Some("Intel(R) Client Systems".into()),
+                product_name: Some("NUC11TNHi5".into()),
+                product_serial: Some("BTTN1234ABCD".into()),
+                product_uuid: Some("8C1F3A2E-0000-1111-2222-333344445555".into()),
+                board_serial: None,
+            },
+            nics: vec![
+                Nic {
+                    name: "eth0".into(),
+                    mac: "aa:bb:cc:00:00:01".parse().unwrap(),
+                    wireless: false,
+                },
+                Nic {
+                    name: "wlan0".into(),
+                    mac: "aa:bb:cc:00:00:02".parse().unwrap(),
+                    wireless: true,
+                },
+            ],
+        }
+    }
+
+    fn templates() -> SeedTemplates {
+        SeedTemplates {
+            user_data: b"#cloud-config\npassword: hunter2\nchpasswd: {expire: false}\n".to_vec(),
+            user_data_kind: UserDataKind::CloudConfig,
+            meta_data: Map::from_iter([("region".to_string(), json!("lab"))]),
+            network_config: Some(b"version: 2\nethernets: {}\n".to_vec()),
+        }
+    }
+
+    fn seed_config(machines: &str) -> SeedConfig {
+        Config::from_json(&format!(r#"{{"seed": {{"machines": {machines}}}}}"#))
+            .unwrap()
+            .seed
+    }
+
+    fn meta(r: &RenderedSeed) -> Value {
+        serde_json::from_slice(&r.meta_data).unwrap()
+    }
+
+    #[test]
+    fn table_hit_by_mac_renders_static_network() {
+        let cfg = seed_config(
+            r#"[{"mac": "AA-BB-CC-00-00-02", "hostname": "nuc-kitchen",
+                 "network": {"address": "192.168.1.54/24", "gateway": "192.168.1.1",
+                             "dns": ["192.168.1.1", "1.1.1.1"], "search": ["lab"]},
+                 "meta_data": {"public-keys": ["ssh-ed25519 AAAA"]}},
+                {"dmi_serial": "OTHER", "hostname": "other"}]"#,
+        );
+        let r = render(&templates(), &cfg, &identity(), "20261125-abc").unwrap();
+        assert_eq!(r.hostname, "nuc-kitchen");
+        assert_eq!(r.instance_id, "imprint-20261125-abc");
+        assert_eq!(
+            r.matched,
+            MachineMatch::Mac {
+                entry: 0,
+                mac: "aa:bb:cc:00:00:02".parse().unwrap()
+            }
+        );
+        let m = meta(&r);
+        assert_eq!(m["instance-id"], "imprint-20261125-abc");
+        assert_eq!(m["local-hostname"], "nuc-kitchen");
+        assert_eq!(m["region"], "lab");
+        assert_eq!(m["public-keys"][0], "ssh-ed25519 AAAA");
+        let nc: Value = serde_json::from_slice(r.network_config.as_ref().unwrap()).unwrap();
+        let eth = &nc["ethernets"]["lan0"];
+        assert_eq!(nc["version"], 2);
+        // The entry's key MAC is the interface configured.
+        assert_eq!(eth["match"]["macaddress"], "aa:bb:cc:00:00:02");
+        assert_eq!(eth["addresses"][0], "192.168.1.54/24");
+        assert_eq!(eth["routes"][0]["to"], "0.0.0.0/0");
+        assert_eq!(eth["routes"][0]["via"], "192.168.1.1");
+        assert_eq!(eth["nameservers"]["addresses"][1], "1.1.1.1");
+        assert_eq!(eth["nameservers"]["search"][0], "lab");
+        assert!(matches!(
+            r.network_source,
+            NetworkSource::TableStatic { .. }
+        ));
+    }
+
+    #[test]
+    fn table_hit_by_dmi_serial_uses_primary_nic_and_raw_config() {
+        let cfg = seed_config(
+            r#"[{"dmi_serial": "bttn1234abcd", "hostname": "nuc-02",
+                 "network": {"address": "10.0.0.2/8"}}]"#,
+        );
+        let r = render(&templates(), &cfg, &identity(), "x").unwrap();
+        assert_eq!(r.hostname, "nuc-02");
+        assert_eq!(r.matched, MachineMatch::DmiSerial { entry: 0 });
+        let nc: Value = serde_json::from_slice(r.network_config.as_ref().unwrap()).unwrap();
+        // Keyed by serial without an interface: the first wired NIC.
+        assert_eq!(
+            nc["ethernets"]["lan0"]["match"]["macaddress"],
+            "aa:bb:cc:00:00:01"
+        );
+        assert!(nc["ethernets"]["lan0"].get("routes").is_none());
+
+        let cfg = seed_config(
+            r#"[{"dmi_uuid": "8c1f3a2e-0000-1111-2222-333344445555", "hostname": "nuc-03",
+                 "network_config": {"version": 2, "ethernets": {"e": {"dhcp4": true}}}}]"#,
+        );
+        let r = render(&templates(), &cfg, &identity(), "x").unwrap();
+        assert_eq!(r.matched, MachineMatch::DmiUuid { entry: 0 });
+        assert_eq!(r.network_source, NetworkSource::TableNetworkConfig);
+        let nc: Value = serde_json::from_slice(r.network_config.as_ref().unwrap()).unwrap();
+        assert_eq!(nc["ethernets"]["e"]["dhcp4"], true);
+    }
+
+    #[test]
+    fn fallback_pattern_and_template_network() {
+        let cfg = seed_config(r#"[{"mac": "00:11:22:33:44:55", "hostname": "elsewhere"}]"#);
+        let r = render(&templates(), &cfg, &identity(), "x").unwrap();
+        assert_eq!(r.hostname, "nuc-bttn1234abcd");
+        assert_eq!(
+            r.matched,
+            MachineMatch::Pattern {
+                pattern: "nuc-{serial}".into()
+            }
+        );
+        assert_eq!(r.network_source, NetworkSource::Template);
+        assert_eq!(
+            r.network_config.as_deref(),
+            Some(&b"version: 2\nethernets: {}\n"[..])
+        );
+
+        // No real serial: {serial} falls back to the primary MAC.
+        let mut id = identity();
+        id.dmi.product_serial = Some("To Be Filled By O.E.M.".into());
+        assert_eq!(
+            expand_hostname("nuc-{serial}", &id).unwrap(),
+            "nuc-aabbcc000001"
+        );
+        assert_eq!(expand_hostname("lab-{mac6}", &id).unwrap(), "lab-000001");
+        assert_eq!(
+            expand_hostname("{uuid}", &id).unwrap(),
+            "8c1f3a2e-0000-1111-2222-333344445555"
+        );
+        id.nics.clear();
+        assert!(expand_hostname("nuc-{serial}", &id).is_err());
+        assert!(expand_hostname("nuc-{mac}", &id).is_err());
+    }
+
+    #[test]
+    fn two_matching_entries_are_an_error() {
+        let cfg = seed_config(
+            r#"[{"mac": "aa:bb:cc:00:00:01", "hostname": "a"},
+                {"dmi_serial": "BTTN1234ABCD", "hostname": "b"}]"#,
+        );
+        let e = render(&templates(), &cfg, &identity(), "x").unwrap_err();
+        assert!(matches!(e, SeedError::AmbiguousMachine { .. }));
+        let msg = e.to_string();
+        assert!(msg.contains("[0]") && msg.contains("[1]"), "{msg}");
+    }
+
+    #[test]
+    fn static_interface_must_exist() {
+        let cfg = seed_config(
+            r#"[{"dmi_serial": "BTTN1234ABCD", "hostname": "a",
+                 "network": {"address": "10.0.0.2/8", "interface": "de:ad:be:ef:00:01"}}]"#,
+        );
+        let e = render(&templates(), &cfg, &identity(), "x").unwrap_err();
+        assert!(e.to_string().contains("not a NIC of this machine"), "{e}");
+    }
+
+    #[test]
+    fn bad_install_id_rejected() {
+        let cfg = seed_config("[]");
+        for id in ["", "a b", "x/y"] {
+            assert!(render(&templates(), &cfg, &identity(), id).is_err(), "{id}");
+        }
+    }
+
+    #[test]
+    fn summary_never_contains_contents() {
+        let mut t = templates();
+        t.network_config = Some(
+            b"version: 2\nwifis:\n  w:\n    access-points:\n      x: {password: wifisecret}\n"
+                .to_vec(),
+        );
+        let r = render(&t, &seed_config("[]"), &identity(), "x").unwrap();
+        let s = serde_json::to_string(&r.summary()).unwrap();
+        assert!(!s.contains("hunter2"), "{s}");
+        assert!(!s.contains("wifisecret"), "{s}");
+        assert!(!s.contains("cloud-config"), "{s}");
+        let ud = r.summary().files.into_iter().next().unwrap();
+        assert_eq!(ud.name, "user-data");
+        assert_eq!(ud.size, t.user_data.len() as u64);
+        assert_eq!(ud.sha256, sha256_hex(&t.user_data));
+        assert_eq!(ud.sha256.len(), 64);
+    }
+
+    fn write(dir: &Path, name: &str, text: &str) {
+        fs::write(dir.join(name), text).unwrap();
+    }
+
+    #[test]
+    fn seed_dir_validation() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        // Empty folder: an empty cloud-config, no meta-data keys, no network-config.
+        let t = validate_seed_dir(d).unwrap();
+        assert_eq!(t.user_data_kind, UserDataKind::Empty);
+        assert!(t.user_data.starts_with(b"#cloud-config"));
+        assert!(t.network_config.is_none());
+
+        write(d, USER_DATA, "#!/bin/sh\necho hi\n");
+        write(
+            d,
+            META_DATA,
+            "# comment\ninstance-id: old\nlocal-hostname: 'x'\ncloud_name: \"lab\"\n",
+        );
+        write(
+            d,
+            NETWORK_CONFIG,
+            "network:\n  version: 2\n  ethernets: {}\n",
+        );
+        let t = validate_seed_dir(d).unwrap();
+        assert_eq!(t.user_data_kind, UserDataKind::Script);
+        assert_eq!(t.meta_data["cloud_name"], "lab");
+        assert_eq!(t.meta_data["local-hostname"], "x");
+        // Ours win over the template's instance-id.
+        let r = render(&t, &seed_config("[]"), &identity(), "new").unwrap();
+        assert_eq!(meta(&r)["instance-id"], "imprint-new");
+
+        write(d, META_DATA, r#"{"public-keys": ["k"]}"#);
+        assert_eq!(
+            validate_seed_dir(d).unwrap().meta_data["public-keys"][0],
+            "k"
+        );
+
+        for (file, text, needle) in [
+            (USER_DATA, "hello\n", "#cloud-config"),
+            (META_DATA, "public-keys:\n  - ssh-ed25519 AAAA\n", "JSON"),
+            (META_DATA, "just text\n", "key: value"),
+            (META_DATA, "[1]", "line 1"),
+            (NETWORK_CONFIG, "ethernets: {}\n", "version"),
+            (NETWORK_CONFIG, "version: 2\n\tethernets: {}\n", "tab"),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            write(dir.path(), file, text);
+            let e = validate_seed_dir(dir.path()).unwrap_err();
+            let msg = e.to_string();
+            assert!(msg.contains(file), "{msg}");
+            assert!(msg.contains(needle), "{file} {text:?}: {msg}");
+        }
+        for ok in [
+            "## template: jinja\n#cloud-config\n",
+            "Content-Type: multipart/mixed; boundary=\"X\"\nMIME-Version: 1.0\n",
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            write(dir.path(), USER_DATA, ok);
+            validate_seed_dir(dir.path()).unwrap();
+        }
+        assert!(validate_seed_dir(&d.join("missing")).is_err());
+    }
+
+    /// A sparse disk image with a GPT like an installed OS's: an ESP and a root partition,
+    /// numbered 1 and 15 (as Ubuntu's images are), backup header at the end.
+    fn disk_image(
+        sector: u32,
+        size: u64,
+    ) -> (tempfile::NamedTempFile, BTreeMap<u32, GptPartition>) {
+        let tmp = tempfile::NamedTempFile::new().unwrap();
+        tmp.as_file().set_len(size).unwrap();
+        let lb = LogicalBlockSize::try_from(u64::from(sector)).unwrap();
+        let ss = u64::from(sector);
+        let mut g = gpt::GptConfig::new()
+            .writable(true)
+            .logical_block_size(lb)
+            .create_from_device(tmp.reopen().unwrap(), None)
+            .unwrap();
+        let mib = MIB / ss;
+        g.add_partition_at("EFI", 15, mib, 32 * mib, partition_types::EFI, 0)
+            .unwrap();
+        g.add_partition_at("root", 1, 33 * mib, 64 * mib, partition_types::LINUX_FS, 0)
+            .unwrap();
+        let parts = g.partitions().clone();
+        g.write().unwrap();
+        // The crate renumbers on write (15 becomes 2); put the ESP entry back into slot 15
+        // so the test disk has a gap, like real images do, and fix the CRCs.
+        let mut f = tmp.reopen().unwrap();
+        let h = gpt::GptConfig::new()
+            .logical_block_size(lb)
+            .open_from_device(&mut f)
+            .unwrap();
+        let (mut p, mut b) = (
+            h.primary_header().unwrap().clone(),
+            h.backup_header().unwrap().clone(),
+        );
+        drop(h);
+        for start in [p.part_start, b.part_start] {
+            GptPartition::zero()
+                .write_to_device(&mut f, 1, start, lb, 128)
+                .unwrap();
+            parts[&15]
+                .write_to_device(&mut f, 14, start, lb, 128)
+                .unwrap();
+        }
+        b.write_backup(&mut f, lb).unwrap();
+        p.write_primary(&mut f, lb).unwrap();
+        (tmp, parts)
+    }
+
+    fn inject_and_check(sector: u32) {
+        let (img, before) = disk_image(sector, 256 * MIB);
+        assert!(before.contains_key(&15));
+        let cfg = seed_config(
+            r#"[{"mac": "aa:bb:cc:00:00:01", "hostname": "nuc-01",
+                 "network": {"address": "192.168.1.54/24", "gateway": "192.168.1.1"}}]"#,
+        );
+        let r = render(&templates(), &cfg, &identity(), "t1").unwrap();
+        let placement = inject_cidata(img.path(), sector, &r).unwrap();
+        let SeedPlacement::CidataPartition {
+            partition_number,
+            first_lba,
+            last_lba,
+            reused,
+            ..
+        } = placement.clone()
+        else {
+            panic!("{placement:?}")
+        };
+        let ss = u64::from(sector);
+        assert!(!reused);
+        // The first free slot; the existing 1 and 15 keep their numbers and places.
+        assert_eq!(partition_number, 2);
+        assert_eq!((first_lba * ss) % MIB, 0);
+        assert!((last_lba + 1 - first_lba) * ss >= CIDATA_SIZE);
+
+        // Independent read-back with gpt + fatfs.
+        let lb = LogicalBlockSize::try_from(ss).unwrap();
+        let g = gpt::GptConfig::new()
+            .logical_block_size(lb)
+            .only_valid_headers(true)
+            .open(img.path())
+            .unwrap();
+        let parts = g.partitions();
+        assert_eq!(parts[&1], before[&1]);
+        assert_eq!(parts[&15], before[&15]);
+        let p = &parts[&2];
+        assert_eq!(p.name, "CIDATA");
+        assert_eq!(p.last_lba, g.header().last_usable);
+        let mut f = File::open(img.path()).unwrap();
+        let mut buf = vec![0u8; ((p.last_lba + 1 - p.first_lba) * ss) as usize];
+        f.seek(SeekFrom::Start(p.first_lba * ss)).unwrap();
+        f.read_exact(&mut buf).unwrap();
+        let fs = fatfs::FileSystem::new(io::Cursor::new(buf), fatfs::FsOptions::new()).unwrap();
+        assert_eq!(fs.volume_label(), "CIDATA");
+        assert_eq!(
+            fs.read_volume_label_from_root_dir().unwrap().as_deref(),
+            Some("CIDATA")
+        );
+        let read = |name: &str| {
+            let mut v = Vec::new();
+            fs.root_dir()
+                .open_file(name)
+                .unwrap()
+                .read_to_end(&mut v)
+                .unwrap();
+            v
+        };
+        assert_eq!(read("user-data"), r.user_data);
+        assert_eq!(read("meta-data"), r.meta_data);
+        assert_eq!(read("network-config"), r.network_config.clone().unwrap());
+        drop(fs);
+
+        // A second injection (say, a rerun of the seed step) reuses the partition.
+        let r2 = render(&templates(), &cfg, &identity(), "t2").unwrap();
+        let again = inject_cidata(img.path(), sector, &r2).unwrap();
+        let SeedPlacement::CidataPartition {
+            partition_number: n2,
+            reused: reused2,
+            ..
+        } = again
+        else {
+            panic!()
+        };
+        assert!(reused2);
+        assert_eq!(n2, 2);
+    }
+
+    #[test]
+    fn inject_cidata_512() {
+        inject_and_check(512);
+    }
+
+    #[test]
+    fn inject_cidata_4096() {
+        inject_and_check(4096);
+    }
+
+    #[test]
+    fn inject_refuses_backup_not_at_end_and_full_disk() {
+        let (img, _) = disk_image(512, 128 * MIB);
+        // Grow the file as a bigger disk would look before gpt_fixup.
+        img.as_file().set_len(256 * MIB).unwrap();
+        let r = render(&templates(), &seed_config("[]"), &identity(), "t").unwrap();
+        let e = inject_cidata(img.path(), 512, &r).unwrap_err();
+        assert!(e.to_string().contains("backup GPT header"), "{e}");
+
+        // Root fills the disk to its last usable sector: no room, and nothing written.
+        let tmp = tempfile::NamedTempFile::new().unwrap();
+        tmp.as_file().set_len(64 * MIB).unwrap();
+        let mut g = gpt::GptConfig::new()
+            .writable(true)
+            .create_from_device(tmp.reopen().unwrap(), None)
+            .unwrap();
+        let last = g.header().last_usable;
+        g.add_partition_at(
+            "root",
+            1,
+            2048,
+            last - 2048 + 1,
+            partition_types::LINUX_FS,
+            0,
+        )
+        .unwrap();
+        g.write().unwrap();
+        let before = fs::read(tmp.path()).unwrap();
+        let e = inject_cidata(tmp.path(), 512, &r).unwrap_err();
+        assert!(e.to_string().contains("no 8 MiB free"), "{e}");
+        assert_eq!(fs::read(tmp.path()).unwrap(), before);
+    }
+
+    #[test]
+    fn inject_into_dir_writes_private_files() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join(ROOTFS_SEED_DIR);
+        let r = render(&templates(), &seed_config("[]"), &identity(), "t").unwrap();
+        let p = inject_into_dir(&target, &r).unwrap();
+        assert_eq!(
+            p,
+            SeedPlacement::Directory {
+                path: target.clone()
+            }
+        );
+        assert_eq!(fs::read(target.join(USER_DATA)).unwrap(), r.user_data);
+        let mode = fs::metadata(target.join(USER_DATA))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn root_partition_pick() {
+        let (_img, parts) = disk_image(512, 128 * MIB);
+        assert_eq!(
+            pick_root_partition(&parts, &RootPartition::default()).unwrap(),
+            1
+        );
+        let by_label = RootPartition {
+            label: Some("EFI".into()),
+            number: None,
+        };
+        assert_eq!(pick_root_partition(&parts, &by_label).unwrap(), 15);
+        let missing = RootPartition {
+            number: Some(3),
+            label: None,
+        };
+        assert!(pick_root_partition(&parts, &missing).is_err());
+    }
+}
