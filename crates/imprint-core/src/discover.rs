@@ -366,7 +366,7 @@ impl fmt::Display for Disk {
         }
         write!(
             f,
-            "{:<10} {:<6} {:>10} {:>9} {:<28} {:<20} {:>2} parts",
+            "{:<10} {:<6} {:>10} {:>9} {:<28} {:<20} {:>5}",
             self.name,
             self.transport.to_string(),
             human_bytes(self.size),
@@ -400,7 +400,7 @@ impl fmt::Display for DiskTable<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "{:<10} {:<6} {:>10} {:>9} {:<28} {:<20} {:>8}",
+            "{:<10} {:<6} {:>10} {:>9} {:<28} {:<20} {:>5}",
             "DISK", "BUS", "SIZE", "SECTOR", "MODEL", "SERIAL", "PARTS"
         )?;
         for d in self.0 {

@@ -339,7 +339,7 @@ pub fn choose(
                     one.transport,
                     lower
                         .iter()
-                        .map(|d| d.name.as_str())
+                        .map(|d| format!("{} ({})", d.name, d.transport))
                         .collect::<Vec<_>>()
                         .join(", ")
                 )
