@@ -58,6 +58,8 @@ pub struct Partition {
     pub size: u64,
     /// GPT partition name (`PARTNAME` in `uevent`), if any.
     pub label: Option<String>,
+    /// Partition GUID (`PARTUUID` in `uevent`, Linux 6.1 and later), lower-case, if any.
+    pub uuid: Option<String>,
     /// Devices built on this partition (dm, md).
     pub holders: Vec<String>,
 }
@@ -231,17 +233,22 @@ fn read_partition(disk_dir: &Path, name: &str) -> Result<Option<Partition>, Disc
     if !dir.join("partition").exists() {
         return Ok(None);
     }
-    let label = fs::read_to_string(dir.join("uevent")).ok().and_then(|u| {
-        u.lines()
-            .find_map(|l| l.strip_prefix("PARTNAME="))
+    let uevent = fs::read_to_string(dir.join("uevent")).unwrap_or_default();
+    let var = |key: &str| {
+        uevent
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
             .map(str::to_string)
-    });
+    };
+    let label = var("PARTNAME");
+    let uuid = var("PARTUUID").map(|u| u.to_ascii_lowercase());
     Ok(Some(Partition {
         name: name.to_string(),
         number: read_num(&dir.join("partition"))?,
         start: read_num::<u64>(&dir.join("start"))?.saturating_mul(512),
         size: read_num::<u64>(&dir.join("size"))?.saturating_mul(512),
         label,
+        uuid,
         holders: list_names(&dir.join("holders")),
     }))
 }
@@ -600,6 +607,10 @@ pub(crate) mod fixture {
                 if let Some(l) = label {
                     uevent.push_str(&format!("PARTNAME={l}\n"));
                 }
+                uevent.push_str(&format!(
+                    "PARTUUID=0000000{n}-AAAA-4BBB-8CCC-{:012}\n",
+                    d.name.len()
+                ));
                 write(&p.join("uevent"), uevent);
                 fs::create_dir_all(p.join("holders")).unwrap();
             }
@@ -682,6 +693,10 @@ mod tests {
         assert_eq!(n.partitions[0].label.as_deref(), Some("EFI System"));
         assert_eq!(n.partitions[0].start, 1 << 20);
         assert_eq!(n.partitions[1].label, None);
+        assert_eq!(
+            n.partitions[1].uuid.as_deref(),
+            Some("00000002-aaaa-4bbb-8ccc-000000000007")
+        );
 
         let s = &disks[1];
         assert_eq!(s.transport, Transport::Sata);
