@@ -279,6 +279,19 @@ fn read_disk(sys_root: &Path, name: &str) -> Result<Disk, DiscoverError> {
         .or_else(|| vpd_serial(&device.join("vpd_pg80")))
         .or_else(|| read_opt(&dir.join("serial")));
     let wwid = read_opt(&dir.join("wwid")).or_else(|| read_opt(&device.join("wwid")));
+    // USB bridges rarely answer VPD 0x80; the USB device (the ancestor with `idVendor`)
+    // carries the serial the operator can match against the stick's label or `lsusb`.
+    let serial = serial.or_else(|| {
+        if transport != Transport::Usb {
+            return None;
+        }
+        let sys_root = fs::canonicalize(sys_root).unwrap_or_else(|_| sys_root.to_path_buf());
+        resolved
+            .ancestors()
+            .take_while(|p| p.starts_with(&sys_root))
+            .find(|p| p.join("idVendor").exists())
+            .and_then(|p| read_opt(&p.join("serial")))
+    });
 
     let mut partitions = Vec::new();
     for child in list_names(&dir) {
@@ -444,6 +457,9 @@ pub(crate) mod fixture {
         pub holders: Vec<String>,
         /// Whether the serial sits in `device/serial` (NVMe) or VPD page 0x80 (ATA/SCSI).
         pub vpd_serial: bool,
+        /// A USB disk: the serial sits on the USB device (`…/2-N/serial`), as with most
+        /// bridges, and VPD page 0x80 is absent.
+        pub usb: bool,
     }
 
     const GIB: u64 = 1 << 30;
@@ -463,6 +479,7 @@ pub(crate) mod fixture {
                 partitions: Vec::new(),
                 holders: Vec::new(),
                 vpd_serial: vpd,
+                usb: false,
             }
         }
 
@@ -495,6 +512,7 @@ pub(crate) mod fixture {
             );
             let mut d = Self::new(name, devpath, size_gib, serial, true);
             d.removable = removable;
+            d.usb = true;
             d
         }
 
@@ -577,7 +595,13 @@ pub(crate) mod fixture {
                 &parent.join("model"),
                 format!("{:<40}\n", d.model), // sysfs pads models with spaces
             );
-            if d.vpd_serial {
+            if d.usb {
+                // …/usb2/2-N/2-N:1.0/hostH/targetH:0:0/H:0:0:0/block/NAME: the USB device
+                // is five levels above the SCSI device.
+                let usb_dev = parent.ancestors().nth(4).unwrap().to_path_buf();
+                write(&usb_dev.join("idVendor"), "0781\n");
+                write(&usb_dev.join("serial"), format!("{}\n", d.serial));
+            } else if d.vpd_serial {
                 let mut vpd = vec![0, 0x80, 0, d.serial.len() as u8];
                 vpd.extend_from_slice(d.serial.as_bytes());
                 write(&parent.join("vpd_pg80"), vpd);
@@ -641,6 +665,9 @@ mod tests {
         // A UAS USB-NVMe enclosure: an sd disk behind usb, whatever else the path says.
         let uas = "/sys/devices/pci0000:00/0000:00:14.0/usb4/4-1/4-1:1.0/host5/target5:0:0/5:0:0:0/block/sdb";
         assert_eq!(classify("sdb", &p(uas)), Transport::Usb);
+        // Native NVMe multipath (Debian's default): the head disk lives under the subsystem.
+        let head = "/sys/devices/virtual/nvme-subsystem/nvme-subsys0/nvme0n1";
+        assert_eq!(classify("nvme0n1", &p(head)), Transport::Nvme);
         let virtio = "/sys/devices/pci0000:00/0000:00:05.0/virtio2/block/vda";
         assert_eq!(classify("vda", &p(virtio)), Transport::Virtio);
         let mmc = "/sys/devices/pci0000:00/0000:00:1c.0/mmc_host/mmc0/mmc0:0001/block/mmcblk0";
