@@ -93,6 +93,9 @@ pub struct Disk {
     pub wwid: Option<String>,
     /// The kernel's `removable` flag (reported, never trusted for the decision).
     pub removable: bool,
+    /// Behind an external-facing port: some ancestor device's `removable` attribute reads
+    /// `removable` (Thunderbolt/USB4 PCIe tunnels, USB ports). Such a disk is never a target.
+    pub external: bool,
     /// Read-only (`ro`).
     pub read_only: bool,
     /// Spinning disk (`queue/rotational`), for the operator's eyes only.
@@ -281,14 +284,23 @@ fn read_disk(sys_root: &Path, name: &str) -> Result<Disk, DiscoverError> {
     let wwid = read_opt(&dir.join("wwid")).or_else(|| read_opt(&device.join("wwid")));
     // USB bridges rarely answer VPD 0x80; the USB device (the ancestor with `idVendor`)
     // carries the serial the operator can match against the stick's label or `lsusb`.
+    let sys_root = fs::canonicalize(sys_root).unwrap_or_else(|_| sys_root.to_path_buf());
+    let ancestors = || {
+        resolved
+            .ancestors()
+            .skip(1)
+            .take_while(|p| p.starts_with(&sys_root))
+    };
+    // PCI and USB devices (not block devices, whose `removable` is 0/1) say "removable" when
+    // they sit behind an external-facing port; an NVMe drive in a Thunderbolt enclosure looks
+    // internal in every other respect.
+    let external =
+        ancestors().any(|p| read_opt(&p.join("removable")).as_deref() == Some("removable"));
     let serial = serial.or_else(|| {
         if transport != Transport::Usb {
             return None;
         }
-        let sys_root = fs::canonicalize(sys_root).unwrap_or_else(|_| sys_root.to_path_buf());
-        resolved
-            .ancestors()
-            .take_while(|p| p.starts_with(&sys_root))
+        ancestors()
             .find(|p| p.join("idVendor").exists())
             .and_then(|p| read_opt(&p.join("serial")))
     });
@@ -317,6 +329,7 @@ fn read_disk(sys_root: &Path, name: &str) -> Result<Disk, DiscoverError> {
         serial,
         wwid,
         removable: read_flag(&dir.join("removable")),
+        external,
         read_only: read_flag(&dir.join("ro")),
         rotational: read_flag(&dir.join("queue/rotational")),
         partitions,
@@ -379,6 +392,9 @@ impl fmt::Display for Disk {
         }
         if self.removable {
             flags.push("removable".to_string());
+        }
+        if self.external {
+            flags.push("external".to_string());
         }
         let holders = self.all_holders();
         if !holders.is_empty() {
@@ -460,6 +476,8 @@ pub(crate) mod fixture {
         /// A USB disk: the serial sits on the USB device (`…/2-N/serial`), as with most
         /// bridges, and VPD page 0x80 is absent.
         pub usb: bool,
+        /// The PCI device (second path component) sits behind an external-facing port.
+        pub external_pci: bool,
     }
 
     const GIB: u64 = 1 << 30;
@@ -480,6 +498,7 @@ pub(crate) mod fixture {
                 holders: Vec::new(),
                 vpd_serial: vpd,
                 usb: false,
+                external_pci: false,
             }
         }
 
@@ -616,6 +635,17 @@ pub(crate) mod fixture {
                 }
             }
             symlink(&parent, dev.join("device")).unwrap();
+            let pci: PathBuf = sys
+                .join("devices")
+                .join(d.devpath.split('/').take(2).collect::<PathBuf>());
+            write(
+                &pci.join("removable"),
+                if d.external_pci {
+                    "removable\n"
+                } else {
+                    "fixed\n"
+                },
+            );
             for (n, start, size, label) in &d.partitions {
                 let pname = if d.name.starts_with("nvme") || d.name.starts_with("mmcblk") {
                     format!("{}p{n}", d.name)
@@ -735,6 +765,7 @@ mod tests {
         let u = &disks[2];
         assert_eq!(u.transport, Transport::Usb);
         assert!(u.removable);
+        assert!(!n.external && !s.external);
 
         // The report carries disks as JSON.
         let json = serde_json::to_value(&disks).unwrap();

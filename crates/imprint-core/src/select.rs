@@ -192,6 +192,8 @@ pub fn choose(
             Some("the provisioning stick: never a target".to_string())
         } else if d.transport == Transport::Usb {
             Some("usb: never a target".to_string())
+        } else if d.external {
+            Some("external (Thunderbolt/USB4 or another external port): never a target".to_string())
         } else if d.read_only {
             Some("read-only".to_string())
         } else if d.size == 0 {
@@ -580,6 +582,18 @@ mod tests {
         assert!(choose(&d, &with_usb, 10 * GIB, None, Some("sda"))
             .chosen()
             .is_none());
+    }
+
+    #[test]
+    fn thunderbolt_nvme_never_chosen() {
+        let mut tb = FakeDisk::nvme(1, 1000, "TB1");
+        tb.external_pci = true;
+        let d = disks(&[stick(), FakeDisk::sata("sdb", 1, 256, "INTERNAL"), tb]);
+        assert!(d.iter().any(|x| x.name == "nvme1n1" && x.external));
+        let sel = choose(&d, &TargetPolicy::default(), GIB, None, Some("sda"));
+        // NVMe is preferred, but not this one: the internal SATA disk is chosen.
+        assert_eq!(chosen_name(&sel), "sdb");
+        assert!(why(&sel, "nvme1n1").starts_with("external"));
     }
 
     #[test]
