@@ -526,6 +526,9 @@ impl Config {
                     "more than one key: give exactly one of mac, dmi_serial, dmi_uuid".into(),
                 ),
             }
+            if m.mac.is_some_and(|mac| mac.is_zero()) {
+                issue(at("mac"), "00:00:00:00:00:00 identifies no NIC".into());
+            }
             for (k, v) in &keys {
                 if v.is_empty() || (*k != "mac" && crate::machine::is_placeholder_serial(v)) {
                     issue(

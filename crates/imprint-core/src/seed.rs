@@ -139,6 +139,16 @@ pub enum SeedError {
         /// The cause.
         source: gpt::GptError,
     },
+    /// A GPT header could not be written.
+    #[error("{step} on {}", disk.display())]
+    GptHeader {
+        /// The disk.
+        disk: PathBuf,
+        /// What was being done.
+        step: &'static str,
+        /// The cause.
+        source: gpt::header::HeaderError,
+    },
     /// The disk's layout does not allow the seed partition.
     #[error("{}: {reason}", disk.display())]
     Layout {
@@ -937,6 +947,24 @@ pub fn inject_cidata_into(
         .checked_sub(1)
         .ok_or_else(|| layout("empty disk".into()))?;
 
+    // The gpt crate asserts (panics) on entry sizes other than 128 bytes; PID 1 must not
+    // panic, so look at the primary header ourselves first.
+    let mut lba1 = vec![0u8; sector_size as usize];
+    file.seek(SeekFrom::Start(ss))
+        .and_then(|_| file.read_exact(&mut lba1))
+        .map_err(io_err("reading the GPT header of"))?;
+    if &lba1[..8] != b"EFI PART" {
+        return Err(layout(
+            "no GPT (no \"EFI PART\" signature in sector 1)".into(),
+        ));
+    }
+    let entry_size = u32::from_le_bytes([lba1[84], lba1[85], lba1[86], lba1[87]]);
+    if entry_size != 128 {
+        return Err(layout(format!(
+            "partition entries of {entry_size} bytes (only 128 supported)"
+        )));
+    }
+
     let (mut primary, mut backup, parts) = {
         let g = gpt::GptConfig::new()
             .writable(false)
@@ -965,10 +993,10 @@ pub fn inject_cidata_into(
             backup.current_lba
         )));
     }
-    if primary.part_size != 128 || backup.part_size != 128 {
+    if backup.part_size != 128 {
         return Err(layout(format!(
-            "partition entries of {} bytes (only 128 supported)",
-            primary.part_size
+            "backup partition entries of {} bytes (only 128 supported)",
+            backup.part_size
         )));
     }
 
@@ -1029,12 +1057,19 @@ pub fn inject_cidata_into(
                         source: e,
                     })?;
             }
+            let header_err = |step| {
+                move |source| SeedError::GptHeader {
+                    disk: disk.to_path_buf(),
+                    step,
+                    source,
+                }
+            };
             backup
                 .write_backup(&mut *file, lb)
-                .map_err(|e| layout(format!("writing the backup GPT header: {e}")))?;
+                .map_err(header_err("writing the backup GPT header"))?;
             primary
                 .write_primary(&mut *file, lb)
-                .map_err(|e| layout(format!("writing the primary GPT header: {e}")))?;
+                .map_err(header_err("writing the primary GPT header"))?;
             (number, entry)
         }
     };
@@ -1739,6 +1774,16 @@ mod tests {
         let e = inject_cidata(tmp.path(), 512, &r).unwrap_err();
         assert!(e.to_string().contains("no 8 MiB free"), "{e}");
         assert_eq!(fs::read(tmp.path()).unwrap(), before);
+    }
+
+    #[test]
+    fn inject_refuses_a_disk_without_gpt() {
+        let tmp = tempfile::NamedTempFile::new().unwrap();
+        tmp.as_file().set_len(64 * MIB).unwrap();
+        let r = render(&templates(), &seed_config("[]"), &identity(), "t").unwrap();
+        let e = inject_cidata(tmp.path(), 512, &r).unwrap_err();
+        assert!(e.to_string().contains("no GPT"), "{e}");
+        assert!(inject_cidata(tmp.path(), 1024, &r).is_err());
     }
 
     #[test]
