@@ -431,6 +431,8 @@ pub struct RenderedSeed {
     pub matched: MachineMatch,
     /// Where the network-config came from.
     pub network_source: NetworkSource,
+    /// What kind of user-data it is.
+    pub user_data_kind: UserDataKind,
     /// user-data bytes.
     pub user_data: Vec<u8>,
     /// meta-data bytes (JSON).
@@ -462,6 +464,8 @@ pub struct SeedSummary {
     pub matched: MachineMatch,
     /// Where the network-config came from.
     pub network: NetworkSource,
+    /// What kind of user-data was written.
+    pub user_data_kind: UserDataKind,
     /// The files, by size and digest.
     pub files: Vec<FileSummary>,
 }
@@ -493,6 +497,7 @@ impl RenderedSeed {
             hostname: self.hostname.clone(),
             matched: self.matched.clone(),
             network: self.network_source.clone(),
+            user_data_kind: self.user_data_kind,
             files: self
                 .files()
                 .into_iter()
@@ -756,6 +761,7 @@ pub fn render(
         hostname,
         matched,
         network_source,
+        user_data_kind: templates.user_data_kind,
         user_data: templates.user_data.clone(),
         meta_data: to_json_bytes(&Value::Object(meta)),
         network_config,
@@ -1535,12 +1541,13 @@ mod tests {
         let s = serde_json::to_string(&r.summary()).unwrap();
         assert!(!s.contains("hunter2"), "{s}");
         assert!(!s.contains("wifisecret"), "{s}");
-        assert!(!s.contains("cloud-config"), "{s}");
+        assert!(!s.contains("chpasswd"), "{s}");
         let ud = r.summary().files.into_iter().next().unwrap();
         assert_eq!(ud.name, "user-data");
         assert_eq!(ud.size, t.user_data.len() as u64);
         assert_eq!(ud.sha256, sha256_hex(&t.user_data));
         assert_eq!(ud.sha256.len(), 64);
+        assert!(s.contains("\"user_data_kind\":\"cloud-config\""), "{s}");
     }
 
     fn write(dir: &Path, name: &str, text: &str) {
