@@ -1,5 +1,68 @@
 //! imprint-appliance: PID 1 of the imprint live image.
+//!
+//! For now (issue 3) it is the placeholder PID 1: early boot ([`boot::init`]), a table of the
+//! disks it sees on every console, the marker line `IMPRINT-BOOT-OK`, power off. The install flow
+//! comes next and starts from the [`boot::BootEnv`] this returns.
+
+// The install flow (flow.rs, next) uses more of boot's API than this placeholder does.
+#[allow(dead_code)]
+mod boot;
+
+use std::path::Path;
+
+/// The line the end-to-end tests wait for on the serial console.
+const BOOT_OK_MARKER: &str = "IMPRINT-BOOT-OK";
 
 fn main() {
-    println!("imprint-appliance");
+    // Before /dev is a devtmpfs only the archive's /dev/console exists; init() reopens.
+    let mut consoles = boot::Consoles::open(Path::new("/sys"), Path::new("/dev"));
+    if std::process::id() != 1 {
+        // It mounts filesystems and loads modules: never on a workstation by accident.
+        consoles.line("imprint-appliance is the live image's init (PID 1); refusing to run as a normal process");
+        std::process::exit(2);
+    }
+    install_panic_hook();
+    let env = match boot::init(&mut consoles) {
+        Ok(env) => env,
+        Err(e) => {
+            consoles.line(&format!(
+                "imprint: early boot failed: {}",
+                boot::error_chain(&e)
+            ));
+            consoles.line("imprint: nothing was written; power the machine off to retry");
+            boot::halt_forever();
+        }
+    };
+    consoles.line(&format!(
+        "imprint: {} modules loaded, consoles {}, devices {} after {:.1}s",
+        env.modules_loaded.len(),
+        consoles.active().join(" "),
+        if env.settled {
+            "settled"
+        } else {
+            "still changing"
+        },
+        env.elapsed.as_secs_f64()
+    ));
+    let disks = boot::block_devices(Path::new("/sys"));
+    consoles.line("imprint: disks:");
+    for line in boot::format_disk_table(&disks, env.esp.as_ref()) {
+        consoles.line(&format!("  {line}"));
+    }
+    if env.esp.is_none() {
+        consoles.line("imprint: the stick's own partition was not found");
+    }
+    consoles.line(BOOT_OK_MARKER);
+    boot::power_off(&mut consoles);
+}
+
+/// A panic in PID 1 would end the process and the kernel would panic with "Attempted to kill
+/// init", losing the message: show it on every console and wait instead.
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let mut consoles = boot::Consoles::open(Path::new("/sys"), Path::new("/dev"));
+        consoles.line(&format!("imprint: internal error: {info}"));
+        consoles.line("imprint: please report this; power the machine off to retry");
+        boot::halt_forever();
+    }));
 }

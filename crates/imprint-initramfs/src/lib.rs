@@ -428,6 +428,7 @@ pub fn parse_newc(bytes: &[u8]) -> Result<Vec<ParsedEntry>, Error> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
