@@ -244,6 +244,68 @@ pub fn hex(bytes: &[u8]) -> String {
     s
 }
 
+/// Hashes a stream chunk by chunk: the one implementation of chunk digests, used to make them
+/// (`pack`), to check a decoded stream (`write`) and to check a read-back (`verify`).
+#[derive(Debug, Clone)]
+pub struct ChunkHasher {
+    chunk_size: u64,
+    index: u64,
+    fill: u64,
+    hasher: Sha256,
+}
+
+impl ChunkHasher {
+    /// A hasher for chunks of `chunk_size` bytes.
+    pub fn new(chunk_size: u64) -> Self {
+        ChunkHasher {
+            chunk_size,
+            index: 0,
+            fill: 0,
+            hasher: Sha256::new(),
+        }
+    }
+
+    /// Feeds `data`; calls `done(index, hex digest)` for each chunk it completes.
+    pub fn update<E>(
+        &mut self,
+        mut data: &[u8],
+        done: &mut impl FnMut(u64, String) -> Result<(), E>,
+    ) -> Result<(), E> {
+        while !data.is_empty() {
+            let take = ((self.chunk_size - self.fill) as usize).min(data.len());
+            self.hasher.update(&data[..take]);
+            self.fill += take as u64;
+            data = &data[take..];
+            if self.fill == self.chunk_size {
+                self.complete(done)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Completes the last, shorter chunk, if any bytes of it were fed.
+    pub fn finish<E>(
+        mut self,
+        done: &mut impl FnMut(u64, String) -> Result<(), E>,
+    ) -> Result<u64, E> {
+        if self.fill > 0 {
+            self.complete(done)?;
+        }
+        Ok(self.index)
+    }
+
+    fn complete<E>(
+        &mut self,
+        done: &mut impl FnMut(u64, String) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let digest = hex(&std::mem::take(&mut self.hasher).finalize());
+        let i = self.index;
+        self.index += 1;
+        self.fill = 0;
+        done(i, digest)
+    }
+}
+
 /// An opened, validated imprint image.
 #[derive(Debug)]
 pub struct Image {
@@ -261,7 +323,17 @@ impl Image {
             source,
         };
         let mut file = File::open(path).map_err(io_err)?;
-        let file_len = file.metadata().map_err(io_err)?.len();
+        // A block device (the stick's payload partition) reports length 0 in its metadata and
+        // is usually larger than the image it holds: measure it by seeking, allow slack after.
+        let is_block = {
+            use std::os::unix::fs::FileTypeExt;
+            file.metadata()
+                .map_err(io_err)?
+                .file_type()
+                .is_block_device()
+        };
+        let file_len = file.seek(SeekFrom::End(0)).map_err(io_err)?;
+        file.seek(SeekFrom::Start(0)).map_err(io_err)?;
         let mut head = [0u8; 16];
         let got = read_full(&mut file, &mut head).map_err(io_err)?;
         if got < 4 {
@@ -309,7 +381,7 @@ impl Image {
                 actual,
             });
         }
-        if actual > manifest.compressed_size {
+        if actual > manifest.compressed_size && !is_block {
             return Err(bad(format!(
                 "the file holds {} bytes after the manifest, {} more than its compressed_size; \
                  the file was appended to or the manifest does not belong to it",
@@ -530,9 +602,12 @@ fn pack_inner(
     }
 
     let mut total = Sha256::new();
-    let mut chunk = Sha256::new();
-    let mut chunk_fill = 0u64;
+    let mut chunker = ChunkHasher::new(opts.chunk_size);
     let mut chunks = Vec::new();
+    let mut push = |_: u64, d: String| -> Result<(), PackError> {
+        chunks.push(d);
+        Ok(())
+    };
     let mut raw_size = 0u64;
     let mut head = Vec::with_capacity(8192);
     let mut buf = vec![0u8; 1 << 20];
@@ -547,27 +622,12 @@ fn pack_inner(
             head.extend_from_slice(&data[..take]);
         }
         total.update(data);
-        // Chunk boundaries fall on multiples of chunk_size, which is a multiple of 1 MiB; the
-        // reads here are at most 1 MiB, so split at most once per read.
-        let mut rest = data;
-        while !rest.is_empty() {
-            let room = (opts.chunk_size - chunk_fill) as usize;
-            let take = room.min(rest.len());
-            chunk.update(&rest[..take]);
-            chunk_fill += take as u64;
-            rest = &rest[take..];
-            if chunk_fill == opts.chunk_size {
-                chunks.push(hex(&std::mem::take(&mut chunk).finalize()));
-                chunk_fill = 0;
-            }
-        }
+        chunker.update(data, &mut push)?;
         enc.write_all(data).map_err(werr(payload_path))?;
         raw_size += n as u64;
         on_progress(raw_size);
     }
-    if chunk_fill > 0 {
-        chunks.push(hex(&chunk.finalize()));
-    }
+    chunker.finish(&mut push)?;
     if raw_size == 0 {
         return Err(PackError::Input("the input is empty".into()));
     }

@@ -14,10 +14,9 @@ use std::io::Cursor;
 use crossbeam_channel::bounded;
 use gpt::disk::LogicalBlockSize;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 use crate::blockdev::{AlignedBuf, Target, TargetError};
-use crate::manifest::{hex, read_full, Image, ImageError, Manifest, PartitionTable};
+use crate::manifest::{read_full, ChunkHasher, Image, ImageError, Manifest, PartitionTable};
 use crate::progress::{Phase, Progress};
 use crate::write::HOLD;
 
@@ -135,9 +134,23 @@ pub fn verify_chunks(
         });
         let checker_name = name.clone();
         let checked = (move || -> Result<(), VerifyError> {
-            let mut chunk = Sha256::new();
-            let mut chunk_idx = 0u64;
-            let mut chunk_fill = 0u64;
+            let mut chunker = ChunkHasher::new(m.chunk_size);
+            let mut check = |i: u64, actual: String| {
+                let expected = &m.chunks[i as usize];
+                if &actual == expected {
+                    return Ok(());
+                }
+                let (start, end) = m.chunk_range(i);
+                Err(VerifyError::Mismatch {
+                    target: checker_name.clone(),
+                    chunk: i,
+                    start,
+                    end,
+                    expected: expected.clone(),
+                    actual,
+                })
+            };
+            let mut seen = 0u64;
             for (offset, n, mut buf) in full_rx.iter() {
                 let data = &mut buf.as_mut_slice()[..n];
                 let end = offset + n as u64;
@@ -151,39 +164,22 @@ pub fn verify_chunks(
                         );
                     }
                 }
-                let mut rest = &data[..];
-                while !rest.is_empty() {
-                    let (c_start, c_end) = m.chunk_range(chunk_idx);
-                    let take = ((c_end - c_start - chunk_fill) as usize).min(rest.len());
-                    chunk.update(&rest[..take]);
-                    chunk_fill += take as u64;
-                    rest = &rest[take..];
-                    if chunk_fill == c_end - c_start {
-                        let actual = hex(&std::mem::take(&mut chunk).finalize());
-                        let expected = &m.chunks[chunk_idx as usize];
-                        if &actual != expected {
-                            return Err(VerifyError::Mismatch {
-                                target: checker_name.clone(),
-                                chunk: chunk_idx,
-                                start: c_start,
-                                end: c_end,
-                                expected: expected.clone(),
-                                actual,
-                            });
-                        }
-                        chunk_idx += 1;
-                        chunk_fill = 0;
-                    }
-                }
+                chunker.update(data, &mut check)?;
+                seen = end;
                 progress.advance(end);
                 // The reader may be done and gone; every block it sent must still be checked.
                 let _ = free_tx.send(buf);
             }
             // Defence in depth: never report success for a partial read-back.
-            if chunk_idx != m.chunk_count() {
+            let done = if seen == raw {
+                chunker.finish(&mut check)?
+            } else {
+                0
+            };
+            if done != m.chunk_count() {
                 return Err(VerifyError::ReadIo {
                     target: checker_name.clone(),
-                    offset: chunk_idx * m.chunk_size,
+                    offset: seen,
                     source: std::io::Error::other(
                         "the read-back ended early; verification is incomplete",
                     ),

@@ -27,11 +27,13 @@ use std::time::Instant;
 
 use crossbeam_channel::bounded;
 use serde::Serialize;
+use std::io::Read;
+
 use sha2::{Digest, Sha256};
 
 use crate::blockdev::{AlignedBuf, Target, TargetError, TargetKind};
 use crate::gpt_fixup::{self, GptFixup, GptFixupError};
-use crate::manifest::{hex, read_full, Image, ImageError, Manifest, PartitionTable};
+use crate::manifest::{hex, read_full, ChunkHasher, Image, ImageError, Manifest, PartitionTable};
 use crate::progress::{human_bytes, Phase, Progress};
 use crate::verify::{self, Overlay, VerifyError};
 
@@ -187,16 +189,6 @@ pub enum WriteError {
         /// Digest of the decoded data.
         actual: String,
     },
-    /// Decoded data differs from the manifest's whole-image digest.
-    #[error(
-        "the decoded image has sha256 {actual}, the manifest says {expected}: the image is corrupt"
-    )]
-    DigestMismatch {
-        /// Digest in the manifest.
-        expected: String,
-        /// Digest of the decoded data.
-        actual: String,
-    },
     /// Writing to the target failed.
     #[error("writing {len} bytes at offset {offset} of {target}")]
     WriteIo {
@@ -236,7 +228,6 @@ impl WriteError {
                 | WriteError::ShortStream { .. }
                 | WriteError::LongStream { .. }
                 | WriteError::ChunkMismatch { .. }
-                | WriteError::DigestMismatch { .. }
         )
     }
 }
@@ -284,6 +275,50 @@ struct WriteJob {
     /// Sub-range of the block to put on the target: [start, end) relative to the block.
     start: usize,
     end: usize,
+}
+
+/// Compares a decoded chunk's digest with the manifest.
+fn check_chunk(m: &Manifest, chunk: u64, actual: String) -> Result<(), WriteError> {
+    let expected = &m.chunks[chunk as usize];
+    if &actual == expected {
+        return Ok(());
+    }
+    let (start, end) = m.chunk_range(chunk);
+    Err(WriteError::ChunkMismatch {
+        chunk,
+        start,
+        end,
+        expected: expected.clone(),
+        actual,
+    })
+}
+
+/// A read-back mismatch means the disk or the image is bad. Decode the image up to that chunk
+/// again and hash it: if the image's own chunk differs from its manifest, the image is at fault
+/// (a payload damaged in a way zstd's checksums did not catch), otherwise the disk is. Runs only
+/// on the failure path.
+fn attribute_mismatch(image: &Image, err: VerifyError) -> WriteError {
+    let VerifyError::Mismatch { chunk, .. } = &err else {
+        return WriteError::Verify(err);
+    };
+    let m = image.manifest();
+    let chunk = *chunk;
+    let (start, end) = m.chunk_range(chunk);
+    let Ok(mut dec) = image.raw_reader() else {
+        return WriteError::Verify(err);
+    };
+    if std::io::copy(&mut (&mut dec).take(start), &mut std::io::sink()).ok() != Some(start) {
+        return WriteError::Verify(err);
+    }
+    let mut data = vec![0u8; (end - start) as usize];
+    if read_full(&mut dec, &mut data).ok() != Some(data.len()) {
+        return WriteError::Verify(err);
+    }
+    let actual = hex(&Sha256::digest(&data));
+    match check_chunk(m, chunk, actual) {
+        Err(image_fault) => image_fault,
+        Ok(()) => WriteError::Verify(err),
+    }
 }
 
 /// Granularity of zero-run detection: large enough that a zeroing ioctl is worth its call.
@@ -396,7 +431,8 @@ pub fn write_image(
                 data: tail.as_slice(),
             },
         ];
-        verify::verify_chunks(target, m, &overlays, progress)?;
+        verify::verify_chunks(target, m, &overlays, progress)
+            .map_err(|e| attribute_mismatch(image, e))?;
         report.verify_seconds = t.elapsed().as_secs_f64();
         report.verified = true;
     }
@@ -565,39 +601,20 @@ fn stream(
             Ok(zeroed)
         });
 
-        // Hasher (this thread): digests, chunk checks, held regions, zero detection.
+        // Hasher (this thread): chunk checks, held regions. With read-back verification on, the
+        // decoded stream is not hashed here: the read-back hashes what reached the disk, zstd's
+        // frame checksums catch a damaged payload while decoding, and a read-back mismatch is
+        // attributed to the image or the disk afterwards (see `attribute_mismatch`). That saves
+        // a full SHA-256 pass. Without verification, every chunk is checked here.
+        let hash = !opts.verify;
         let hashed = (move || -> Result<(), WriteError> {
-            let mut total = Sha256::new();
-            let mut chunk = Sha256::new();
-            let mut chunk_idx = 0u64;
-            let mut chunk_fill = 0u64;
+            let mut chunker = ChunkHasher::new(m.chunk_size);
+            let mut check = |i: u64, actual: String| check_chunk(m, i, actual);
             let mut seen = 0u64;
             for block in full_rx.iter() {
                 let data = &block.buf.as_slice()[..block.len];
-                total.update(data);
-                let mut rest = data;
-                while !rest.is_empty() {
-                    let room = (m.chunk_size - chunk_fill) as usize;
-                    let take = room.min(rest.len());
-                    chunk.update(&rest[..take]);
-                    chunk_fill += take as u64;
-                    rest = &rest[take..];
-                    let (start, end) = m.chunk_range(chunk_idx);
-                    if chunk_fill == end - start {
-                        let actual = hex(&std::mem::take(&mut chunk).finalize());
-                        let expected = &m.chunks[chunk_idx as usize];
-                        if &actual != expected {
-                            return Err(WriteError::ChunkMismatch {
-                                chunk: chunk_idx,
-                                start,
-                                end,
-                                expected: expected.clone(),
-                                actual,
-                            });
-                        }
-                        chunk_idx += 1;
-                        chunk_fill = 0;
-                    }
+                if hash {
+                    chunker.update(data, &mut check)?;
                 }
                 // Held regions go to memory.
                 let b_start = block.offset;
@@ -622,14 +639,8 @@ fn stream(
                 }
             }
             drop(job_tx);
-            if seen == raw {
-                let actual = hex(&total.finalize());
-                if actual != m.sha256 {
-                    return Err(WriteError::DigestMismatch {
-                        expected: m.sha256.clone(),
-                        actual,
-                    });
-                }
+            if hash && seen == raw {
+                chunker.finish(&mut check)?;
             }
             Ok(())
         })();
@@ -743,6 +754,43 @@ mod tests {
                 "first differing byte, ss {ss}: got {:?} want {:?}",
                 pos.map(|p| &got[p..p + 8]),
                 pos.map(|p| &raw[p..p + 8])
+            );
+        }
+    }
+
+    /// An image whose manifest disagrees with its (intact) payload in chunk 2: with and without
+    /// read-back, the error blames the image and names the chunk; no partition table is left.
+    #[test]
+    fn manifest_payload_disagreement_is_an_image_fault_either_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = fake_gpt_raw(6 << 20, 512);
+        let good = dir.path().join("good.img.zst");
+        let mut m = pack_bytes(&raw, &good);
+        let bytes = std::fs::read(&good).unwrap();
+        let payload = &bytes[bytes.len() - m.compressed_size as usize..];
+        m.chunks[2] = "0".repeat(64);
+        let bad = dir.path().join("bad.img.zst");
+        let mut out = m.to_frame();
+        out.extend_from_slice(payload);
+        std::fs::write(&bad, out).unwrap();
+        let img = Image::open(&bad).unwrap();
+        for verify in [true, false] {
+            let disk = dir.path().join(format!("disk-{verify}"));
+            let tgt = file_target(&disk, raw.len() as u64, 512);
+            let opts = WriteOptions {
+                verify,
+                ..Default::default()
+            };
+            let e = write_image(&img, &tgt, &opts, &NoProgress).unwrap_err();
+            assert!(
+                matches!(e, WriteError::ChunkMismatch { chunk: 2, .. }),
+                "verify={verify}: {e}"
+            );
+            assert!(e.is_image_fault());
+            let got = std::fs::read(&disk).unwrap();
+            assert!(
+                got[..1 << 20].iter().all(|&b| b == 0),
+                "no partition table may be left"
             );
         }
     }
