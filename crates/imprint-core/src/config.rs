@@ -431,6 +431,17 @@ impl Config {
         })
     }
 
+    /// Like [`Config::load`], but a missing file is the default configuration (a stick without
+    /// `imprint/config.json` installs with the defaults). Any other read error is an error.
+    pub fn load_or_default(path: &Path) -> Result<Config, ConfigError> {
+        match Config::load(path) {
+            Err(ConfigError::Read { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                Ok(Config::default())
+            }
+            other => other,
+        }
+    }
+
     /// Checks what serde cannot: consistency across fields and entries.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut issues = Vec::new();
@@ -886,5 +897,11 @@ mod tests {
         assert!(msg.contains("after"), "{msg}");
         let missing = Config::load(&dir.path().join("nope.json")).unwrap_err();
         assert!(matches!(missing, ConfigError::Read { .. }));
+        assert_eq!(
+            Config::load_or_default(&dir.path().join("nope.json")).unwrap(),
+            Config::default()
+        );
+        // A broken file is still an error, not silently the default.
+        assert!(Config::load_or_default(&p).is_err());
     }
 }
