@@ -7,6 +7,8 @@
 // The install flow (flow.rs, next) uses more of boot's API than this placeholder does.
 #[allow(dead_code)]
 mod boot;
+mod efi;
+mod ovmf_vars;
 
 use std::path::Path;
 
