@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 mod commands;
 mod prepare;
+mod stick;
 
 /// imprint: provision bare-metal machines from a USB stick, and write OS images to disks with
 /// verified direct writes.
@@ -77,6 +78,28 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Build a provisioning stick image file: a FAT32 EFI System Partition with the live image's
+    /// boot chain, config and seed, and a partition holding IMAGE.
+    ///
+    /// Config, seed and image are checked before anything is written. Write the result to a USB
+    /// stick with Etcher, dd, or `imprint flash`.
+    Build {
+        /// The imprint image (.img.zst) the stick installs.
+        #[arg(long)]
+        image: PathBuf,
+        /// Folder of cloud-init NoCloud templates (user-data, meta-data, network-config).
+        #[arg(long)]
+        seed: Option<PathBuf>,
+        /// Appliance configuration (JSON) [default: the built-in defaults].
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The live image's boot files, made by image-build/build.
+        #[arg(long, default_value = "build/boot")]
+        boot: PathBuf,
+        /// The stick image file to write.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
     /// Show an imprint image's manifest.
     Inspect {
         /// The imprint image (.img.zst).
@@ -119,6 +142,20 @@ fn main() -> ExitCode {
             target,
             json,
         } => commands::verify(&image, &target, json),
+        Command::Build {
+            image,
+            seed,
+            config,
+            boot,
+            output,
+        } => stick::build(&stick::BuildOptions {
+            image,
+            seed,
+            config,
+            boot,
+            output,
+        })
+        .map(|_| ()),
         Command::Inspect { image, json, check } => commands::inspect(&image, json, check),
     };
     match result {
