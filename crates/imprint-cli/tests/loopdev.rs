@@ -15,8 +15,7 @@ fn imprint() -> Command {
 }
 
 fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().expect("running a command");
-    out
+    cmd.output().expect("running a command")
 }
 
 fn check(cmd: &mut Command) {

@@ -150,7 +150,7 @@ impl Manifest {
         if self.raw_size == 0 {
             return Err("raw_size is 0".into());
         }
-        if self.raw_size % 512 != 0 {
+        if !self.raw_size.is_multiple_of(512) {
             return Err(format!(
                 "raw_size {} is not a multiple of 512",
                 self.raw_size
@@ -167,14 +167,14 @@ impl Manifest {
             (_, Some(s)) => return Err(format!("sector_size {s} given for an image without GPT")),
         }
         if let Some(ss) = self.sector_size {
-            if self.raw_size % u64::from(ss) != 0 {
+            if !self.raw_size.is_multiple_of(u64::from(ss)) {
                 return Err(format!(
                     "raw_size {} is not a multiple of the sector size {ss}",
                     self.raw_size
                 ));
             }
         }
-        if self.chunk_size == 0 || self.chunk_size % (1 << 20) != 0 {
+        if self.chunk_size == 0 || !self.chunk_size.is_multiple_of(1 << 20) {
             return Err(format!(
                 "chunk_size {} is not a positive multiple of 1 MiB",
                 self.chunk_size
@@ -633,7 +633,7 @@ fn pack_inner(
     }
     let (partition_table, sector_size) = detect_partition_table(&head);
     let unit = u64::from(sector_size.unwrap_or(512));
-    if raw_size % unit != 0 {
+    if !raw_size.is_multiple_of(unit) {
         return Err(PackError::Input(format!(
             "its size, {raw_size} bytes, is not a multiple of its {unit}-byte sector size: not a disk image, or truncated"
         )));

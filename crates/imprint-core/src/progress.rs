@@ -122,10 +122,15 @@ impl Progress for BarProgress {
     }
 }
 
+/// The phase being reported by [`LineProgress`]: phase, total, start, last line printed.
+type LineState = Option<(Phase, u64, Instant, Instant)>;
+/// The phase being reported by [`JsonProgress`]: phase, total, last event.
+type JsonState = Option<(Phase, u64, Instant)>;
+
 /// Plain lines, at most one every `every`, for logs and dumb consoles.
 #[derive(Debug)]
 pub struct LineProgress<W: Write + Send> {
-    out: Mutex<(W, Option<(Phase, u64, Instant, Instant)>)>,
+    out: Mutex<(W, LineState)>,
     every: Duration,
 }
 
@@ -223,7 +228,7 @@ pub enum Event {
 /// JSON events, one per line, at most one `progress` event per `every`.
 #[derive(Debug)]
 pub struct JsonProgress<W: Write + Send> {
-    out: Mutex<(W, Option<(Phase, u64, Instant)>)>,
+    out: Mutex<(W, JsonState)>,
     every: Duration,
 }
 

@@ -254,7 +254,7 @@ pub fn preflight(manifest: &Manifest, target: &Target) -> Result<(), WriteError>
             }
         }
     }
-    if lss == 0 || manifest.raw_size % u64::from(lss) != 0 {
+    if lss == 0 || !manifest.raw_size.is_multiple_of(u64::from(lss)) {
         return Err(WriteError::Unaligned {
             target: name,
             target_sector: lss,

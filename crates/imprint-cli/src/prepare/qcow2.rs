@@ -250,7 +250,7 @@ impl<R: Read + Seek> Read for Qcow2Reader<R> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use std::process::Command;
