@@ -1,14 +1,18 @@
 //! imprint-appliance: PID 1 of the imprint live image.
 //!
-//! For now (issue 3) it is the placeholder PID 1: early boot ([`boot::init`]), a table of the
-//! disks it sees on every console, the marker line `IMPRINT-BOOT-OK`, power off. The install flow
-//! comes next and starts from the [`boot::BootEnv`] this returns.
+//! Early boot ([`boot::init`]: mounts, modules, consoles), a table of the disks on every
+//! console and the marker line `IMPRINT-BOOT-OK`, then the install flow ([`flow::run`]), which
+//! never returns. With `imprint.probe` on the kernel command line it powers off after the table
+//! instead (hardware checks, live-image tests): nothing is written.
 
 // The install flow (flow.rs, next) uses more of boot's API than this placeholder does.
 #[allow(dead_code)]
 mod boot;
 mod efi;
+mod efi_next_boot;
+mod flow;
 mod ovmf_vars;
+mod report;
 
 use std::path::Path;
 
@@ -55,7 +59,11 @@ fn main() {
         consoles.line("imprint: the stick's own partition was not found");
     }
     consoles.line(BOOT_OK_MARKER);
-    boot::power_off(&mut consoles);
+    if env.cmdline.has("imprint.probe") {
+        // Probe mode (live-image tests, hardware checks): report what was found, touch nothing.
+        boot::power_off(&mut consoles);
+    }
+    flow::run(&env, &mut consoles)
 }
 
 /// A panic in PID 1 would end the process and the kernel would panic with "Attempted to kill

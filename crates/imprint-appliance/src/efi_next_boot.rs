@@ -1,0 +1,70 @@
+//! Glue between the installed disk and [`crate::efi`]: finds the EFI System Partition in the
+//! installed disk's GPT and makes it the firmware's next boot (`BootNext`).
+
+use std::fs::File;
+use std::path::Path;
+
+use anyhow::{anyhow, Context, Result};
+use imprint_core::discover::Disk;
+use serde_json::{json, Value};
+
+use crate::efi;
+
+/// GPT type of an EFI System Partition.
+const ESP_TYPE: &str = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b";
+/// The removable-media loader path every UEFI firmware boots, which the images we install use.
+const LOADER: &str = "\\EFI\\BOOT\\BOOTX64.EFI";
+/// Where efivarfs is mounted by early boot.
+const EFIVARS: &str = "/sys/firmware/efi/efivars";
+
+/// Creates (or finds) a boot entry for the ESP of `dev` and sets `BootNext` to it.
+pub fn set_next_boot_to_disk(dev: &Path, disk: &Disk) -> Result<Value> {
+    let lb = gpt::disk::LogicalBlockSize::try_from(u64::from(disk.logical_block_size))
+        .map_err(|_| anyhow!("unsupported sector size {}", disk.logical_block_size))?;
+    let mut f = File::open(dev).with_context(|| format!("opening {}", dev.display()))?;
+    let g = gpt::GptConfig::new()
+        .writable(false)
+        .logical_block_size(lb)
+        .open_from_device(&mut f)
+        .with_context(|| format!("reading the GPT of {}", dev.display()))?;
+    let (num, part) = g
+        .partitions()
+        .iter()
+        .find(|(_, p)| {
+            p.part_type_guid
+                .guid
+                .to_string()
+                .eq_ignore_ascii_case(ESP_TYPE)
+        })
+        .ok_or_else(|| {
+            anyhow!(
+                "the installed disk {} has no EFI System Partition",
+                dev.display()
+            )
+        })?;
+    let esp = efi::EspLocation {
+        partition_number: *num,
+        start_lba: part.first_lba,
+        size_lba: part.last_lba - part.first_lba + 1,
+        partition_guid: part.part_guid,
+    };
+    let description = format!(
+        "imprint: {} {}",
+        disk.model.as_deref().unwrap_or(&disk.name),
+        disk.serial.as_deref().unwrap_or("")
+    )
+    .trim()
+    .to_string();
+    let efivars = Path::new(EFIVARS);
+    let entry = efi::ensure_boot_entry(efivars, &esp, LOADER, &description)
+        .context("creating the boot entry")?;
+    efi::set_boot_next(efivars, entry).context("setting BootNext")?;
+    Ok(json!({
+        "set": true,
+        "boot_entry": format!("Boot{entry:04X}"),
+        "description": description,
+        "esp_partition": num,
+        "esp_partuuid": part.part_guid.to_string(),
+        "loader": LOADER,
+    }))
+}

@@ -1,0 +1,765 @@
+//! The install flow of PID 1, from a booted live image to a provisioned machine:
+//!
+//! 1. mount the stick's ESP (identified by the PARTUUID on the kernel command line), read
+//!    `imprint/config.json` and the seed templates, open the payload partition (by GPT type);
+//! 2. read the machine's identity, scan the disks, choose the target by the documented policy
+//!    and print the table, the choice and the reason — or stop, or ask, when unsure;
+//! 3. skip the install when the disk already holds this image from a successful run (no
+//!    reinstall loop), else confirm if the config asks for it;
+//! 4. run the write engine (progress bars on every console), inject the cloud-init seed;
+//! 5. make the next boot the installed disk (UEFI `BootNext`), write the report to the stick,
+//!    then reboot, power off or wait as configured.
+//!
+//! Nothing here panics or returns: every failure is shown on every console, recorded in the
+//! report, and the machine waits (or powers off after a configured time). It never reboots
+//! into another install attempt.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use imprint_core::blockdev::{OpenOptionsTarget, Target};
+use imprint_core::config::{After, Config, Placement};
+use imprint_core::discover::{self, Disk, DiskTable};
+use imprint_core::machine::MachineIdentity;
+use imprint_core::manifest::{Image, PartitionTable};
+use imprint_core::progress::{Phase, Progress};
+use imprint_core::seed;
+use imprint_core::select::{self, Selection};
+use imprint_core::stick::{CONFIG_PATH, PAYLOAD_TYPE_GUID, REPORTS_DIR, SEED_DIR};
+use imprint_core::write::{self, WriteOptions};
+use nix::mount::{mount, umount, MsFlags};
+use serde_json::json;
+
+use crate::boot::{self, BootEnv, Consoles};
+use crate::report::{self, Report, Status};
+
+/// Where the stick's ESP is mounted.
+const STICK_MNT: &str = "/run/imprint/stick";
+/// Where the target's root filesystem is mounted for root-filesystem seed placement.
+const ROOT_MNT: &str = "/run/imprint/root";
+/// Printed when the flow ends, for the end-to-end tests.
+pub const DONE_MARKER: &str = "IMPRINT-DONE";
+
+/// How the run ended, deciding what happens next.
+enum Ending {
+    /// Installed or already installed: the next boot goes to the disk.
+    Provisioned,
+    /// Declined or stopped safely before writing: wait for the operator.
+    Stopped,
+}
+
+/// Runs the flow and never returns.
+pub fn run(env: &BootEnv, consoles: &mut Consoles) -> ! {
+    let install_id = report::new_install_id();
+    let mut rep = Report::new(&install_id);
+    rep.boot = json!({
+        "kernel": env.kernel_release,
+        "modules_loaded": env.modules_loaded.len(),
+        "module_failures": env.module_failures,
+        "efi": env.efivars,
+        "settled": env.settled,
+        "seconds": env.elapsed.as_secs_f64(),
+    });
+    consoles.line(&format!("imprint: install {install_id}"));
+    let stick = match mount_stick(env) {
+        Ok(s) => s,
+        Err(e) => {
+            // Without the stick there is nowhere to write a report; show and wait.
+            fail(consoles, &mut rep, None, &e, None);
+        }
+    };
+    let config = match Config::load(&stick.join(CONFIG_PATH)) {
+        Ok(c) => c,
+        Err(e) if !stick.join(CONFIG_PATH).exists() => {
+            consoles.line(&format!(
+                "imprint: no {CONFIG_PATH} on the stick; using the defaults ({e})"
+            ));
+            Config::default()
+        }
+        Err(e) => fail(
+            consoles,
+            &mut rep,
+            Some(&stick),
+            &anyhow!(e).context("reading the stick's config"),
+            None,
+        ),
+    };
+    match install(env, consoles, &stick, &config, &mut rep) {
+        Ok(Ending::Provisioned) => {
+            save_report(consoles, &rep, &stick);
+            consoles.line(DONE_MARKER);
+            finish(consoles, config.after, &stick)
+        }
+        Ok(Ending::Stopped) => {
+            save_report(consoles, &rep, &stick);
+            consoles.line(DONE_MARKER);
+            consoles.line("imprint: nothing was written; power the machine off when you are done");
+            unmount(&stick);
+            wait_or_poweroff(consoles, config.fatal_poweroff_after_secs)
+        }
+        Err(e) => fail(
+            consoles,
+            &mut rep,
+            Some(&stick),
+            &e,
+            config.fatal_poweroff_after_secs,
+        ),
+    }
+}
+
+fn save_report(consoles: &mut Consoles, rep: &Report, stick: &Path) {
+    match rep.save(&stick.join(REPORTS_DIR)) {
+        Ok(p) => consoles.line(&format!(
+            "imprint: report written to the stick: {}",
+            p.strip_prefix(stick).unwrap_or(&p).display()
+        )),
+        Err(e) => consoles.line(&format!(
+            "imprint: could not write the report to the stick: {e}"
+        )),
+    }
+}
+
+fn fail(
+    consoles: &mut Consoles,
+    rep: &mut Report,
+    stick: Option<&Path>,
+    e: &anyhow::Error,
+    poweroff_after: Option<u64>,
+) -> ! {
+    let chain = format!("{e:#}");
+    rep.status = Status::Failed;
+    rep.error = Some(chain.clone());
+    consoles.line("");
+    consoles.line(&format!("imprint: FAILED: {chain}"));
+    consoles.line("imprint: the target disk has no partition table unless the install completed; it will not boot a half-written image.");
+    if let Some(stick) = stick {
+        save_report(consoles, rep, stick);
+        unmount(stick);
+    }
+    consoles.line(DONE_MARKER);
+    wait_or_poweroff(consoles, poweroff_after)
+}
+
+fn wait_or_poweroff(consoles: &mut Consoles, after: Option<u64>) -> ! {
+    match after {
+        Some(secs) => {
+            consoles.line(&format!("imprint: powering off in {secs} s"));
+            std::thread::sleep(Duration::from_secs(secs));
+            boot::power_off(consoles)
+        }
+        None => {
+            consoles.line("imprint: waiting; power the machine off to stop");
+            boot::halt_forever()
+        }
+    }
+}
+
+fn finish(consoles: &mut Consoles, after: After, stick: &Path) -> ! {
+    unmount(stick);
+    nix::unistd::sync();
+    match after {
+        After::Reboot => {
+            consoles.line("imprint: rebooting into the installed system");
+            boot::reboot(consoles)
+        }
+        After::Poweroff => {
+            consoles.line("imprint: powering off");
+            boot::power_off(consoles)
+        }
+        After::Wait => {
+            consoles.line("imprint: done; waiting (config `after: wait`)");
+            boot::halt_forever()
+        }
+    }
+}
+
+fn unmount(stick: &Path) {
+    nix::unistd::sync();
+    let _ = umount(stick);
+}
+
+/// Mounts the stick's ESP read-write (reports go there).
+fn mount_stick(env: &BootEnv) -> Result<PathBuf> {
+    let esp = env.esp.as_ref().ok_or_else(|| {
+        anyhow!("the stick's own partition was not found (kernel parameter imprint.esp missing or its disk never appeared); is this the imprint stick?")
+    })?;
+    let dir = PathBuf::from(STICK_MNT);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dev = Path::new("/dev").join(&esp.partition);
+    mount(
+        Some(&dev),
+        &dir,
+        Some("vfat"),
+        MsFlags::MS_NOATIME,
+        Some("utf8,shortname=mixed"),
+    )
+    .with_context(|| format!("mounting the stick's ESP {}", dev.display()))?;
+    Ok(dir)
+}
+
+/// The stick's payload partition: the partition of the stick's disk with imprint's type GUID.
+fn payload_partition(stick_disk: &str) -> Result<PathBuf> {
+    let disk_dev = Path::new("/dev").join(stick_disk);
+    let mut f = File::open(&disk_dev)
+        .with_context(|| format!("opening the stick {}", disk_dev.display()))?;
+    let mut found = None;
+    for ss in [512u64, 4096] {
+        let Ok(lb) = gpt::disk::LogicalBlockSize::try_from(ss) else {
+            continue;
+        };
+        if let Ok(g) = gpt::GptConfig::new()
+            .writable(false)
+            .logical_block_size(lb)
+            .open_from_device(&mut f)
+        {
+            found = g
+                .partitions()
+                .iter()
+                .find(|(_, p)| {
+                    p.part_type_guid
+                        .guid
+                        .to_string()
+                        .eq_ignore_ascii_case(PAYLOAD_TYPE_GUID)
+                })
+                .map(|(n, _)| *n);
+            break;
+        }
+    }
+    let num = found.ok_or_else(|| anyhow!("the stick {} has no imprint payload partition (type {PAYLOAD_TYPE_GUID}); rebuild it with `imprint build` or `imprint flash`", disk_dev.display()))?;
+    // Partition devices are named by the kernel (sda2, nvme0n1p2, mmcblk0p2): find it in sysfs.
+    let sysdir = Path::new("/sys/block").join(stick_disk);
+    for e in std::fs::read_dir(&sysdir)
+        .with_context(|| format!("listing {}", sysdir.display()))?
+        .flatten()
+    {
+        let n = std::fs::read_to_string(e.path().join("partition")).unwrap_or_default();
+        if n.trim().parse::<u32>().ok() == Some(num) {
+            return Ok(Path::new("/dev").join(e.file_name()));
+        }
+    }
+    bail!("the kernel shows no device for partition {num} of the stick {stick_disk}")
+}
+
+fn install(
+    env: &BootEnv,
+    consoles: &mut Consoles,
+    stick: &Path,
+    config: &Config,
+    rep: &mut Report,
+) -> Result<Ending> {
+    let t0 = Instant::now();
+    let esp = env
+        .esp
+        .as_ref()
+        .ok_or_else(|| anyhow!("the stick's ESP is unknown"))?;
+    let templates =
+        seed::validate_seed_dir(&stick.join(SEED_DIR)).context("checking the seed on the stick")?;
+
+    let payload = payload_partition(&esp.disk)?;
+    let image = Image::open(&payload)
+        .with_context(|| format!("opening the image on the stick ({})", payload.display()))?;
+    let m = image.manifest().clone();
+    rep.image = json!({ "name": m.name, "sha256": m.sha256, "raw_size": m.raw_size, "sector_size": m.sector_size,
+                        "compressed_size": m.compressed_size });
+    consoles.line(&format!(
+        "imprint: image {} ({}), sha256 {}",
+        m.name,
+        discover::human_bytes(m.raw_size),
+        &m.sha256[..16]
+    ));
+
+    let sys = Path::new("/sys");
+    let identity = MachineIdentity::read(sys).context("reading the machine's identity")?;
+    rep.machine = serde_json::to_value(&identity).unwrap_or_default();
+    rep.hardware = hardware_summary();
+    let disks = discover::scan(sys).context("scanning the disks")?;
+    rep.disks = serde_json::to_value(&disks).unwrap_or_default();
+    consoles.line("imprint: disks:");
+    for line in DiskTable(&disks).to_string().lines() {
+        consoles.line(&format!("  {line}"));
+    }
+
+    let selection = select::choose(
+        &disks,
+        &config.target,
+        m.raw_size,
+        m.sector_size,
+        Some(&esp.disk),
+    );
+    rep.selection = json!({
+        "chosen": selection.chosen().map(|d| &d.name),
+        "reason": selection.reason(),
+        "rejected": selection.rejected().iter().map(|r| json!({"disk": r.disk.name, "why": r.why})).collect::<Vec<_>>(),
+    });
+    for r in selection.rejected() {
+        consoles.line(&format!("  not {}: {}", r.disk.name, r.why));
+    }
+    let target_disk: Disk = match &selection {
+        Selection::Chosen { disk, .. } => {
+            consoles.line(&format!(
+                "imprint: target {} — {}",
+                disk.name,
+                selection.reason()
+            ));
+            disk.clone()
+        }
+        Selection::Ambiguous { candidates, .. } => {
+            consoles.line(&format!("imprint: ambiguous: {}", selection.reason()));
+            match ask_choice(consoles, candidates)? {
+                Some(d) => d,
+                None => {
+                    rep.status = Status::Declined;
+                    consoles.line("imprint: no disk chosen; stopping. Pin the target in imprint/config.json (target.serial) to install without asking.");
+                    return Ok(Ending::Stopped);
+                }
+            }
+        }
+        Selection::NoCandidate { .. } => bail!("no target disk: {}", selection.reason()),
+    };
+    rep.selection["chosen"] = json!(target_disk.name);
+    rep.timing("discover", t0.elapsed().as_secs_f64());
+
+    let dev = Path::new("/dev").join(&target_disk.name);
+    if !config.reinstall && already_installed(&image, &dev, &target_disk, stick) {
+        consoles.line(&format!(
+            "imprint: {} already holds {} from an earlier successful install; not reinstalling (config: reinstall=false)",
+            target_disk.name, m.name
+        ));
+        rep.status = Status::AlreadyInstalled;
+        rep.next_boot = next_boot(consoles, env, &dev, &target_disk);
+        return Ok(Ending::Provisioned);
+    }
+
+    let has_data = target_disk.has_partitions() || !first_mib_is_zero(&dev);
+    if config.confirm.required(has_data) && !confirm(consoles, &target_disk, &m.name, m.raw_size)? {
+        rep.status = Status::Declined;
+        consoles.line("imprint: declined; nothing was written");
+        return Ok(Ending::Stopped);
+    }
+
+    let t = Instant::now();
+    let target = Target::open(&dev, &OpenOptionsTarget::default())
+        .with_context(|| format!("opening {}", dev.display()))?;
+    let progress = ConsoleProgress::new();
+    let opts = WriteOptions {
+        verify: true,
+        zeroout: true,
+        precheck_payload: false,
+    };
+    let wrep = write::write_image(&image, &target, &opts, &progress)
+        .with_context(|| format!("writing {} to {}", m.name, dev.display()))?;
+    drop(progress);
+    consoles.line(&format!(
+        "imprint: wrote {} in {:.1} s ({:.0} MB/s), verified in {:.1} s ({:.0} MB/s)",
+        discover::human_bytes(m.raw_size),
+        wrep.write_seconds,
+        m.raw_size as f64 / wrep.write_seconds.max(1e-3) / 1e6,
+        wrep.verify_seconds,
+        m.raw_size as f64 / wrep.verify_seconds.max(1e-3) / 1e6
+    ));
+    rep.write = serde_json::to_value(&wrep).unwrap_or_default();
+    rep.timing("write_and_verify", t.elapsed().as_secs_f64());
+    let ss = target.logical_sector_size();
+    drop(target);
+
+    let t = Instant::now();
+    let rendered = seed::render(&templates, &config.seed, &identity, &rep.install_id)
+        .context("rendering the cloud-init seed")?;
+    let placement = match config.seed.placement {
+        Placement::CidataPartition => {
+            seed::inject_cidata(&dev, ss, &rendered).context("writing the CIDATA seed partition")?
+        }
+        Placement::RootFilesystem => seed_into_root(
+            &dev,
+            &target_disk,
+            ss,
+            &config.seed.root_partition,
+            &rendered,
+        )?,
+    };
+    let summary = rendered.summary();
+    consoles.line(&format!(
+        "imprint: seed written and read back: hostname {}",
+        summary.hostname
+    ));
+    rep.seed = json!({ "summary": summary, "placement": placement });
+    rep.timing("seed", t.elapsed().as_secs_f64());
+    if m.partition_table == PartitionTable::Gpt {
+        // Let the kernel see the new partitions (the seed's) before anything reads them.
+        if let Ok(t) = Target::open(
+            &dev,
+            &OpenOptionsTarget {
+                read_only: true,
+                ..Default::default()
+            },
+        ) {
+            let _ = t.reread_partitions();
+        }
+    }
+    rep.status = Status::Installed;
+    rep.next_boot = next_boot(consoles, env, &dev, &target_disk);
+    rep.timing("total", t0.elapsed().as_secs_f64());
+    Ok(Ending::Provisioned)
+}
+
+fn seed_into_root(
+    dev: &Path,
+    disk: &Disk,
+    ss: u32,
+    sel: &imprint_core::config::RootPartition,
+    rendered: &seed::RenderedSeed,
+) -> Result<seed::SeedPlacement> {
+    let lb = gpt::disk::LogicalBlockSize::try_from(u64::from(ss))
+        .map_err(|_| anyhow!("sector size {ss}"))?;
+    let mut f = File::open(dev).with_context(|| format!("opening {}", dev.display()))?;
+    let g = gpt::GptConfig::new()
+        .writable(false)
+        .logical_block_size(lb)
+        .open_from_device(&mut f)
+        .with_context(|| format!("reading the GPT of {}", dev.display()))?;
+    let num = seed::pick_root_partition(g.partitions(), sel)?;
+    let part = partition_device(&disk.name, num)?;
+    std::fs::create_dir_all(ROOT_MNT)?;
+    mount(
+        Some(&part),
+        ROOT_MNT,
+        Some("ext4"),
+        MsFlags::MS_NOATIME,
+        None::<&str>,
+    )
+    .with_context(|| format!("mounting the installed root filesystem {}", part.display()))?;
+    let res = seed::inject_into_dir(
+        &Path::new(ROOT_MNT).join("var/lib/cloud/seed/nocloud"),
+        rendered,
+    );
+    nix::unistd::sync();
+    let un = umount(ROOT_MNT);
+    let placement = res?;
+    un.with_context(|| format!("unmounting {}", part.display()))?;
+    Ok(placement)
+}
+
+fn partition_device(disk: &str, num: u32) -> Result<PathBuf> {
+    let sysdir = Path::new("/sys/block").join(disk);
+    for e in std::fs::read_dir(&sysdir)?.flatten() {
+        if std::fs::read_to_string(e.path().join("partition"))
+            .unwrap_or_default()
+            .trim()
+            .parse::<u32>()
+            .ok()
+            == Some(num)
+        {
+            return Ok(Path::new("/dev").join(e.file_name()));
+        }
+    }
+    bail!("the kernel shows no partition {num} on {disk} (partition table not re-read?)")
+}
+
+/// Whether `dev` already holds this image from a successful install recorded on this stick:
+/// both the stick's report (same disk serial, same image digest, installed) and the disk's own
+/// GPT (the image's disk GUID and partitions) must say so.
+fn already_installed(image: &Image, dev: &Path, disk: &Disk, stick: &Path) -> bool {
+    let m = image.manifest();
+    let Some(serial) = disk.serial.as_deref().filter(|s| !s.is_empty()) else {
+        return false;
+    };
+    let recorded = Report::load_all(&stick.join(REPORTS_DIR)).iter().any(|r| {
+        r.status == Status::Installed
+            && r.image["sha256"] == m.sha256.as_str()
+            && r.disks.as_array().is_some_and(|ds| {
+                ds.iter()
+                    .any(|d| d["name"] == r.selection["chosen"] && d["serial"] == serial)
+            })
+    });
+    if !recorded || m.partition_table != PartitionTable::Gpt {
+        return false;
+    }
+    let ss = u64::from(m.sector_size.unwrap_or(512));
+    let Ok(lb) = gpt::disk::LogicalBlockSize::try_from(ss) else {
+        return false;
+    };
+    // The image's own GPT, from the start of its stream.
+    let mut head = vec![0u8; 1 << 20];
+    let Ok(mut dec) = image.raw_reader() else {
+        return false;
+    };
+    if dec
+        .read_exact(&mut head[..(m.raw_size.min(1 << 20)) as usize])
+        .is_err()
+    {
+        return false;
+    }
+    let Ok(ig) = gpt::GptConfig::new()
+        .writable(false)
+        .logical_block_size(lb)
+        .open_from_device(std::io::Cursor::new(head))
+    else {
+        return false;
+    };
+    let Ok(mut f) = File::open(dev) else {
+        return false;
+    };
+    let Ok(dg) = gpt::GptConfig::new()
+        .writable(false)
+        .logical_block_size(lb)
+        .only_valid_headers(true)
+        .open_from_device(&mut f)
+    else {
+        return false;
+    };
+    dg.guid() == ig.guid()
+        && ig
+            .partitions()
+            .iter()
+            .filter(|(_, p)| p.is_used())
+            .all(|(n, p)| dg.partitions().get(n) == Some(p))
+}
+
+fn first_mib_is_zero(dev: &Path) -> bool {
+    let mut buf = vec![0u8; 1 << 20];
+    match File::open(dev).and_then(|mut f| f.read_exact(&mut buf)) {
+        Ok(()) => buf.iter().all(|&b| b == 0),
+        Err(_) => false,
+    }
+}
+
+/// Makes the next boot the installed disk's ESP (UEFI `BootNext`).
+fn next_boot(consoles: &mut Consoles, env: &BootEnv, dev: &Path, disk: &Disk) -> serde_json::Value {
+    if !env.efivars {
+        consoles.line("imprint: not booted with UEFI variables; the firmware's boot order decides the next boot");
+        return json!({ "set": false, "why": "no efivarfs" });
+    }
+    match crate::efi_next_boot::set_next_boot_to_disk(dev, disk) {
+        Ok(v) => {
+            consoles.line(&format!(
+                "imprint: next boot: {}",
+                v["description"].as_str().unwrap_or("installed disk")
+            ));
+            v
+        }
+        Err(e) => {
+            consoles.line(&format!("imprint: could not set the next boot ({e:#}); remove the stick before the next power-on"));
+            json!({ "set": false, "why": format!("{e:#}") })
+        }
+    }
+}
+
+/// Asks on the prompt console which of the equally good disks to use; `None` when declined or
+/// when nobody can answer.
+fn ask_choice(consoles: &mut Consoles, candidates: &[Disk]) -> Result<Option<Disk>> {
+    let Some(term) = prompt_term() else {
+        consoles.line("imprint: no console to ask on");
+        return Ok(None);
+    };
+    let mut items: Vec<String> = candidates
+        .iter()
+        .map(|d| {
+            format!(
+                "{} {} {} serial {}",
+                d.name,
+                discover::human_bytes(d.size),
+                d.model.as_deref().unwrap_or("?"),
+                d.serial.as_deref().unwrap_or("?")
+            )
+        })
+        .collect();
+    items.push("none: stop without writing".into());
+    let pick = dialoguer::Select::new()
+        .with_prompt("Which disk should imprint overwrite?")
+        .items(&items)
+        .default(items.len() - 1)
+        .interact_on_opt(&term)
+        .context("asking which disk to use")?;
+    Ok(pick.and_then(|i| candidates.get(i).cloned()))
+}
+
+fn confirm(consoles: &mut Consoles, disk: &Disk, image: &str, size: u64) -> Result<bool> {
+    let parts: Vec<String> = disk
+        .partitions
+        .iter()
+        .map(|p| format!("{} ({})", p.name, discover::human_bytes(p.size)))
+        .collect();
+    consoles.line(&format!(
+        "imprint: {} {} serial {} {} — partitions: {} — will be overwritten with {} ({})",
+        disk.name,
+        disk.model.as_deref().unwrap_or("?"),
+        disk.serial.as_deref().unwrap_or("?"),
+        discover::human_bytes(disk.size),
+        if parts.is_empty() {
+            "none".into()
+        } else {
+            parts.join(", ")
+        },
+        image,
+        discover::human_bytes(size)
+    ));
+    let Some(term) = prompt_term() else {
+        consoles.line("imprint: confirmation required but no console to ask on");
+        return Ok(false);
+    };
+    let ok = dialoguer::Confirm::new()
+        .with_prompt(format!("Erase {} and install {image}?", disk.name))
+        .default(false)
+        .interact_on_opt(&term)
+        .context("asking for confirmation")?;
+    Ok(ok == Some(true))
+}
+
+/// The terminal prompts go to: `imprint.prompt=ttyS0` / `tty0` on the kernel command line, else
+/// `/dev/console` (the last `console=`).
+fn prompt_term() -> Option<console::Term> {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let name = cmdline
+        .split_whitespace()
+        .find_map(|p| p.strip_prefix("imprint.prompt="))
+        .unwrap_or("console")
+        .to_string();
+    let path = Path::new("/dev").join(name);
+    let r = std::fs::OpenOptions::new().read(true).open(&path).ok()?;
+    let w = std::fs::OpenOptions::new().write(true).open(&path).ok()?;
+    Some(console::Term::read_write_pair(r, w))
+}
+
+fn hardware_summary() -> serde_json::Value {
+    let mut sys = sysinfo::System::new();
+    sys.refresh_memory();
+    sys.refresh_cpu_all();
+    json!({
+        "cpu": sys.cpus().first().map(|c| c.brand().to_string()),
+        "cpus": sys.cpus().len(),
+        "memory_bytes": sys.total_memory(),
+        "kernel": sysinfo::System::kernel_version(),
+    })
+}
+
+/// Progress bars for the write engine on every console (`indicatif` drawing to a terminal that
+/// writes to all consoles), at 2 redraws a second so a serial console keeps up.
+struct ConsoleProgress {
+    bar: std::sync::Mutex<Option<(indicatif::ProgressBar, Phase)>>,
+}
+
+impl ConsoleProgress {
+    fn new() -> Self {
+        ConsoleProgress {
+            bar: std::sync::Mutex::new(None),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct AllConsoles {
+    files: Vec<std::sync::Mutex<File>>,
+}
+
+impl AllConsoles {
+    fn open() -> Self {
+        let names = Consoles::names(Path::new("/sys"));
+        let mut files = Vec::new();
+        for n in names {
+            if let Ok(f) = std::fs::OpenOptions::new()
+                .write(true)
+                .open(Path::new("/dev").join(&n))
+            {
+                files.push(std::sync::Mutex::new(f));
+            }
+        }
+        AllConsoles { files }
+    }
+    fn put(&self, s: &str) -> std::io::Result<()> {
+        for f in &self.files {
+            if let Ok(mut f) = f.lock() {
+                let _ = f.write_all(s.as_bytes());
+            }
+        }
+        Ok(())
+    }
+}
+
+impl indicatif::TermLike for AllConsoles {
+    fn width(&self) -> u16 {
+        80
+    }
+    fn move_cursor_up(&self, n: usize) -> std::io::Result<()> {
+        if n > 0 {
+            self.put(&format!("\x1b[{n}A"))
+        } else {
+            Ok(())
+        }
+    }
+    fn move_cursor_down(&self, n: usize) -> std::io::Result<()> {
+        if n > 0 {
+            self.put(&format!("\x1b[{n}B"))
+        } else {
+            Ok(())
+        }
+    }
+    fn move_cursor_right(&self, n: usize) -> std::io::Result<()> {
+        if n > 0 {
+            self.put(&format!("\x1b[{n}C"))
+        } else {
+            Ok(())
+        }
+    }
+    fn move_cursor_left(&self, n: usize) -> std::io::Result<()> {
+        if n > 0 {
+            self.put(&format!("\x1b[{n}D"))
+        } else {
+            Ok(())
+        }
+    }
+    fn write_line(&self, s: &str) -> std::io::Result<()> {
+        self.put(&format!("{s}\r\n"))
+    }
+    fn write_str(&self, s: &str) -> std::io::Result<()> {
+        self.put(s)
+    }
+    fn clear_line(&self) -> std::io::Result<()> {
+        self.put("\r\x1b[2K")
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Progress for ConsoleProgress {
+    fn begin(&self, phase: Phase, total: u64) {
+        let target =
+            indicatif::ProgressDrawTarget::term_like_with_hz(Box::new(AllConsoles::open()), 2);
+        let bar = indicatif::ProgressBar::with_draw_target(Some(total), target);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{prefix:>7} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(phase.name());
+        if let Ok(mut b) = self.bar.lock() {
+            *b = Some((bar, phase));
+        }
+    }
+    fn advance(&self, done: u64) {
+        if let Ok(b) = self.bar.lock() {
+            if let Some((bar, _)) = b.as_ref() {
+                bar.set_position(done);
+            }
+        }
+    }
+    fn end(&self, phase: Phase, bytes: u64, secs: f64) {
+        if let Ok(mut b) = self.bar.lock() {
+            if let Some((bar, _)) = b.take() {
+                bar.finish_and_clear();
+            }
+        }
+        let _ = AllConsoles::open().put(&format!(
+            "imprint: {} done: {} in {:.1} s ({:.0} MB/s)\r\n",
+            phase.name(),
+            discover::human_bytes(bytes),
+            secs,
+            bytes as f64 / secs.max(1e-3) / 1e6
+        ));
+    }
+}
