@@ -1,0 +1,728 @@
+//! The virtual NUC: a small harness that boots an imprint stick in qemu with OVMF (Secure Boot
+//! on or off) next to NVMe, SATA and USB disks, and watches the serial console.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use imprint_e2e::{Firmware, VmBuilder};
+//! # fn main() -> Result<(), imprint_e2e::E2eError> {
+//! let dir = tempfile::tempdir().unwrap();
+//! let mut vm = VmBuilder::new(dir.path(), Firmware::SecureBoot)
+//!     .stick("stick.img")
+//!     .nvme("nvme.img", "NVME0001")
+//!     .sata("sata.img", "SATA0001")
+//!     .start()?;
+//! vm.wait_for("IMPRINT-BOOT-OK", Duration::from_secs(240))?;
+//! let status = vm.wait_exit(Duration::from_secs(60))?;
+//! # Ok(()) }
+//! ```
+//!
+//! KVM does not work on the machines this runs on: qemu runs under TCG, always inside
+//! `timeout`, because a refused Secure Boot image waits forever at a firmware prompt.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// OVMF builds from Debian's `ovmf` package.
+pub const OVMF_DIR: &str = "/usr/share/OVMF";
+/// What the kernel prints when it gives up; waiting longer would only burn the timeout.
+pub const KERNEL_PANIC: &str = "Kernel panic";
+
+/// Errors of the harness; each carries what the test needs to explain itself.
+#[derive(Debug, thiserror::Error)]
+pub enum E2eError {
+    #[error("{what} {path}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{0}")]
+    Missing(String),
+    #[error("starting qemu")]
+    Spawn(#[source] io::Error),
+    #[error("{command} failed ({status}):\n{output}")]
+    Command {
+        command: String,
+        status: ExitStatus,
+        output: String,
+    },
+    #[error("waiting for {pattern:?}: {reason} after {secs:.0}s; serial console tail:\n{tail}")]
+    Wait {
+        pattern: String,
+        reason: &'static str,
+        secs: f64,
+        tail: String,
+    },
+}
+
+/// The workspace root (the harness crate lives in `tests/e2e`).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// `build/boot`, checked: the e2e suite needs the live image, and says how to make it instead of
+/// passing silently without it.
+pub fn boot_dir() -> Result<PathBuf, E2eError> {
+    let dir = workspace_root().join("build/boot");
+    for rel in [
+        "EFI/BOOT/BOOTX64.EFI",
+        "EFI/BOOT/grubx64.efi",
+        "vmlinuz",
+        "initrd.img",
+    ] {
+        if !dir.join(rel).is_file() {
+            return Err(E2eError::Missing(format!(
+                "{} is missing: run image-build/build first (the e2e tests boot the real live image)",
+                dir.join(rel).display()
+            )));
+        }
+    }
+    Ok(dir)
+}
+
+/// Builds (if needed) and returns the host `imprint` binary of this workspace.
+pub fn imprint_bin() -> Result<PathBuf, E2eError> {
+    let root = workspace_root();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(&root)
+        .args(["build", "-q", "-p", "imprint-cli", "--bin", "imprint"]);
+    run(&mut cmd)?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    Ok(target.join("debug/imprint"))
+}
+
+/// Runs a command to completion; its output is kept for the error.
+pub fn run(cmd: &mut Command) -> Result<String, E2eError> {
+    let out = cmd.output().map_err(|source| E2eError::Io {
+        what: "running",
+        path: PathBuf::from(cmd.get_program()),
+        source,
+    })?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() {
+        Ok(text)
+    } else {
+        Err(E2eError::Command {
+            command: format!("{cmd:?}"),
+            status: out.status,
+            output: text,
+        })
+    }
+}
+
+/// Creates a sparse raw disk file of `size` bytes.
+pub fn sparse_disk(path: &Path, size: u64) -> Result<PathBuf, E2eError> {
+    let io = |source| E2eError::Io {
+        what: "creating disk",
+        path: path.to_owned(),
+        source,
+    };
+    File::create(path)
+        .and_then(|f| f.set_len(size))
+        .map_err(io)?;
+    Ok(path.to_owned())
+}
+
+/// UEFI firmware setup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Firmware {
+    /// OVMF with Microsoft's keys enrolled and Secure Boot enforced (`OVMF_CODE_4M.ms.fd`,
+    /// q35 with SMM, secure pflash), as on a NUC out of the box.
+    SecureBoot,
+    /// OVMF without Secure Boot (`OVMF_CODE_4M.fd`).
+    NoSecureBoot,
+}
+
+impl Firmware {
+    fn code(self) -> PathBuf {
+        Path::new(OVMF_DIR).join(match self {
+            Firmware::SecureBoot => "OVMF_CODE_4M.ms.fd",
+            Firmware::NoSecureBoot => "OVMF_CODE_4M.fd",
+        })
+    }
+
+    fn vars_template(self) -> PathBuf {
+        Path::new(OVMF_DIR).join(match self {
+            Firmware::SecureBoot => "OVMF_VARS_4M.ms.fd",
+            Firmware::NoSecureBoot => "OVMF_VARS_4M.fd",
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Attach {
+    /// The boot stick: first on the USB bus, bootindex=1.
+    Stick,
+    Nvme {
+        serial: String,
+        four_k: bool,
+    },
+    Sata {
+        serial: String,
+    },
+    Usb {
+        serial: String,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct Drive {
+    path: PathBuf,
+    attach: Attach,
+}
+
+/// Describes a virtual machine; [`VmBuilder::start`] runs it.
+#[derive(Debug, Clone)]
+pub struct VmBuilder {
+    workdir: PathBuf,
+    firmware: Firmware,
+    vars: Option<PathBuf>,
+    memory_mib: u32,
+    cpus: u32,
+    timeout: Duration,
+    drives: Vec<Drive>,
+    extra: Vec<String>,
+}
+
+impl VmBuilder {
+    /// A VM whose logs and firmware variables go to `workdir`.
+    pub fn new(workdir: impl Into<PathBuf>, firmware: Firmware) -> Self {
+        VmBuilder {
+            workdir: workdir.into(),
+            firmware,
+            vars: None,
+            memory_mib: 1024,
+            cpus: 2,
+            timeout: Duration::from_secs(600),
+            drives: Vec::new(),
+            extra: Vec::new(),
+        }
+    }
+
+    /// The USB stick to boot from (qemu-xhci, usb-storage, bootindex=1).
+    pub fn stick(mut self, path: impl Into<PathBuf>) -> Self {
+        self.drives.push(Drive {
+            path: path.into(),
+            attach: Attach::Stick,
+        });
+        self
+    }
+
+    /// An NVMe disk with 512-byte sectors.
+    pub fn nvme(mut self, path: impl Into<PathBuf>, serial: &str) -> Self {
+        self.drives.push(Drive {
+            path: path.into(),
+            attach: Attach::Nvme {
+                serial: serial.into(),
+                four_k: false,
+            },
+        });
+        self
+    }
+
+    /// An NVMe disk with 4096-byte logical and physical sectors (4Kn).
+    pub fn nvme_4kn(mut self, path: impl Into<PathBuf>, serial: &str) -> Self {
+        self.drives.push(Drive {
+            path: path.into(),
+            attach: Attach::Nvme {
+                serial: serial.into(),
+                four_k: true,
+            },
+        });
+        self
+    }
+
+    /// A SATA disk on the AHCI controller (up to six).
+    pub fn sata(mut self, path: impl Into<PathBuf>, serial: &str) -> Self {
+        self.drives.push(Drive {
+            path: path.into(),
+            attach: Attach::Sata {
+                serial: serial.into(),
+            },
+        });
+        self
+    }
+
+    /// Another USB disk (a USB SSD, a second stick) next to the boot stick.
+    pub fn usb_disk(mut self, path: impl Into<PathBuf>, serial: &str) -> Self {
+        self.drives.push(Drive {
+            path: path.into(),
+            attach: Attach::Usb {
+                serial: serial.into(),
+            },
+        });
+        self
+    }
+
+    /// Uses this VARS file as the starting variables instead of the firmware's template (it is
+    /// still copied: the original is never modified).
+    pub fn vars_from(mut self, path: impl Into<PathBuf>) -> Self {
+        self.vars = Some(path.into());
+        self
+    }
+
+    pub fn memory_mib(mut self, mib: u32) -> Self {
+        self.memory_mib = mib;
+        self
+    }
+
+    /// Hard limit of the whole run; qemu is killed after it.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Extra qemu arguments.
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.extra.push(arg.into());
+        self
+    }
+
+    /// The qemu arguments (without the `timeout` wrapper), for logs and tests.
+    pub fn qemu_args(&self, vars: &Path, serial_log: &Path) -> Vec<String> {
+        let mut a: Vec<String> = Vec::new();
+        let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
+        let machine = match self.firmware {
+            Firmware::SecureBoot => "q35,smm=on",
+            Firmware::NoSecureBoot => "q35",
+        };
+        push(&["-accel", "tcg", "-machine", machine]);
+        if self.firmware == Firmware::SecureBoot {
+            // Without a secure pflash, the OS could rewrite the Secure Boot variables.
+            push(&["-global", "driver=cfi.pflash01,property=secure,value=on"]);
+        }
+        let mem = self.memory_mib.to_string();
+        let cpus = self.cpus.to_string();
+        push(&["-m", &mem, "-smp", &cpus]);
+        push(&[
+            "-nographic",
+            "-no-reboot",
+            "-nic",
+            "none",
+            "-monitor",
+            "none",
+        ]);
+        let code = format!(
+            "if=pflash,format=raw,unit=0,readonly=on,file={}",
+            self.firmware.code().display()
+        );
+        let vars = format!("if=pflash,format=raw,unit=1,file={}", vars.display());
+        push(&["-drive", &code, "-drive", &vars]);
+        // Serial on stdio (so tests can type into it), logged to a file they can read.
+        let chardev = format!(
+            "stdio,id=serial0,signal=off,logfile={}",
+            serial_log.display()
+        );
+        push(&["-chardev", &chardev, "-serial", "chardev:serial0"]);
+        let usb = self
+            .drives
+            .iter()
+            .any(|d| matches!(d.attach, Attach::Stick | Attach::Usb { .. }));
+        if usb {
+            push(&["-device", "qemu-xhci,id=xhci"]);
+        }
+        if self
+            .drives
+            .iter()
+            .any(|d| matches!(d.attach, Attach::Sata { .. }))
+        {
+            push(&["-device", "ahci,id=ahci"]);
+        }
+        let mut sata_port = 0;
+        for (i, d) in self.drives.iter().enumerate() {
+            let id = format!("drive{i}");
+            let drive = format!("if=none,id={id},format=raw,file={}", d.path.display());
+            push(&["-drive", &drive]);
+            let device = match &d.attach {
+                Attach::Stick => format!("usb-storage,bus=xhci.0,drive={id},bootindex=1"),
+                Attach::Usb { serial } => {
+                    format!("usb-storage,bus=xhci.0,drive={id},serial={serial}")
+                }
+                Attach::Nvme { serial, four_k } => {
+                    let mut s = format!("nvme,drive={id},serial={serial}");
+                    if *four_k {
+                        s.push_str(",logical_block_size=4096,physical_block_size=4096");
+                    }
+                    s
+                }
+                Attach::Sata { serial } => {
+                    let s = format!("ide-hd,bus=ahci.{sata_port},drive={id},serial={serial}");
+                    sata_port += 1;
+                    s
+                }
+            };
+            push(&["-device", &device]);
+        }
+        for e in &self.extra {
+            push(&[e]);
+        }
+        a
+    }
+
+    /// Copies the firmware variables and starts qemu under `timeout`.
+    pub fn start(self) -> Result<Vm, E2eError> {
+        fs::create_dir_all(&self.workdir).map_err(|source| E2eError::Io {
+            what: "creating",
+            path: self.workdir.clone(),
+            source,
+        })?;
+        for d in &self.drives {
+            if !d.path.exists() {
+                return Err(E2eError::Missing(format!(
+                    "disk image {} does not exist",
+                    d.path.display()
+                )));
+            }
+        }
+        let code = self.firmware.code();
+        if !code.exists() {
+            return Err(E2eError::Missing(format!(
+                "{} is missing: install the ovmf package (scripts/deps)",
+                code.display()
+            )));
+        }
+        let template = self
+            .vars
+            .clone()
+            .unwrap_or_else(|| self.firmware.vars_template());
+        let vars = self.workdir.join("OVMF_VARS.fd");
+        fs::copy(&template, &vars).map_err(|source| E2eError::Io {
+            what: "copying firmware variables from",
+            path: template.clone(),
+            source,
+        })?;
+        let serial_log = self.workdir.join("serial.log");
+        // qemu appends to its logfile: start from an empty one.
+        File::create(&serial_log).map_err(|source| E2eError::Io {
+            what: "creating",
+            path: serial_log.clone(),
+            source,
+        })?;
+        let stderr_path = self.workdir.join("qemu.stderr");
+        let stderr = File::create(&stderr_path).map_err(|source| E2eError::Io {
+            what: "creating",
+            path: stderr_path.clone(),
+            source,
+        })?;
+        let args = self.qemu_args(&vars, &serial_log);
+        let _ = fs::write(
+            self.workdir.join("qemu.cmdline"),
+            format!("qemu-system-x86_64 {}\n", args.join(" ")),
+        );
+        let child = Command::new("timeout")
+            .arg("--kill-after=10")
+            .arg(format!("{}", self.timeout.as_secs().max(1)))
+            .arg("qemu-system-x86_64")
+            .args(&args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .map_err(E2eError::Spawn)?;
+        let mut child = child;
+        let stdin = child.stdin.take();
+        Ok(Vm {
+            child,
+            stdin,
+            serial_log,
+            stderr_path,
+            vars,
+            started: Instant::now(),
+            status: None,
+        })
+    }
+}
+
+/// A running (or finished) VM.
+#[derive(Debug)]
+pub struct Vm {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    serial_log: PathBuf,
+    stderr_path: PathBuf,
+    vars: PathBuf,
+    started: Instant,
+    status: Option<ExitStatus>,
+}
+
+impl Vm {
+    /// Everything the serial console printed so far (lossy UTF-8).
+    pub fn log(&self) -> String {
+        fs::read(&self.serial_log)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    pub fn serial_log_path(&self) -> &Path {
+        &self.serial_log
+    }
+
+    /// The VM's own copy of the firmware variables (read BootNext/BootOrder from it after the
+    /// run).
+    pub fn vars_path(&self) -> &Path {
+        &self.vars
+    }
+
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    fn poll_exit(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().ok().flatten();
+        }
+        self.status
+    }
+
+    fn tail(&self) -> String {
+        let log = self.log();
+        let lines: Vec<&str> = log.lines().collect();
+        let mut tail = lines[lines.len().saturating_sub(40)..].join("\n");
+        if let Ok(err) = fs::read_to_string(&self.stderr_path) {
+            if !err.trim().is_empty() {
+                tail.push_str("\n--- qemu stderr ---\n");
+                tail.push_str(err.trim());
+            }
+        }
+        tail
+    }
+
+    /// Waits until the serial console has printed `pattern`. Fails early when the kernel
+    /// panics or the VM exits, and after `timeout`.
+    pub fn wait_for(&mut self, pattern: &str, timeout: Duration) -> Result<(), E2eError> {
+        let start = Instant::now();
+        let fail = |vm: &Self, reason| E2eError::Wait {
+            pattern: pattern.to_owned(),
+            reason,
+            secs: start.elapsed().as_secs_f64(),
+            tail: vm.tail(),
+        };
+        loop {
+            let exited = self.poll_exit().is_some();
+            // Read after polling: output written just before the exit is not missed.
+            let log = self.log();
+            if log.contains(pattern) {
+                return Ok(());
+            }
+            if log.contains(KERNEL_PANIC) {
+                return Err(fail(self, "the kernel panicked"));
+            }
+            if exited {
+                return Err(fail(self, "the VM exited"));
+            }
+            if start.elapsed() >= timeout {
+                return Err(fail(self, "timed out"));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Types `text` into the serial console.
+    pub fn send(&mut self, text: &str) -> Result<(), E2eError> {
+        let io = |source| E2eError::Io {
+            what: "writing to the serial console of",
+            path: self.serial_log.clone(),
+            source,
+        };
+        let stdin = self
+            .stdin
+            .as_mut()
+            .ok_or_else(|| E2eError::Missing("the VM's stdin is closed".into()))?;
+        stdin.write_all(text.as_bytes()).map_err(io)?;
+        stdin.flush().map_err(io)
+    }
+
+    /// Waits for qemu to exit (the guest powered off; `-no-reboot` turns a reboot into an exit
+    /// too).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus, E2eError> {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.poll_exit() {
+                return Ok(status);
+            }
+            if start.elapsed() >= timeout {
+                return Err(E2eError::Wait {
+                    pattern: "<qemu exit>".into(),
+                    reason: "timed out",
+                    secs: start.elapsed().as_secs_f64(),
+                    tail: self.tail(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Stops the VM now.
+    pub fn kill(&mut self) {
+        if self.poll_exit().is_none() {
+            let _ = self.child.kill();
+            self.status = self.child.wait().ok();
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One row of the appliance's disk table, as printed on the console.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskRow {
+    pub name: String,
+    pub transport: String,
+    pub line: String,
+}
+
+/// Parses the disk table the placeholder PID 1 prints between `imprint: disks:` and the marker.
+pub fn parse_disk_table(log: &str) -> Vec<DiskRow> {
+    let mut rows = Vec::new();
+    let mut inside = false;
+    for line in log.lines() {
+        let line = line.trim_end_matches('\r');
+        if line.contains("imprint: disks:") {
+            inside = true;
+            rows.clear();
+            continue;
+        }
+        if !inside {
+            continue;
+        }
+        let Some(row) = line.strip_prefix("  ") else {
+            inside = false;
+            continue;
+        };
+        let fields: Vec<&str> = row.split_whitespace().collect();
+        if fields.first() == Some(&"NAME") || fields.len() < 4 {
+            continue;
+        }
+        // NAME, size value, size unit, TRANSPORT, ...
+        rows.push(DiskRow {
+            name: fields[0].to_owned(),
+            transport: fields[3].to_owned(),
+            line: row.to_owned(),
+        });
+    }
+    rows
+}
+
+/// Copies a file (e.g. a stick image) so a test can modify its copy.
+pub fn copy(from: &Path, to: &Path) -> Result<(), E2eError> {
+    fs::copy(from, to)
+        .map(|_| ())
+        .map_err(|source| E2eError::Io {
+            what: "copying",
+            path: from.to_owned(),
+            source,
+        })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qemu_args_attach_every_drive_where_asked() {
+        let b = VmBuilder::new("/w", Firmware::SecureBoot)
+            .stick("/s.img")
+            .nvme("/n.img", "N1")
+            .nvme_4kn("/n4.img", "N4")
+            .sata("/a.img", "A1")
+            .sata("/b.img", "B1")
+            .usb_disk("/u.img", "U1");
+        let args = b
+            .qemu_args(Path::new("/w/VARS.fd"), Path::new("/w/serial.log"))
+            .join(" ");
+        for want in [
+            "-accel tcg -machine q35,smm=on",
+            "-global driver=cfi.pflash01,property=secure,value=on",
+            "file=/usr/share/OVMF/OVMF_CODE_4M.ms.fd",
+            "if=pflash,format=raw,unit=1,file=/w/VARS.fd",
+            "-nographic -no-reboot -nic none",
+            "logfile=/w/serial.log",
+            "-device qemu-xhci,id=xhci",
+            "usb-storage,bus=xhci.0,drive=drive0,bootindex=1",
+            "nvme,drive=drive1,serial=N1 ",
+            "nvme,drive=drive2,serial=N4,logical_block_size=4096,physical_block_size=4096",
+            "-device ahci,id=ahci",
+            "ide-hd,bus=ahci.0,drive=drive3,serial=A1",
+            "ide-hd,bus=ahci.1,drive=drive4,serial=B1",
+            "usb-storage,bus=xhci.0,drive=drive5,serial=U1",
+            "if=none,id=drive0,format=raw,file=/s.img",
+        ] {
+            assert!(args.contains(want), "{want:?} not in {args}");
+        }
+        let off = VmBuilder::new("/w", Firmware::NoSecureBoot)
+            .qemu_args(Path::new("/v"), Path::new("/l"))
+            .join(" ");
+        assert!(off.contains("-machine q35 ") && off.contains("OVMF_CODE_4M.fd"));
+        assert!(!off.contains("secure,value=on") && !off.contains("ahci"));
+    }
+
+    #[test]
+    fn disk_table_is_parsed_from_the_console() {
+        let log = "noise\r\nimprint: disks:\r\n  NAME             SIZE  TRANSPORT MODEL   SERIAL   ROLE\r\n  nvme0n1       1.0 GiB  nvme      QEMU NVMe Ctrl           NVME0001\r\n  sdb          47.0 MiB  usb       QEMU HARDDISK            1-0000:00:02.0-1     imprint stick\r\nIMPRINT-BOOT-OK\r\n";
+        let rows = parse_disk_table(log);
+        assert_eq!(rows.len(), 2);
+        assert_eq!(
+            (rows[0].name.as_str(), rows[0].transport.as_str()),
+            ("nvme0n1", "nvme")
+        );
+        assert_eq!(
+            (rows[1].name.as_str(), rows[1].transport.as_str()),
+            ("sdb", "usb")
+        );
+        assert!(rows[1].line.ends_with("imprint stick"));
+    }
+
+    #[test]
+    fn wait_for_reports_an_early_exit_with_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("serial.log");
+        fs::write(&log, "booting\n").unwrap();
+        let child = Command::new("true").stdin(Stdio::piped()).spawn().unwrap();
+        let mut vm = Vm {
+            child,
+            stdin: None,
+            serial_log: log.clone(),
+            stderr_path: dir.path().join("none"),
+            vars: dir.path().join("vars"),
+            started: Instant::now(),
+            status: None,
+        };
+        let err = vm.wait_for("NEVER", Duration::from_secs(10)).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("the VM exited") && text.contains("booting"),
+            "{text}"
+        );
+        fs::write(
+            &log,
+            "x\nKernel panic - not syncing: Attempted to kill init!\n",
+        )
+        .unwrap();
+        assert!(vm
+            .wait_for("NEVER", Duration::from_secs(10))
+            .unwrap_err()
+            .to_string()
+            .contains("panicked"));
+        vm.wait_for("Attempted", Duration::from_secs(1)).unwrap();
+    }
+}
