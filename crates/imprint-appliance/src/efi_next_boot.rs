@@ -17,7 +17,10 @@ const LOADER: &str = "\\EFI\\BOOT\\BOOTX64.EFI";
 /// Where efivarfs is mounted by early boot.
 const EFIVARS: &str = "/sys/firmware/efi/efivars";
 
-/// Creates (or finds) a boot entry for the ESP of `dev` and sets `BootNext` to it.
+/// Creates (or finds) a boot entry for the ESP of `dev`, sets `BootNext` to it and makes sure
+/// it is in `BootOrder` (right after the stick, so the disk boots once the stick is out).
+/// `ignored_before` in the result is true when a `BootNext` we set on an earlier run was still
+/// pending: the firmware ignores `BootNext`, and rebooting would only boot the stick again.
 pub fn set_next_boot_to_disk(dev: &Path, disk: &Disk) -> Result<Value> {
     let lb = gpt::disk::LogicalBlockSize::try_from(u64::from(disk.logical_block_size))
         .map_err(|_| anyhow!("unsupported sector size {}", disk.logical_block_size))?;
@@ -58,7 +61,9 @@ pub fn set_next_boot_to_disk(dev: &Path, disk: &Disk) -> Result<Value> {
     let efivars = Path::new(EFIVARS);
     let entry = efi::ensure_boot_entry(efivars, &esp, LOADER, &description)
         .context("creating the boot entry")?;
+    let ignored_before = efi::boot_next_was_ignored(efivars, entry).context("reading BootNext")?;
     efi::set_boot_next(efivars, entry).context("setting BootNext")?;
+    let order = efi::add_to_boot_order(efivars, entry).context("updating BootOrder")?;
     Ok(json!({
         "set": true,
         "boot_entry": format!("Boot{entry:04X}"),
@@ -66,5 +71,7 @@ pub fn set_next_boot_to_disk(dev: &Path, disk: &Disk) -> Result<Value> {
         "esp_partition": num,
         "esp_partuuid": part.part_guid.to_string(),
         "loader": LOADER,
+        "boot_order": format!("{order:?}"),
+        "ignored_before": ignored_before,
     }))
 }

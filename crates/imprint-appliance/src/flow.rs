@@ -330,6 +330,12 @@ fn install(
         ));
         rep.status = Status::AlreadyInstalled;
         rep.next_boot = next_boot(consoles, env, &dev, &target_disk);
+        if rep.next_boot["ignored_before"] == true {
+            // We set BootNext last time and the firmware booted the stick anyway: rebooting
+            // again would loop. Stop here and let the operator act.
+            consoles.line("imprint: this firmware ignored BootNext last time; remove the stick (or put the internal disk first in the boot order once) and power-cycle");
+            return Ok(Ending::Stopped);
+        }
         return Ok(Ending::Provisioned);
     }
 

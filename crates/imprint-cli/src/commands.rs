@@ -57,9 +57,9 @@ fn target_code(t: &TargetError) -> u8 {
 /// The user declined, or confirmation was impossible.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct Refused(String);
+pub struct Refused(pub String);
 
-fn progress_for(json: bool) -> Box<dyn Progress> {
+pub fn progress_for(json: bool) -> Box<dyn Progress> {
     if json {
         Box::new(JsonProgress::new(
             std::io::stdout(),
@@ -205,6 +205,27 @@ fn describe_block_device(path: &Path) -> String {
     )
 }
 
+/// Shows `what` and asks `prompt` on the terminal; off a terminal, refuses (the caller's
+/// `--yes` is the only way to skip the question).
+pub fn confirm_overwrite(what: &str, prompt: &str) -> Result<()> {
+    if !std::io::stdin().is_terminal() || !std::io::stderr().is_terminal() {
+        return Err(Refused(format!(
+            "{what}\nrefusing without confirmation: not on a terminal; pass --yes"
+        ))
+        .into());
+    }
+    eprintln!("{what}");
+    let ok = dialoguer::Confirm::new()
+        .with_prompt(prompt)
+        .default(false)
+        .interact()
+        .context("asking for confirmation")?;
+    if !ok {
+        return Err(Refused("not confirmed; nothing was written".into()).into());
+    }
+    Ok(())
+}
+
 /// `imprint write`.
 pub fn write(
     image: &Path,
@@ -232,21 +253,7 @@ pub fn write(
             m.name,
             human_bytes(m.raw_size)
         );
-        if !std::io::stdin().is_terminal() || !std::io::stderr().is_terminal() {
-            return Err(Refused(format!(
-                "{what}\nrefusing without confirmation: not on a terminal; pass --yes"
-            ))
-            .into());
-        }
-        eprintln!("{what}");
-        let ok = dialoguer::Confirm::new()
-            .with_prompt(format!("Write {} to {}?", m.name, target.display()))
-            .default(false)
-            .interact()
-            .context("asking for confirmation")?;
-        if !ok {
-            return Err(Refused("not confirmed; nothing was written".into()).into());
-        }
+        confirm_overwrite(&what, &format!("Write {} to {}?", m.name, target.display()))?;
     }
     let progress = progress_for(json);
     let wopts = WriteOptions {

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod commands;
+mod flash;
 mod prepare;
 mod stick;
 
@@ -100,6 +101,33 @@ enum Command {
         #[arg(short, long)]
         output: PathBuf,
     },
+    /// Build the provisioning stick and write it to a USB device, verified.
+    ///
+    /// Refuses a device that is not USB or removable (unless --force), or that is mounted,
+    /// used as swap or held by another device; shows model, size and serial and asks first
+    /// (unless --yes).
+    Flash {
+        /// The imprint image (.img.zst) the stick installs.
+        #[arg(long)]
+        image: PathBuf,
+        /// Folder of cloud-init NoCloud templates (user-data, meta-data, network-config).
+        #[arg(long)]
+        seed: Option<PathBuf>,
+        /// Appliance configuration (JSON) [default: the built-in defaults].
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The live image's boot files, made by image-build/build.
+        #[arg(long, default_value = "build/boot")]
+        boot: PathBuf,
+        /// The USB stick (whole disk, e.g. /dev/sdb).
+        device: PathBuf,
+        /// Do not ask for confirmation.
+        #[arg(short, long)]
+        yes: bool,
+        /// Allow a device that is neither USB nor removable.
+        #[arg(long)]
+        force: bool,
+    },
     /// Show an imprint image's manifest.
     Inspect {
         /// The imprint image (.img.zst).
@@ -156,6 +184,26 @@ fn main() -> ExitCode {
             output,
         })
         .map(|_| ()),
+        Command::Flash {
+            image,
+            seed,
+            config,
+            boot,
+            device,
+            yes,
+            force,
+        } => flash::flash(&flash::FlashOptions {
+            build: stick::BuildOptions {
+                image,
+                seed,
+                config,
+                boot,
+                output: PathBuf::new(),
+            },
+            device,
+            yes,
+            force,
+        }),
         Command::Inspect { image, json, check } => commands::inspect(&image, json, check),
     };
     match result {

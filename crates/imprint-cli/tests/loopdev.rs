@@ -364,3 +364,90 @@ fn refuses_without_confirmation_off_a_terminal() {
     drop(lo);
     assert_eq!(sha(&disk), before);
 }
+
+/// A boot folder shaped like image-build/build's output. The files' contents do not matter to
+/// `imprint flash` (the live-image tests boot the real ones); grub.cfg carries the PARTUUID token.
+fn fake_boot_dir(dir: &Path) -> PathBuf {
+    let boot = dir.join("boot");
+    for f in [
+        "EFI/BOOT/BOOTX64.EFI",
+        "EFI/BOOT/grubx64.efi",
+        "vmlinuz",
+        "initrd.img",
+    ] {
+        let p = boot.join(f);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, noise(4096, 3)).unwrap();
+    }
+    std::fs::create_dir_all(boot.join("EFI/debian")).unwrap();
+    std::fs::write(
+        boot.join("EFI/debian/grub.cfg"),
+        "linux /vmlinuz imprint.esp=@ESP_PARTUUID@\ninitrd /initrd.img\n",
+    )
+    .unwrap();
+    boot
+}
+
+#[test]
+fn flash_writes_a_verified_stick_and_refuses_non_usb_without_force() {
+    require_root();
+    let t = tempfile::tempdir().unwrap();
+    let raw = make_raw(t.path(), 64 * MIB, 512);
+    let img = prepare(&raw);
+    let boot = fake_boot_dir(t.path());
+    let disk = t.path().join("stick");
+    fill(&disk, 256 * MIB, 0x77);
+    let before = sha(&disk);
+    let lo = Loop::new(&disk, 512);
+    // A loop device is not a USB disk: refused untouched without --force.
+    let o = run(imprint()
+        .args(["flash", "--yes", "--image"])
+        .arg(&img)
+        .arg("--boot")
+        .arg(&boot)
+        .arg(&lo.dev));
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("--force") || stderr(&o).contains("whole USB"),
+        "{}",
+        stderr(&o)
+    );
+    drop(lo);
+    assert_eq!(sha(&disk), before);
+
+    let lo = Loop::new(&disk, 512);
+    let o = run(imprint()
+        .args(["flash", "--yes", "--force", "--image"])
+        .arg(&img)
+        .arg("--boot")
+        .arg(&boot)
+        .arg(&lo.dev));
+    assert!(o.status.success(), "{}", stderr(&o));
+    check(Command::new("sgdisk").arg("-v").arg(&lo.dev));
+    let info = run(Command::new("sgdisk").args(["-i", "2"]).arg(&lo.dev));
+    let info = String::from_utf8_lossy(&info.stdout).to_uppercase();
+    assert!(
+        info.contains("4011D3E2-18E9-46FA-BA24-210466D1720F"),
+        "payload type: {info}"
+    );
+    let first: u64 = info
+        .lines()
+        .find(|l| l.starts_with("FIRST SECTOR"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .unwrap()
+        .parse()
+        .unwrap();
+    drop(lo);
+    let got = std::fs::read(&disk).unwrap();
+    let image = std::fs::read(&img).unwrap();
+    let at = (first * 512) as usize;
+    assert!(
+        got[at..at + image.len()] == image[..],
+        "the payload partition holds the image byte for byte"
+    );
+    assert_eq!(
+        &got[got.len() - 512..got.len() - 504],
+        b"EFI PART",
+        "backup GPT at the stick's end"
+    );
+}

@@ -312,6 +312,8 @@ pub struct Image {
     path: PathBuf,
     manifest: Manifest,
     payload_offset: u64,
+    /// The payload is the raw image itself, not zstd ([`Image::from_raw_file`]).
+    raw: bool,
 }
 
 impl Image {
@@ -393,6 +395,70 @@ impl Image {
             path: path.to_owned(),
             manifest,
             payload_offset,
+            raw: false,
+        })
+    }
+
+    /// Treats a raw disk image file as an image, computing its manifest by reading it once:
+    /// lets the engine write files that never were prepared (`imprint flash` writes the stick
+    /// image it just built) with every guarantee of a prepared image.
+    pub fn from_raw_file(path: &Path, name: &str) -> Result<Image, ImageError> {
+        let io_err = |source| ImageError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let mut f = BufReader::with_capacity(1 << 20, File::open(path).map_err(io_err)?);
+        let mut total = Sha256::new();
+        let mut chunker = ChunkHasher::new(DEFAULT_CHUNK_SIZE);
+        let mut chunks = Vec::new();
+        let mut push = |_: u64, d: String| -> Result<(), ImageError> {
+            chunks.push(d);
+            Ok(())
+        };
+        let mut head = Vec::with_capacity(8192);
+        let mut buf = vec![0u8; 1 << 20];
+        let mut raw_size = 0u64;
+        loop {
+            let n = read_full(&mut f, &mut buf).map_err(io_err)?;
+            if n == 0 {
+                break;
+            }
+            if head.len() < 8192 {
+                let take = (8192 - head.len()).min(n);
+                head.extend_from_slice(&buf[..take]);
+            }
+            total.update(&buf[..n]);
+            chunker.update(&buf[..n], &mut push)?;
+            raw_size += n as u64;
+        }
+        chunker.finish(&mut push)?;
+        let (partition_table, sector_size) = detect_partition_table(&head);
+        let digest = hex(&total.finalize());
+        let manifest = Manifest {
+            format: FORMAT_NAME.into(),
+            version: FORMAT_VERSION,
+            name: name.into(),
+            raw_size,
+            partition_table,
+            sector_size,
+            sha256: digest.clone(),
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            chunks,
+            compressed_size: raw_size,
+            compressed_sha256: digest,
+            created_by: concat!("imprint ", env!("CARGO_PKG_VERSION")).into(),
+        };
+        manifest
+            .validate()
+            .map_err(|reason| ImageError::BadManifest {
+                path: path.to_owned(),
+                reason,
+            })?;
+        Ok(Image {
+            path: path.to_owned(),
+            manifest,
+            payload_offset: 0,
+            raw: true,
         })
     }
 
@@ -425,17 +491,16 @@ impl Image {
 
     /// A reader of the decoded raw image. The caller must check it yields exactly `raw_size`
     /// bytes followed by a clean end (see [`crate::write`]); zstd checks each frame's checksum.
-    pub fn raw_reader(
-        &self,
-    ) -> Result<
-        zstd::stream::read::Decoder<'static, BufReader<io::Take<BufReader<File>>>>,
-        ImageError,
-    > {
+    pub fn raw_reader(&self) -> Result<Box<dyn Read + Send>, ImageError> {
         let payload = self.payload()?;
-        zstd::stream::read::Decoder::new(payload).map_err(|source| ImageError::Io {
+        if self.raw {
+            return Ok(Box::new(payload));
+        }
+        let dec = zstd::stream::read::Decoder::new(payload).map_err(|source| ImageError::Io {
             path: self.path.clone(),
             source,
-        })
+        })?;
+        Ok(Box::new(dec))
     }
 
     /// Reads the whole compressed payload and checks its sha256 against the manifest: a fast

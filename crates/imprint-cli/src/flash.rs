@@ -1,0 +1,136 @@
+//! `imprint flash`: builds the provisioning stick and writes it straight to a USB device with
+//! the same verified engine as `imprint write` (partition table last, read back, backup GPT
+//! moved to the stick's end).
+//!
+//! It refuses anything that is not a USB or removable disk unless `--force`, and anything
+//! mounted, used as swap or held (the engine's checks), and asks before overwriting.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use imprint_core::blockdev::{OpenOptionsTarget, Target, TargetKind};
+use imprint_core::discover::{self, Transport};
+use imprint_core::manifest::Image;
+use imprint_core::progress::human_bytes;
+use imprint_core::write::{self, WriteOptions};
+
+use crate::commands::{confirm_overwrite, progress_for, Refused};
+use crate::stick;
+
+/// What `imprint flash` is asked to do.
+#[derive(Debug, Clone)]
+pub struct FlashOptions {
+    /// The stick's contents, as for `imprint build` (its `output` is ignored).
+    pub build: stick::BuildOptions,
+    /// The USB device.
+    pub device: PathBuf,
+    /// Do not ask.
+    pub yes: bool,
+    /// Allow a device that is neither USB nor removable.
+    pub force: bool,
+}
+
+/// Runs `imprint flash`.
+pub fn flash(opts: &FlashOptions) -> Result<()> {
+    let dev = &opts.device;
+    let meta = std::fs::metadata(dev).with_context(|| format!("looking at {}", dev.display()))?;
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_block_device() {
+            bail!(
+                "{} is not a block device; to make a stick image file use `imprint build -o FILE`",
+                dev.display()
+            );
+        }
+    }
+    let name = std::fs::canonicalize(dev)
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_default();
+    let disks = discover::scan(Path::new("/sys")).context("listing disks")?;
+    let what = match disks.iter().find(|d| d.name == name) {
+        Some(disk) => {
+            if disk.transport != Transport::Usb && !disk.removable && !opts.force {
+                return Err(Refused(format!(
+                    "{} is a {:?} disk, neither USB nor removable: refusing to turn it into a stick (pass --force if you really mean it)",
+                    dev.display(),
+                    disk.transport
+                ))
+                .into());
+            }
+            format!(
+                "{} ({}, model {:?}, serial {:?}, partitions: {})",
+                dev.display(),
+                human_bytes(disk.size),
+                disk.model.as_deref().unwrap_or("unknown"),
+                disk.serial.as_deref().unwrap_or("unknown"),
+                if disk.partitions.is_empty() {
+                    "none".to_string()
+                } else {
+                    disk.partitions.iter().map(|p| p.name.clone()).collect::<Vec<_>>().join(" ")
+                }
+            )
+        }
+        // Partitions, loop and device-mapper devices are not disks discovery lists.
+        None if opts.force => format!("{} (not a disk imprint classifies, e.g. a loop device)", dev.display()),
+        None => {
+            return Err(Refused(format!(
+                "{} is not a whole USB or removable disk (a partition, loop or device-mapper device?); give the stick's whole disk, e.g. /dev/sdb",
+                dev.display()
+            ))
+            .into())
+        }
+    };
+    // Open (and with it, check exclusivity) before building: a busy device is refused early.
+    let target = Target::open(dev, &OpenOptionsTarget::default())?;
+    debug_assert_eq!(target.kind(), TargetKind::BlockDevice);
+    if !opts.yes {
+        confirm_overwrite(
+            &format!("{what} will become an imprint stick. Everything on it will be lost."),
+            &format!("Overwrite {}?", dev.display()),
+        )?;
+    }
+
+    let tmp = tempdir_for_stick()?;
+    let stick_file = tmp.join("stick.img");
+    let mut build = opts.build.clone();
+    build.output = stick_file.clone();
+    let result = (|| -> Result<()> {
+        let layout = stick::build(&build)?;
+        if layout.size > target.size() {
+            bail!(
+                "{} holds {} but the stick needs {}; use a larger stick",
+                dev.display(),
+                human_bytes(target.size()),
+                human_bytes(layout.size)
+            );
+        }
+        let image = Image::from_raw_file(&stick_file, "imprint stick")
+            .context("reading the built stick image")?;
+        let progress = progress_for(false);
+        let report =
+            write::write_image(&image, &target, &WriteOptions::default(), progress.as_ref())
+                .with_context(|| format!("writing the stick to {}", dev.display()))?;
+        drop(progress);
+        println!(
+            "{} is an imprint stick: {} written and read back in {:.1} s",
+            dev.display(),
+            human_bytes(report.raw_size),
+            report.write_seconds + report.verify_seconds + report.commit_seconds
+        );
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&tmp);
+    result
+}
+
+/// A private folder for the stick image under `$TMPDIR` (or /var/tmp: a stick image can be
+/// larger than a RAM-backed /tmp).
+fn tempdir_for_stick() -> Result<PathBuf> {
+    let base = std::env::var_os("TMPDIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp"));
+    let dir = base.join(format!("imprint-flash-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
