@@ -23,7 +23,7 @@ pub mod machine;
 pub mod manifest;
 pub mod progress;
 pub mod seed;
-pub mod stick;
 pub mod select;
+pub mod stick;
 pub mod verify;
 pub mod write;
