@@ -85,18 +85,8 @@ enum Command {
     /// Config, seed and image are checked before anything is written. Write the result to a USB
     /// stick with Etcher, dd, or `imprint flash`.
     Build {
-        /// The imprint image (.img.zst) the stick installs.
-        #[arg(long)]
-        image: PathBuf,
-        /// Folder of cloud-init NoCloud templates (user-data, meta-data, network-config).
-        #[arg(long)]
-        seed: Option<PathBuf>,
-        /// Appliance configuration (JSON) [default: the built-in defaults].
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// The live image's boot files, made by image-build/build.
-        #[arg(long, default_value = "build/boot")]
-        boot: PathBuf,
+        #[command(flatten)]
+        stick: StickArgs,
         /// The stick image file to write.
         #[arg(short, long)]
         output: PathBuf,
@@ -107,18 +97,8 @@ enum Command {
     /// used as swap or held by another device; shows model, size and serial and asks first
     /// (unless --yes).
     Flash {
-        /// The imprint image (.img.zst) the stick installs.
-        #[arg(long)]
-        image: PathBuf,
-        /// Folder of cloud-init NoCloud templates (user-data, meta-data, network-config).
-        #[arg(long)]
-        seed: Option<PathBuf>,
-        /// Appliance configuration (JSON) [default: the built-in defaults].
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// The live image's boot files, made by image-build/build.
-        #[arg(long, default_value = "build/boot")]
-        boot: PathBuf,
+        #[command(flatten)]
+        stick: StickArgs,
         /// The USB stick (whole disk, e.g. /dev/sdb).
         device: PathBuf,
         /// Do not ask for confirmation.
@@ -139,6 +119,35 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+}
+
+/// What goes onto a provisioning stick (`build` and `flash`).
+#[derive(Debug, clap::Args)]
+struct StickArgs {
+    /// The imprint image (.img.zst) the stick installs.
+    #[arg(long)]
+    image: PathBuf,
+    /// Folder of cloud-init NoCloud templates (user-data, meta-data, network-config).
+    #[arg(long)]
+    seed: Option<PathBuf>,
+    /// Appliance configuration (JSON) [default: the built-in defaults].
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The live image's boot files, made by image-build/build.
+    #[arg(long, default_value = "build/boot")]
+    boot: PathBuf,
+}
+
+impl StickArgs {
+    fn into_build(self, output: PathBuf) -> stick::BuildOptions {
+        stick::BuildOptions {
+            image: self.image,
+            seed: self.seed,
+            config: self.config,
+            boot: self.boot,
+            output,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -170,36 +179,14 @@ fn main() -> ExitCode {
             target,
             json,
         } => commands::verify(&image, &target, json),
-        Command::Build {
-            image,
-            seed,
-            config,
-            boot,
-            output,
-        } => stick::build(&stick::BuildOptions {
-            image,
-            seed,
-            config,
-            boot,
-            output,
-        })
-        .map(|_| ()),
+        Command::Build { stick, output } => stick::build(&stick.into_build(output)).map(|_| ()),
         Command::Flash {
-            image,
-            seed,
-            config,
-            boot,
+            stick,
             device,
             yes,
             force,
         } => flash::flash(&flash::FlashOptions {
-            build: stick::BuildOptions {
-                image,
-                seed,
-                config,
-                boot,
-                output: PathBuf::new(),
-            },
+            build: stick.into_build(PathBuf::new()),
             device,
             yes,
             force,
