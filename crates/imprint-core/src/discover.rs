@@ -368,20 +368,8 @@ pub fn scan(sys_root: &Path) -> Result<Vec<Disk>, DiscoverError> {
     Ok(disks)
 }
 
-/// A byte count for people: binary units with one decimal (`8.0 GiB`), bytes below 1 KiB.
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
-    if n < 1024 {
-        return format!("{n} B");
-    }
-    let mut v = n as f64 / 1024.0;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    format!("{v:.1} {}", UNITS[unit])
-}
+/// Sizes for people ("8.0 GiB"), shared with the progress reports.
+pub use crate::progress::human_bytes;
 
 impl fmt::Display for Disk {
     /// One console line: name, transport, size, sector sizes, model, serial, partitions.
