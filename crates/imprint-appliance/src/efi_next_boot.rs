@@ -1,7 +1,6 @@
 //! Glue between the installed disk and [`crate::efi`]: finds the EFI System Partition in the
 //! installed disk's GPT and makes it the firmware's next boot (`BootNext`).
 
-use std::fs::File;
 use std::path::Path;
 
 use anyhow::{anyhow, Context, Result};
@@ -9,6 +8,7 @@ use imprint_core::discover::Disk;
 use serde_json::{json, Value};
 
 use crate::efi;
+use crate::flow::{find_partition_by_type, read_gpt};
 
 /// GPT type of an EFI System Partition.
 const ESP_TYPE: &str = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b";
@@ -22,31 +22,15 @@ const EFIVARS: &str = "/sys/firmware/efi/efivars";
 /// `ignored_before` in the result is true when a `BootNext` we set on an earlier run was still
 /// pending: the firmware ignores `BootNext`, and rebooting would only boot the stick again.
 pub fn set_next_boot_to_disk(dev: &Path, disk: &Disk) -> Result<Value> {
-    let lb = gpt::disk::LogicalBlockSize::try_from(u64::from(disk.logical_block_size))
-        .map_err(|_| anyhow!("unsupported sector size {}", disk.logical_block_size))?;
-    let mut f = File::open(dev).with_context(|| format!("opening {}", dev.display()))?;
-    let g = gpt::GptConfig::new()
-        .writable(false)
-        .logical_block_size(lb)
-        .open_from_device(&mut f)
-        .with_context(|| format!("reading the GPT of {}", dev.display()))?;
-    let (num, part) = g
-        .partitions()
-        .iter()
-        .find(|(_, p)| {
-            p.part_type_guid
-                .guid
-                .to_string()
-                .eq_ignore_ascii_case(ESP_TYPE)
-        })
-        .ok_or_else(|| {
-            anyhow!(
-                "the installed disk {} has no EFI System Partition",
-                dev.display()
-            )
-        })?;
+    let g = read_gpt(dev, disk.logical_block_size)?;
+    let (num, part) = find_partition_by_type(&g, ESP_TYPE).ok_or_else(|| {
+        anyhow!(
+            "the installed disk {} has no EFI System Partition",
+            dev.display()
+        )
+    })?;
     let esp = efi::EspLocation {
-        partition_number: *num,
+        partition_number: num,
         start_lba: part.first_lba,
         size_lba: part.last_lba - part.first_lba + 1,
         partition_guid: part.part_guid,

@@ -200,47 +200,49 @@ fn mount_stick(env: &BootEnv) -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// Reads the GPT of `dev` with `sector_size`-byte logical sectors.
+pub(crate) fn read_gpt(dev: &Path, sector_size: u32) -> Result<gpt::GptDisk<File>> {
+    let lb = gpt::disk::LogicalBlockSize::try_from(u64::from(sector_size))
+        .map_err(|_| anyhow!("unsupported sector size {sector_size}"))?;
+    let f = File::open(dev).with_context(|| format!("opening {}", dev.display()))?;
+    gpt::GptConfig::new()
+        .writable(false)
+        .logical_block_size(lb)
+        .open_from_device(f)
+        .with_context(|| format!("reading the GPT of {}", dev.display()))
+}
+
+/// The first used partition of `g` whose type GUID is `type_guid`: (number, partition).
+pub(crate) fn find_partition_by_type<D>(
+    g: &gpt::GptDisk<D>,
+    type_guid: &str,
+) -> Option<(u32, gpt::partition::Partition)> {
+    g.partitions()
+        .iter()
+        .find(|(_, p)| {
+            p.is_used()
+                && p.part_type_guid
+                    .guid
+                    .to_string()
+                    .eq_ignore_ascii_case(type_guid)
+        })
+        .map(|(n, p)| (*n, p.clone()))
+}
+
 /// The stick's payload partition: the partition of the stick's disk with imprint's type GUID.
 fn payload_partition(stick_disk: &str) -> Result<PathBuf> {
     let disk_dev = Path::new("/dev").join(stick_disk);
-    let mut f = File::open(&disk_dev)
-        .with_context(|| format!("opening the stick {}", disk_dev.display()))?;
-    let mut found = None;
-    for ss in [512u64, 4096] {
-        let Ok(lb) = gpt::disk::LogicalBlockSize::try_from(ss) else {
-            continue;
-        };
-        if let Ok(g) = gpt::GptConfig::new()
-            .writable(false)
-            .logical_block_size(lb)
-            .open_from_device(&mut f)
-        {
-            found = g
-                .partitions()
-                .iter()
-                .find(|(_, p)| {
-                    p.part_type_guid
-                        .guid
-                        .to_string()
-                        .eq_ignore_ascii_case(PAYLOAD_TYPE_GUID)
-                })
-                .map(|(n, _)| *n);
-            break;
-        }
-    }
-    let num = found.ok_or_else(|| anyhow!("the stick {} has no imprint payload partition (type {PAYLOAD_TYPE_GUID}); rebuild it with `imprint build` or `imprint flash`", disk_dev.display()))?;
-    // Partition devices are named by the kernel (sda2, nvme0n1p2, mmcblk0p2): find it in sysfs.
-    let sysdir = Path::new("/sys/block").join(stick_disk);
-    for e in std::fs::read_dir(&sysdir)
-        .with_context(|| format!("listing {}", sysdir.display()))?
-        .flatten()
-    {
-        let n = std::fs::read_to_string(e.path().join("partition")).unwrap_or_default();
-        if n.trim().parse::<u32>().ok() == Some(num) {
-            return Ok(Path::new("/dev").join(e.file_name()));
-        }
-    }
-    bail!("the kernel shows no device for partition {num} of the stick {stick_disk}")
+    // USB sticks have 512-byte sectors; a 4Kn card reader would present 4096.
+    let g = read_gpt(&disk_dev, 512)
+        .or_else(|_| read_gpt(&disk_dev, 4096))
+        .with_context(|| format!("reading the stick {}", disk_dev.display()))?;
+    let (num, _) = find_partition_by_type(&g, PAYLOAD_TYPE_GUID).ok_or_else(|| {
+        anyhow!(
+            "the stick {} has no imprint payload partition (type {PAYLOAD_TYPE_GUID}); rebuild it with `imprint build` or `imprint flash`",
+            disk_dev.display()
+        )
+    })?;
+    partition_device(stick_disk, num)
 }
 
 fn install(
@@ -418,14 +420,7 @@ fn seed_into_root(
     sel: &imprint_core::config::RootPartition,
     rendered: &seed::RenderedSeed,
 ) -> Result<seed::SeedPlacement> {
-    let lb = gpt::disk::LogicalBlockSize::try_from(u64::from(ss))
-        .map_err(|_| anyhow!("sector size {ss}"))?;
-    let mut f = File::open(dev).with_context(|| format!("opening {}", dev.display()))?;
-    let g = gpt::GptConfig::new()
-        .writable(false)
-        .logical_block_size(lb)
-        .open_from_device(&mut f)
-        .with_context(|| format!("reading the GPT of {}", dev.display()))?;
+    let g = read_gpt(dev, ss)?;
     let num = seed::pick_root_partition(g.partitions(), sel)?;
     let part = partition_device(&disk.name, num)?;
     std::fs::create_dir_all(ROOT_MNT)?;
@@ -448,6 +443,8 @@ fn seed_into_root(
     Ok(placement)
 }
 
+/// The device of partition `num` of `disk`. Partition devices are named by the kernel (sda2,
+/// nvme0n1p2, mmcblk0p2): find it in sysfs rather than guess.
 fn partition_device(disk: &str, num: u32) -> Result<PathBuf> {
     let sysdir = Path::new("/sys/block").join(disk);
     for e in std::fs::read_dir(&sysdir)?.flatten() {
