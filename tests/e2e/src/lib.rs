@@ -622,6 +622,51 @@ pub fn parse_disk_table(log: &str) -> Vec<DiskRow> {
     rows
 }
 
+/// Byte offset of the ESP in sticks made by `imprint build` (first partition at 1 MiB).
+pub const STICK_ESP_OFFSET: u64 = 1 << 20;
+
+/// Appends kernel arguments (e.g. `imprint.probe`) to the `linux` line of a built stick's
+/// grub.cfg, with mtools on the stick's ESP: tests change what the appliance does without a
+/// special build.
+pub fn add_kernel_args(stick: &Path, args: &str) -> Result<(), E2eError> {
+    let image = format!("{}@@{STICK_ESP_OFFSET}", stick.display());
+    let cfg = "::EFI/debian/grub.cfg";
+    let text = run(Command::new("mtype")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .args(["-i", &image, cfg]))?;
+    let mut changed = false;
+    let patched: String = text
+        .lines()
+        .map(|line| {
+            if line.trim_start().starts_with("linux ") {
+                changed = true;
+                format!("{line} {args}\n")
+            } else {
+                format!("{line}\n")
+            }
+        })
+        .collect();
+    if !changed {
+        return Err(E2eError::Missing(format!(
+            "no linux line in {cfg} of {}",
+            stick.display()
+        )));
+    }
+    let tmp = stick.with_extension("grub.cfg");
+    fs::write(&tmp, patched).map_err(|source| E2eError::Io {
+        what: "writing",
+        path: tmp.clone(),
+        source,
+    })?;
+    run(Command::new("mcopy")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .args(["-o", "-i", &image])
+        .arg(&tmp)
+        .arg(cfg))?;
+    let _ = fs::remove_file(&tmp);
+    Ok(())
+}
+
 /// Copies a file (e.g. a stick image) so a test can modify its copy.
 pub fn copy(from: &Path, to: &Path) -> Result<(), E2eError> {
     fs::copy(from, to)

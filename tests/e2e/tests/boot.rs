@@ -1,6 +1,7 @@
 //! Boots the stick `imprint build` makes, with Secure Boot on and off, next to NVMe, SATA and
 //! USB disks: PID 1 must list every disk with the right transport, recognise its own stick,
-//! print IMPRINT-BOOT-OK and power the machine off.
+//! print IMPRINT-BOOT-OK and power the machine off. The stick boots in probe mode
+//! (`imprint.probe` added to its kernel command line): it reports and touches nothing.
 //!
 //! Needs build/boot (image-build/build) and qemu + OVMF (scripts/deps). Run with
 //! `cargo test -p imprint-e2e -- --test-threads=1`: two TCG guests on two cores only slow each
@@ -12,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use imprint_e2e::{boot_dir, imprint_bin, parse_disk_table, run, sparse_disk, Firmware, VmBuilder};
+use imprint_e2e::{
+    add_kernel_args, boot_dir, imprint_bin, parse_disk_table, run, sparse_disk, Firmware, VmBuilder,
+};
 
 const GIB: u64 = 1 << 30;
 
@@ -50,6 +53,7 @@ fn build_stick(dir: &Path) -> PathBuf {
         .arg("-o")
         .arg(&stick))
     .unwrap();
+    add_kernel_args(&stick, "imprint.probe").unwrap();
     stick
 }
 
@@ -87,6 +91,10 @@ fn boot_and_list_disks(firmware: Firmware) -> String {
         "qemu exited with {status} (powered off expected)"
     );
     let log = vm.log();
+    assert!(
+        log.contains("imprint.probe"),
+        "the kernel did not get imprint.probe:\n{log}"
+    );
     eprintln!(
         "{firmware:?}: IMPRINT-BOOT-OK after {:.1}s",
         booted.as_secs_f64()
