@@ -194,7 +194,7 @@ fn mount_stick(env: &BootEnv) -> Result<PathBuf> {
         &dir,
         Some("vfat"),
         MsFlags::MS_NOATIME,
-        Some("utf8,shortname=mixed"),
+        Some("iocharset=utf8,shortname=mixed"),
     )
     .with_context(|| format!("mounting the stick's ESP {}", dev.display()))?;
     Ok(dir)
