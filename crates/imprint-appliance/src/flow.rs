@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use imprint_core::blockdev::{OpenOptionsTarget, Target};
 use imprint_core::config::{After, Config, Placement};
-use imprint_core::discover::{self, Disk, DiskTable};
+use imprint_core::discover::{self, Disk};
 use imprint_core::machine::MachineIdentity;
 use imprint_core::manifest::{Image, PartitionTable};
 use imprint_core::progress::{Phase, Progress};
@@ -279,10 +279,7 @@ fn install(
     rep.hardware = hardware_summary();
     let disks = discover::scan(sys).context("scanning the disks")?;
     rep.disks = serde_json::to_value(&disks).unwrap_or_default();
-    consoles.line("imprint: disks:");
-    for line in DiskTable(&disks).to_string().lines() {
-        consoles.line(&format!("  {line}"));
-    }
+    // main.rs printed the disk table already (IMPRINT-BOOT-OK); the decision follows it.
 
     let selection = select::choose(
         &disks,
@@ -513,12 +510,20 @@ fn already_installed(image: &Image, dev: &Path, disk: &Disk, stick: &Path) -> bo
     else {
         return false;
     };
+    // The installed OS may have grown its root partition (growpart) and the seed added one:
+    // compare what identifies a partition — number, unique GUID, type, start — not its end.
     dg.guid() == ig.guid()
         && ig
             .partitions()
             .iter()
             .filter(|(_, p)| p.is_used())
-            .all(|(n, p)| dg.partitions().get(n) == Some(p))
+            .all(|(n, p)| {
+                dg.partitions().get(n).is_some_and(|d| {
+                    d.part_guid == p.part_guid
+                        && d.part_type_guid == p.part_type_guid
+                        && d.first_lba == p.first_lba
+                })
+            })
 }
 
 fn first_mib_is_zero(dev: &Path) -> bool {
