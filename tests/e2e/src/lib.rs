@@ -196,6 +196,7 @@ pub struct VmBuilder {
     cpus: u32,
     timeout: Duration,
     drives: Vec<Drive>,
+    nic: Option<String>,
     extra: Vec<String>,
 }
 
@@ -210,6 +211,7 @@ impl VmBuilder {
             cpus: 2,
             timeout: Duration::from_secs(600),
             drives: Vec::new(),
+            nic: None,
             extra: Vec::new(),
         }
     }
@@ -287,6 +289,13 @@ impl VmBuilder {
         self
     }
 
+    /// A network card with this MAC address (the seed's machines table is keyed by MACs). It
+    /// uses qemu's user networking with `restrict=on`: the guest reaches nothing outside the VM.
+    pub fn nic(mut self, mac: &str) -> Self {
+        self.nic = Some(mac.to_string());
+        self
+    }
+
     /// Extra qemu arguments.
     pub fn arg(mut self, arg: impl Into<String>) -> Self {
         self.extra.push(arg.into());
@@ -309,14 +318,12 @@ impl VmBuilder {
         let mem = self.memory_mib.to_string();
         let cpus = self.cpus.to_string();
         push(&["-m", &mem, "-smp", &cpus]);
-        push(&[
-            "-nographic",
-            "-no-reboot",
-            "-nic",
-            "none",
-            "-monitor",
-            "none",
-        ]);
+        push(&["-nographic", "-no-reboot", "-monitor", "none"]);
+        let nic = match &self.nic {
+            Some(mac) => format!("user,restrict=on,model=virtio-net-pci,mac={mac}"),
+            None => "none".to_string(),
+        };
+        push(&["-nic", &nic]);
         let code = format!(
             "if=pflash,format=raw,unit=0,readonly=on,file={}",
             self.firmware.code().display()
@@ -354,14 +361,21 @@ impl VmBuilder {
                     format!("usb-storage,bus=xhci.0,drive={id},serial={serial}")
                 }
                 Attach::Nvme { serial, four_k } => {
-                    let mut s = format!("nvme,drive={id},serial={serial}");
+                    // A bootindex on the internal disks too: with any bootindex set, OVMF
+                    // rebuilds BootOrder from them each boot and drops Boot#### entries for
+                    // devices without one — the entry the appliance makes for the installed
+                    // disk would vanish before BootNext is read (docs/boot-order.md).
+                    let mut s = format!("nvme,drive={id},serial={serial},bootindex={}", i + 2);
                     if *four_k {
                         s.push_str(",logical_block_size=4096,physical_block_size=4096");
                     }
                     s
                 }
                 Attach::Sata { serial } => {
-                    let s = format!("ide-hd,bus=ahci.{sata_port},drive={id},serial={serial}");
+                    let s = format!(
+                        "ide-hd,bus=ahci.{sata_port},drive={id},serial={serial},bootindex={}",
+                        i + 2
+                    );
                     sata_port += 1;
                     s
                 }
@@ -700,14 +714,14 @@ mod tests {
             "-global driver=cfi.pflash01,property=secure,value=on",
             "file=/usr/share/OVMF/OVMF_CODE_4M.ms.fd",
             "if=pflash,format=raw,unit=1,file=/w/VARS.fd",
-            "-nographic -no-reboot -nic none",
+            "-nographic -no-reboot -monitor none -nic none",
             "logfile=/w/serial.log",
             "-device qemu-xhci,id=xhci",
             "usb-storage,bus=xhci.0,drive=drive0,bootindex=1",
-            "nvme,drive=drive1,serial=N1 ",
-            "nvme,drive=drive2,serial=N4,logical_block_size=4096,physical_block_size=4096",
+            "nvme,drive=drive1,serial=N1,bootindex=3 ",
+            "nvme,drive=drive2,serial=N4,bootindex=4,logical_block_size=4096,physical_block_size=4096",
             "-device ahci,id=ahci",
-            "ide-hd,bus=ahci.0,drive=drive3,serial=A1",
+            "ide-hd,bus=ahci.0,drive=drive3,serial=A1,bootindex=5",
             "ide-hd,bus=ahci.1,drive=drive4,serial=B1",
             "usb-storage,bus=xhci.0,drive=drive5,serial=U1",
             "if=none,id=drive0,format=raw,file=/s.img",
@@ -719,6 +733,14 @@ mod tests {
             .join(" ");
         assert!(off.contains("-machine q35 ") && off.contains("OVMF_CODE_4M.fd"));
         assert!(!off.contains("secure,value=on") && !off.contains("ahci"));
+        let nic = VmBuilder::new("/w", Firmware::NoSecureBoot)
+            .nic("52:54:00:12:34:56")
+            .qemu_args(Path::new("/v"), Path::new("/l"))
+            .join(" ");
+        assert!(
+            nic.contains("-nic user,restrict=on,model=virtio-net-pci,mac=52:54:00:12:34:56"),
+            "{nic}"
+        );
     }
 
     #[test]

@@ -1,0 +1,279 @@
+//! The product's whole story on a virtual NUC, with Secure Boot off and on: the stick boots,
+//! the appliance installs the real Debian cloud image (image-build/os-image) onto the NVMe disk
+//! and leaves the SATA disk alone, seeds cloud-init, writes its report to the stick, sets
+//! BootNext and reboots; the next power-on boots the installed OS, where cloud-init applies the
+//! seed (hostname and static address from the machines table, a marker file); a third power-on
+//! with the stick still in does not reinstall.
+//!
+//! Needs build/boot (image-build/build), build/os/debian-bookworm-cloud.raw
+//! (image-build/os-image), qemu + OVMF + mtools (scripts/deps). Run single-threaded.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use imprint_e2e::{boot_dir, imprint_bin, run, workspace_root, Firmware, VmBuilder};
+
+const GIB: u64 = 1 << 30;
+const MAC: &str = "52:54:00:12:34:56";
+
+fn os_image() -> PathBuf {
+    let p = workspace_root().join("build/os/debian-bookworm-cloud.raw");
+    assert!(
+        p.exists(),
+        "{} is missing: run image-build/os-image first (scripts/test does)",
+        p.display()
+    );
+    p
+}
+
+/// Prepared once per test process: the OS image as an imprint image.
+fn prepared(dir: &Path) -> PathBuf {
+    let out = dir.join("os.img.zst");
+    run(Command::new(imprint_bin().unwrap())
+        .arg("prepare")
+        .arg(os_image())
+        .arg("-o")
+        .arg(&out)
+        .args(["--level", "3"]))
+    .unwrap();
+    out
+}
+
+fn stick(dir: &Path, image: &Path) -> PathBuf {
+    let seed = workspace_root().join("scripts/demo-seed");
+    let out = dir.join("stick.img");
+    run(Command::new(imprint_bin().unwrap())
+        .arg("build")
+        .arg("--image")
+        .arg(image)
+        .arg("--seed")
+        .arg(&seed)
+        .arg("--config")
+        .arg(seed.join("config.json"))
+        .arg("--boot")
+        .arg(boot_dir().unwrap())
+        .arg("-o")
+        .arg(&out))
+    .unwrap();
+    out
+}
+
+/// Old data on a disk, so that "untouched" is checked against something.
+fn disk_with_old_data(path: &Path, size: u64) -> PathBuf {
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    use std::os::unix::fs::FileExt;
+    for off in (0..size).step_by(256 << 20) {
+        f.write_all_at(b"OLD DATA OLD DATA OLD DATA", off).unwrap();
+    }
+    path.to_owned()
+}
+
+fn sha(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+fn esp_offset(stick: &Path) -> u64 {
+    let out = Command::new("sgdisk")
+        .args(["-i", "1"])
+        .arg(stick)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let first: u64 = text
+        .lines()
+        .find(|l| l.starts_with("First sector"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .unwrap()
+        .parse()
+        .unwrap();
+    first * 512
+}
+
+/// The reports on the stick, oldest first.
+fn reports(stick: &Path) -> Vec<serde_json::Value> {
+    let img = format!("{}@@{}", stick.display(), esp_offset(stick));
+    let list = Command::new("mdir")
+        .args(["-b", "-i", &img, "::imprint/reports"])
+        .output()
+        .unwrap();
+    let mut names: Vec<String> = String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .filter(|l| l.ends_with(".json"))
+        .map(str::to_string)
+        .collect();
+    names.sort();
+    names
+        .iter()
+        .map(|n| {
+            let out = Command::new("mtype")
+                .args(["-i", &img, n])
+                .output()
+                .unwrap();
+            serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("report {n}: {e}"))
+        })
+        .collect()
+}
+
+fn vm(
+    dir: &Path,
+    name: &str,
+    fw: Firmware,
+    stick: &Path,
+    nvme: &Path,
+    sata: &Path,
+    vars: Option<&Path>,
+) -> VmBuilder {
+    let mut b = VmBuilder::new(dir.join(name), fw)
+        .stick(stick)
+        .nvme(nvme, "NUC-NVME-0001")
+        .sata(sata, "NUC-SATA-0001")
+        .nic(MAC)
+        .timeout(Duration::from_secs(900));
+    if let Some(v) = vars {
+        b = b.vars_from(v);
+    }
+    b
+}
+
+fn whole_story(fw: Firmware) {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let image = prepared(d);
+    let stick = stick(d, &image);
+    let nvme = disk_with_old_data(&d.join("nvme.img"), 8 * GIB);
+    let sata = disk_with_old_data(&d.join("sata.img"), 4 * GIB);
+    let sata_before = sha(&sata);
+
+    // Power-on 1: install.
+    let mut v1 = vm(d, "boot1", fw, &stick, &nvme, &sata, None)
+        .start()
+        .unwrap();
+    v1.wait_for(
+        "imprint: rebooting into the installed system",
+        Duration::from_secs(600),
+    )
+    .unwrap();
+    v1.wait_exit(Duration::from_secs(60)).unwrap();
+    let log1 = v1.log();
+    assert!(
+        log1.contains("imprint: target nvme0n1"),
+        "the NVMe disk is the target"
+    );
+    assert!(
+        log1.contains("nvme is preferred over sata"),
+        "and the console says why"
+    );
+    assert!(log1.contains("seed written and read back: hostname nuc-demo-01"));
+    assert!(
+        !log1.contains("IMPRINT-OS-OK"),
+        "user-data must not be printed on the console"
+    );
+    let vars1 = d.join("vars-after-install.fd");
+    std::fs::copy(v1.vars_path(), &vars1).unwrap();
+    drop(v1);
+
+    // The disks afterwards.
+    assert_eq!(sha(&sata), sata_before, "the SATA disk is untouched");
+    let verify = Command::new(imprint_bin().unwrap())
+        .arg("verify")
+        .arg(&image)
+        .arg(&nvme)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&verify.stdout);
+    assert!(
+        verify.status.success(),
+        "imprint verify: {}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    assert!(out.contains("backup GPT at the disk's end"), "{out}");
+    assert!(
+        out.contains("extra partitions beyond the image: CIDATA"),
+        "{out}"
+    );
+    let sg = Command::new("sgdisk")
+        .arg("-v")
+        .arg(&nvme)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&sg.stdout).contains("No problems found"),
+        "sgdisk -v"
+    );
+    // The report on the stick: what was chosen and why, verified, the seed summary — and no secrets.
+    let r = reports(&stick);
+    assert_eq!(r.len(), 1);
+    let r = &r[0];
+    assert_eq!(r["status"], "installed");
+    assert_eq!(r["selection"]["chosen"], "nvme0n1");
+    assert_eq!(r["write"]["verified"], true);
+    assert_eq!(r["seed"]["summary"]["hostname"], "nuc-demo-01");
+    assert_eq!(r["seed"]["summary"]["matched"]["by"], "mac");
+    assert_eq!(r["next_boot"]["set"], true);
+    let text = r.to_string();
+    assert!(
+        !text.contains("provisioned by imprint") && !text.contains("runcmd"),
+        "seed contents leaked into the report"
+    );
+
+    // Power-on 2, stick still in: BootNext takes the firmware to the NVMe disk; cloud-init runs.
+    let mut v2 = vm(d, "boot2", fw, &stick, &nvme, &sata, Some(&vars1))
+        .start()
+        .unwrap();
+    v2.wait_for(
+        "IMPRINT-OS-OK hostname=nuc-demo-01 marker=provisioned_by_imprint",
+        Duration::from_secs(600),
+    )
+    .unwrap();
+    v2.wait_for("IMPRINT-OS-ADDR", Duration::from_secs(60))
+        .unwrap();
+    assert!(
+        v2.log().contains("inet 10.0.2.50/24"),
+        "static address from the machines table"
+    );
+    v2.wait_exit(Duration::from_secs(120)).unwrap();
+    let vars2 = d.join("vars-after-os.fd");
+    std::fs::copy(v2.vars_path(), &vars2).unwrap();
+    drop(v2);
+
+    // Power-on 3, stick still in: the stick boots again, sees the install, does not reinstall.
+    let nvme_before = sha(&nvme);
+    let mut v3 = vm(d, "boot3", fw, &stick, &nvme, &sata, Some(&vars2))
+        .start()
+        .unwrap();
+    v3.wait_for(
+        "already holds debian-bookworm-cloud",
+        Duration::from_secs(300),
+    )
+    .unwrap();
+    v3.wait_for(
+        "imprint: rebooting into the installed system",
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    v3.wait_exit(Duration::from_secs(60)).unwrap();
+    drop(v3);
+    assert_eq!(sha(&nvme), nvme_before, "no reinstall");
+    let r = reports(&stick);
+    assert_eq!(r.len(), 2);
+    assert_eq!(r[1]["status"], "already-installed");
+}
+
+#[test]
+fn provisions_a_virtual_nuc_secure_boot_off() {
+    whole_story(Firmware::NoSecureBoot);
+}
+
+#[test]
+fn provisions_a_virtual_nuc_secure_boot_on() {
+    whole_story(Firmware::SecureBoot);
+}
