@@ -71,7 +71,11 @@ pub fn workspace_root() -> PathBuf {
 /// `build/boot`, checked: the e2e suite needs the live image, and says how to make it instead of
 /// passing silently without it.
 pub fn boot_dir() -> Result<PathBuf, E2eError> {
-    let dir = workspace_root().join("build/boot");
+    // IMPRINT_BUILD_DIR: the same override image-build/build takes for its output root.
+    let dir = std::env::var_os("IMPRINT_BUILD_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("build"))
+        .join("boot");
     for rel in [
         "EFI/BOOT/BOOTX64.EFI",
         "EFI/BOOT/grubx64.efi",
