@@ -157,6 +157,17 @@ fn whole_story(fw: Firmware) {
     let mut v1 = vm(d, "boot1", fw, &stick, &nvme, &sata, None)
         .start()
         .unwrap();
+    // The NVMe disk holds old data and the demo config says `confirm: if-not-empty`: the
+    // appliance shows the disk and asks on the console; answer it like an operator would.
+    v1.wait_for(
+        "Erase nvme0n1 and install debian-bookworm-cloud?",
+        Duration::from_secs(300),
+    )
+    .unwrap();
+    assert!(v1
+        .log()
+        .contains("partitions: none — will be overwritten with debian-bookworm-cloud"));
+    v1.send("y").unwrap();
     v1.wait_for(
         "imprint: rebooting into the installed system",
         Duration::from_secs(600),
