@@ -253,7 +253,7 @@ fn coldplug_and_settle<I: InsertModule>(
         }
         seen_aliases.extend(new);
         seen_blocks = blocks;
-        let esp = esp_partuuid.and_then(|uuid| find_esp(&roots.sys, uuid));
+        let esp = esp_partuuid.and_then(|uuid| find_esp(&roots.sys, &roots.dev, uuid));
         let esp_ok = esp_partuuid.is_none() || esp.is_some();
         if esp_ok && last_change.elapsed() >= SETTLE_QUIET {
             return (true, esp);
@@ -765,12 +765,13 @@ pub struct EspPartition {
     pub disk: String,
 }
 
-/// Finds the partition whose PARTUUID is `partuuid` from the partitions' `uevent` files. Kernels
-/// that do not export PARTUUID there still export PARTNAME: when no partition carries a
-/// PARTUUID, a partition named [`ESP_LABEL`] is taken, but only when exactly one exists.
-pub fn find_esp(sys: &Path, partuuid: &str) -> Option<EspPartition> {
+/// Finds the partition whose PARTUUID is `partuuid`. The partition's `uevent` carries it on
+/// newer kernels; otherwise (Debian's 6.1) the unique partition GUID is read from the GPT on
+/// `<dev>/<disk>` for the partition number the kernel reports (`PARTN`). Only when neither
+/// works is a partition named [`ESP_LABEL`] taken, and only if it is the one such partition
+/// whose GUID is unknown.
+pub fn find_esp(sys: &Path, dev: &Path, partuuid: &str) -> Option<EspPartition> {
     let mut by_name = Vec::new();
-    let mut any_partuuid = false;
     let class = sys.join("class/block");
     for name in list_dir(&class) {
         let Ok(uevent) = fs::read_to_string(class.join(&name).join("uevent")) else {
@@ -790,25 +791,79 @@ pub fn find_esp(sys: &Path, partuuid: &str) -> Option<EspPartition> {
             .and_then(|p| p.parent().and_then(|d| d.file_name()).map(|d| d.to_owned()))
             .map(|d| d.to_string_lossy().into_owned())
             .unwrap_or_default();
+        let guid = var("PARTUUID").or_else(|| {
+            let partn = var("PARTN")?.parse().ok()?;
+            let sector = fs::read_to_string(
+                sys.join("block")
+                    .join(&disk)
+                    .join("queue/logical_block_size"),
+            )
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(512);
+            gpt_partition_guid(&dev.join(&disk), sector, partn)
+        });
         let part = EspPartition {
             partition: name.clone(),
             disk,
         };
-        if let Some(uuid) = var("PARTUUID") {
-            any_partuuid = true;
-            if uuid.eq_ignore_ascii_case(partuuid) {
-                return Some(part);
-            }
-        }
-        if var("PARTNAME").as_deref() == Some(ESP_LABEL) {
-            by_name.push(part);
+        match guid {
+            Some(guid) if guid.eq_ignore_ascii_case(partuuid) => return Some(part),
+            Some(_) => {}
+            None if var("PARTNAME").as_deref() == Some(ESP_LABEL) => by_name.push(part),
+            None => {}
         }
     }
-    if !any_partuuid && by_name.len() == 1 {
+    if by_name.len() == 1 {
         by_name.pop()
     } else {
         None
     }
+}
+
+/// The unique GUID of GPT partition `partn` (1-based) on the disk at `path`, lower-case.
+fn gpt_partition_guid(path: &Path, sector: u64, partn: u64) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut disk = File::open(path).ok()?;
+    let mut header = [0u8; 92];
+    disk.seek(SeekFrom::Start(sector)).ok()?;
+    disk.read_exact(&mut header).ok()?;
+    if &header[..8] != b"EFI PART" {
+        return None;
+    }
+    let le64 = |b: &[u8]| b.try_into().ok().map(u64::from_le_bytes);
+    let le32 = |b: &[u8]| b.try_into().ok().map(u32::from_le_bytes);
+    let entries_lba = le64(&header[72..80])?;
+    let count = u64::from(le32(&header[80..84])?);
+    let size = u64::from(le32(&header[84..88])?);
+    if partn == 0 || partn > count || size < 128 {
+        return None;
+    }
+    let mut entry = [0u8; 128];
+    let offset = entries_lba
+        .checked_mul(sector)?
+        .checked_add((partn - 1).checked_mul(size)?)?;
+    disk.seek(SeekFrom::Start(offset)).ok()?;
+    disk.read_exact(&mut entry).ok()?;
+    let g = &entry[16..32];
+    if g.iter().all(|&b| b == 0) {
+        return None;
+    }
+    // Mixed endian: the first three fields little-endian, the rest as stored.
+    Some(format!(
+        "{:08x}-{:04x}-{:04x}-{:02x}{:02x}-{:02x}{:02x}{:02x}{:02x}{:02x}{:02x}",
+        u32::from_le_bytes([g[0], g[1], g[2], g[3]]),
+        u16::from_le_bytes([g[4], g[5]]),
+        u16::from_le_bytes([g[6], g[7]]),
+        g[8],
+        g[9],
+        g[10],
+        g[11],
+        g[12],
+        g[13],
+        g[14],
+        g[15]
+    ))
 }
 
 /// How a disk is attached, from its resolved `/sys/block` path.
@@ -1483,7 +1538,12 @@ mod tests {
                 ),
             ]
         );
-        let esp = find_esp(sys.path(), "12345678-aaaa-bbbb-cccc-1234567890ab").unwrap();
+        let esp = find_esp(
+            sys.path(),
+            Path::new("/nonexistent"),
+            "12345678-aaaa-bbbb-cccc-1234567890ab",
+        )
+        .unwrap();
         assert_eq!(
             esp,
             EspPartition {
@@ -1504,6 +1564,7 @@ mod tests {
     #[test]
     fn esp_is_found_by_partuuid_first() {
         let sys = fake_sys();
+        let dev = tempfile::tempdir().unwrap();
         let part = sys.path().join("class/block/sdb1/uevent");
         let uevent = fs::read_to_string(&part).unwrap();
         fs::write(
@@ -1512,20 +1573,92 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            find_esp(sys.path(), "12345678-AAAA-bbbb-cccc-1234567890ab")
-                .unwrap()
-                .disk,
+            find_esp(
+                sys.path(),
+                dev.path(),
+                "12345678-AAAA-bbbb-cccc-1234567890ab"
+            )
+            .unwrap()
+            .disk,
             "sdb"
         );
-        // With PARTUUIDs exported, a partition named IMPRINT with another PARTUUID is some other
-        // stick: not ours.
+        // A partition named IMPRINT with another PARTUUID is some other stick: not ours.
         assert_eq!(
-            find_esp(sys.path(), "00000000-0000-0000-0000-000000000000"),
+            find_esp(
+                sys.path(),
+                dev.path(),
+                "00000000-0000-0000-0000-000000000000"
+            ),
             None
         );
         let sys2 = fake_sys();
         fs::remove_file(sys2.path().join("class/block/sdb1")).unwrap();
-        assert_eq!(find_esp(sys2.path(), "x"), None);
+        assert_eq!(find_esp(sys2.path(), dev.path(), "x"), None);
+    }
+
+    /// A disk image whose GPT has partition 1 with the given unique GUID (raw bytes), with
+    /// `sector`-byte sectors.
+    fn gpt_disk(path: &Path, sector: u64, guid: [u8; 16]) {
+        let mut disk = vec![0u8; (sector * 40) as usize];
+        let h = sector as usize;
+        disk[h..h + 8].copy_from_slice(b"EFI PART");
+        disk[h + 72..h + 80].copy_from_slice(&2u64.to_le_bytes());
+        disk[h + 80..h + 84].copy_from_slice(&128u32.to_le_bytes());
+        disk[h + 84..h + 88].copy_from_slice(&128u32.to_le_bytes());
+        let e = 2 * sector as usize;
+        disk[e + 16..e + 32].copy_from_slice(&guid);
+        fs::write(path, disk).unwrap();
+    }
+
+    #[test]
+    fn esp_guid_is_read_from_the_gpt_when_uevent_lacks_it() {
+        // 12345678-aaaa-bbbb-cccc-1234567890ab as GPT stores it (mixed endian).
+        let guid = [
+            0x78, 0x56, 0x34, 0x12, 0xaa, 0xaa, 0xbb, 0xbb, 0xcc, 0xcc, 0x12, 0x34, 0x56, 0x78,
+            0x90, 0xab,
+        ];
+        for sector in [512u64, 4096] {
+            let sys = fake_sys();
+            write(
+                &sys.path().join("block/sdb/queue/logical_block_size"),
+                &format!("{sector}\n"),
+            );
+            let dev = tempfile::tempdir().unwrap();
+            gpt_disk(&dev.path().join("sdb"), sector, guid);
+            let uuid = "12345678-aaaa-bbbb-cccc-1234567890ab";
+            assert_eq!(
+                gpt_partition_guid(&dev.path().join("sdb"), sector, 1).as_deref(),
+                Some(uuid)
+            );
+            let esp = find_esp(sys.path(), dev.path(), &uuid.to_uppercase()).unwrap();
+            assert_eq!((esp.partition.as_str(), esp.disk.as_str()), ("sdb1", "sdb"));
+            // Its GUID is known and differs: the name IMPRINT does not make it ours.
+            assert_eq!(
+                find_esp(
+                    sys.path(),
+                    dev.path(),
+                    "00000000-0000-0000-0000-000000000001"
+                ),
+                None
+            );
+            assert_eq!(gpt_partition_guid(&dev.path().join("sdb"), sector, 2), None);
+            assert_eq!(
+                gpt_partition_guid(&dev.path().join("sdb"), sector, 129),
+                None
+            );
+        }
+    }
+
+    #[test]
+    fn esp_falls_back_to_a_unique_imprint_name_when_no_guid_is_readable() {
+        let sys = fake_sys();
+        let dev = tempfile::tempdir().unwrap();
+        let esp = find_esp(
+            sys.path(),
+            dev.path(),
+            "12345678-aaaa-bbbb-cccc-1234567890ab",
+        );
+        assert_eq!(esp.unwrap().disk, "sdb");
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Boots the stick `imprint build` makes, with Secure Boot on and off, next to NVMe, SATA and
 //! USB disks: PID 1 must list every disk with the right transport, recognise its own stick,
-//! print IMPRINT-BOOT-OK and power the machine off. The stick boots in probe mode
+//! print IMPRINT-BOOT-OK and power the machine off. A second imprint stick is plugged in too. The stick boots in probe mode
 //! (`imprint.probe` added to its kernel command line): it reports and touches nothing.
 //!
 //! Needs build/boot (image-build/build) and qemu + OVMF (scripts/deps). Run with
@@ -61,6 +61,11 @@ fn boot_and_list_disks(firmware: Firmware) -> String {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let stick = build_stick(d);
+    // A second imprint stick (same partition names, another PARTUUID) plugged in as well: PID 1
+    // must still tell its own stick by the PARTUUID on its kernel command line.
+    let other = d.join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    let other_stick = build_stick(&other);
     let mut vm = VmBuilder::new(d.join("vm"), firmware)
         .stick(&stick)
         .nvme(
@@ -79,6 +84,7 @@ fn boot_and_list_disks(firmware: Firmware) -> String {
             sparse_disk(&d.join("usbssd.img"), 2 * GIB).unwrap(),
             "USBSSD01",
         )
+        .usb_disk(&other_stick, "OTHERSTK1")
         .timeout(Duration::from_secs(420))
         .start()
         .unwrap();
@@ -115,13 +121,18 @@ fn boot_and_list_disks(firmware: Firmware) -> String {
     let ssd = by_serial("USBSSD01");
     assert_eq!(ssd.transport, "usb");
     assert!(!ssd.line.contains("imprint stick"));
+    assert_eq!(by_serial("OTHERSTK1").transport, "usb");
     let stick: Vec<_> = rows
         .iter()
         .filter(|r| r.line.ends_with("imprint stick"))
         .collect();
     assert_eq!(stick.len(), 1, "exactly one disk is the stick: {rows:#?}");
     assert_eq!(stick[0].transport, "usb");
-    assert_eq!(rows.len(), 5, "{rows:#?}");
+    assert!(
+        !stick[0].line.contains("OTHERSTK1"),
+        "the other stick was taken for ours: {rows:#?}"
+    );
+    assert_eq!(rows.len(), 6, "{rows:#?}");
     log
 }
 
