@@ -1,0 +1,441 @@
+//! What the appliance refuses to do, scenario by scenario on the virtual NUC (Secure Boot off;
+//! the boot chain itself is covered with Secure Boot on by boot.rs and install.rs). Each test
+//! asserts the disks' exact state afterwards (sha256 of every disk file before and after) and
+//! what the console and the report on the stick say.
+//!
+//! The payload here is a small real GPT disk image (sgdisk on a loop device), so each scenario
+//! costs one appliance boot (~30 s under TCG), not an OS install. Needs root, build/boot,
+//! qemu + OVMF, gdisk, mtools.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use imprint_e2e::{boot_dir, imprint_bin, run, Firmware, Vm, VmBuilder};
+
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+
+/// A 64 MiB GPT disk image (ESP + data partition) with some data, for `sector_size`.
+fn small_os(dir: &Path, sector_size: u32) -> PathBuf {
+    let raw = dir.join(format!("small-{sector_size}.raw"));
+    let f = std::fs::File::create(&raw).unwrap();
+    f.set_len(64 * MIB).unwrap();
+    drop(f);
+    let out = Command::new("losetup")
+        .args([
+            "--find",
+            "--show",
+            "--sector-size",
+            &sector_size.to_string(),
+        ])
+        .arg(&raw)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "losetup (needs root)");
+    let dev = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let st = Command::new("sgdisk")
+        .args(["-n1:0:+16M", "-t1:ef00", "-n2:0:0", "-t2:8300", &dev])
+        .output()
+        .unwrap();
+    let _ = Command::new("losetup").args(["-d", &dev]).status();
+    assert!(st.status.success(), "sgdisk");
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(&raw).unwrap();
+    f.write_all_at(&vec![0x5Au8; 2 * MIB as usize], 20 * MIB)
+        .unwrap();
+    let img = dir.join(format!("small-{sector_size}.img.zst"));
+    run(Command::new(imprint_bin().unwrap())
+        .arg("prepare")
+        .arg(&raw)
+        .arg("-o")
+        .arg(&img))
+    .unwrap();
+    img
+}
+
+/// A stick for `image` with `config` (JSON text) and a seed holding secrets.
+fn stick(dir: &Path, name: &str, image: &Path, config: &str) -> PathBuf {
+    let seed = dir.join(format!("seed-{name}"));
+    std::fs::create_dir_all(&seed).unwrap();
+    std::fs::write(
+        seed.join("user-data"),
+        "#cloud-config\nusers:\n  - name: ops\n    passwd: $6$SECRETSALT$SECRETHASHVALUE\n    ssh_authorized_keys: [\"ssh-ed25519 AAAASECRETKEY ops@laptop\"]\n",
+    )
+    .unwrap();
+    let cfg = dir.join(format!("config-{name}.json"));
+    std::fs::write(&cfg, config).unwrap();
+    let out = dir.join(format!("stick-{name}.img"));
+    run(Command::new(imprint_bin().unwrap())
+        .arg("build")
+        .arg("--image")
+        .arg(image)
+        .arg("--seed")
+        .arg(&seed)
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--boot")
+        .arg(boot_dir().unwrap())
+        .arg("-o")
+        .arg(&out))
+    .unwrap();
+    out
+}
+
+fn disk(dir: &Path, name: &str, size: u64) -> PathBuf {
+    let p = dir.join(name);
+    let f = std::fs::File::create(&p).unwrap();
+    f.set_len(size).unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(b"OLD DATA", 512 * 1024).unwrap();
+    p
+}
+
+fn sha(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+fn esp_offset(stick: &Path) -> u64 {
+    let out = Command::new("sgdisk")
+        .args(["-i", "1"])
+        .arg(stick)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .find(|l| l.starts_with("First sector"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 512
+}
+
+fn reports(stick: &Path) -> Vec<serde_json::Value> {
+    let img = format!("{}@@{}", stick.display(), esp_offset(stick));
+    let list = Command::new("mdir")
+        .args(["-b", "-i", &img, "::imprint/reports"])
+        .output()
+        .unwrap();
+    let mut names: Vec<String> = String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .filter(|l| l.ends_with(".json"))
+        .map(str::to_string)
+        .collect();
+    names.sort();
+    names
+        .iter()
+        .map(|n| {
+            serde_json::from_slice(
+                &Command::new("mtype")
+                    .args(["-i", &img, n])
+                    .output()
+                    .unwrap()
+                    .stdout,
+            )
+            .unwrap()
+        })
+        .collect()
+}
+
+/// Boots until the appliance is done (it then waits; the VM is killed).
+fn run_until_done(vm: VmBuilder) -> (Vm, String) {
+    let mut v = vm.timeout(Duration::from_secs(600)).start().unwrap();
+    v.wait_for("IMPRINT-DONE", Duration::from_secs(400))
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    v.kill();
+    let log = v.log();
+    (v, log)
+}
+
+fn no_secrets(log: &str, stick: &Path) {
+    for r in reports(stick) {
+        let t = r.to_string();
+        assert!(
+            !t.contains("SECRET"),
+            "a secret from user-data is in the report: {t}"
+        );
+    }
+    assert!(
+        !log.contains("SECRET"),
+        "a secret from user-data reached the console"
+    );
+}
+
+const DEFAULT: &str = r#"{ "confirm": "never", "after": "poweroff" }"#;
+
+#[test]
+fn two_equal_nvme_disks_ask_and_stop_when_nobody_picks_one() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let img = small_os(d, 512);
+    let stick = stick(d, "amb", &img, DEFAULT);
+    let a = disk(d, "a.img", GIB);
+    let b = disk(d, "b.img", GIB);
+    let (sa, sb) = (sha(&a), sha(&b));
+    let mut v = VmBuilder::new(d.join("vm"), Firmware::NoSecureBoot)
+        .stick(&stick)
+        .nvme(&a, "NVME-A")
+        .nvme(&b, "NVME-B")
+        .timeout(Duration::from_secs(600))
+        .start()
+        .unwrap();
+    v.wait_for(
+        "Which disk should imprint overwrite?",
+        Duration::from_secs(300),
+    )
+    .unwrap();
+    assert!(v.log().contains("imprint: ambiguous"));
+    // The default answer is "none": Enter stops without writing.
+    v.send("\r").unwrap();
+    v.wait_for("IMPRINT-DONE", Duration::from_secs(60)).unwrap();
+    v.kill();
+    assert!(v.log().contains("no disk chosen; stopping"));
+    assert_eq!((sha(&a), sha(&b)), (sa, sb), "nothing written");
+    assert_eq!(reports(&stick)[0]["status"], "declined");
+    no_secrets(&v.log(), &stick);
+}
+
+#[test]
+fn choosing_among_ambiguous_disks_installs_on_the_chosen_one_only() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let img = small_os(d, 512);
+    let stick = stick(d, "pick", &img, DEFAULT);
+    let a = disk(d, "a.img", GIB);
+    let b = disk(d, "b.img", GIB);
+    let sa = sha(&a);
+    let mut v = VmBuilder::new(d.join("vm"), Firmware::NoSecureBoot)
+        .stick(&stick)
+        .nvme(&a, "NVME-A")
+        .nvme(&b, "NVME-B")
+        .timeout(Duration::from_secs(600))
+        .start()
+        .unwrap();
+    v.wait_for(
+        "Which disk should imprint overwrite?",
+        Duration::from_secs(300),
+    )
+    .unwrap();
+    // Items: nvme0n1, nvme1n1, none (default). Up once: nvme1n1 (the second NVMe, disk b).
+    v.send("\x1b[A").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    v.send("\r").unwrap();
+    v.wait_for("IMPRINT-DONE", Duration::from_secs(300))
+        .unwrap();
+    v.kill();
+    let log = v.log();
+    assert!(
+        log.contains("seed written and read back"),
+        "install completed"
+    );
+    assert_eq!(sha(&a), sa, "the disk not chosen is untouched");
+    let verify = Command::new(imprint_bin().unwrap())
+        .arg("verify")
+        .arg(&img)
+        .arg(&b)
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "the chosen disk holds the image: {}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    assert_eq!(reports(&stick)[0]["status"], "installed");
+    no_secrets(&log, &stick);
+}
+
+#[test]
+fn no_internal_disk_stops_with_a_clear_message() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let img = small_os(d, 512);
+    let stick = stick(d, "none", &img, DEFAULT);
+    let usb = disk(d, "usb.img", GIB);
+    let su = sha(&usb);
+    let (_v, log) = run_until_done(
+        VmBuilder::new(d.join("vm"), Firmware::NoSecureBoot)
+            .stick(&stick)
+            .usb_disk(&usb, "USBSSD01"),
+    );
+    assert!(log.contains("FAILED: no target disk"), "{log}");
+    assert!(log.contains("usb: never a target"));
+    assert_eq!(sha(&usb), su, "a USB disk is never written");
+    let r = &reports(&stick)[0];
+    assert_eq!(r["status"], "failed");
+    assert!(r["error"].as_str().unwrap().contains("no target disk"));
+}
+
+#[test]
+fn usb_ssd_next_to_the_internal_disk_is_never_chosen() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let img = small_os(d, 512);
+    let stick = stick(d, "usb", &img, DEFAULT);
+    let nvme = disk(d, "nvme.img", GIB);
+    let usb = disk(d, "usb.img", 2 * GIB);
+    let su = sha(&usb);
+    let (_v, log) = run_until_done(
+        VmBuilder::new(d.join("vm"), Firmware::NoSecureBoot)
+            .stick(&stick)
+            .usb_disk(&usb, "USBSSD01")
+            .nvme(&nvme, "NVME0001"),
+    );
+    assert!(log.contains("imprint: target nvme0n1"), "{log}");
+    assert_eq!(sha(&usb), su, "the USB SSD is untouched");
+    assert_eq!(reports(&stick)[0]["status"], "installed");
+}
+
+#[test]
+fn too_small_disk_and_4kn_mismatch_are_refused_untouched() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let img = small_os(d, 512);
+    let stick = stick(d, "small", &img, DEFAULT);
+    let tiny = disk(d, "tiny.img", 32 * MIB);
+    let k4 = disk(d, "4k.img", GIB);
+    let (st, sk) = (sha(&tiny), sha(&k4));
+    let mut b = VmBuilder::new(d.join("vm"), Firmware::NoSecureBoot)
+        .stick(&stick)
+        .nvme(&tiny, "TINY0001");
+    b = b.nvme_4kn(&k4, "NVME4KN1");
+    let (_v, log) = run_until_done(b);
+    assert!(log.contains("FAILED: no target disk"), "{log}");
+    assert!(log.contains("too small"), "{log}");
+    assert!(log.contains("4096-byte"), "{log}");
+    assert_eq!((sha(&tiny), sha(&k4)), (st, sk));
+}
+
+#[test]
+fn a_4096_byte_image_installs_on_a_4kn_disk() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let img = small_os(d, 4096);
+    let stick = stick(d, "4k", &img, DEFAULT);
+    let k4 = disk(d, "4k.img", GIB);
+    let (_v, log) = run_until_done(
+        VmBuilder::new(d.join("vm"), Firmware::NoSecureBoot)
+            .stick(&stick)
+            .nvme_4kn(&k4, "NVME4KN1"),
+    );
+    assert!(log.contains("seed written and read back"), "{log}");
+    let r = &reports(&stick)[0];
+    assert_eq!(r["status"], "installed");
+    assert_eq!(r["seed"]["placement"]["sector_size"], 4096);
+}
+
+#[test]
+fn a_pinned_serial_that_is_absent_stops_without_writing() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let img = small_os(d, 512);
+    let stick = stick(
+        d,
+        "pin",
+        &img,
+        r#"{ "confirm": "never", "target": { "serial": "NOT-HERE-123" } }"#,
+    );
+    let nvme = disk(d, "nvme.img", GIB);
+    let sn = sha(&nvme);
+    let (_v, log) = run_until_done(
+        VmBuilder::new(d.join("vm"), Firmware::NoSecureBoot)
+            .stick(&stick)
+            .nvme(&nvme, "NVME0001"),
+    );
+    assert!(log.contains("FAILED: no target disk"), "{log}");
+    assert!(
+        log.contains("NOT-HERE-123"),
+        "the message names the pin: {log}"
+    );
+    assert_eq!(sha(&nvme), sn);
+}
+
+#[test]
+fn declining_the_confirmation_writes_nothing() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let img = small_os(d, 512);
+    let stick = stick(d, "decline", &img, r#"{ "confirm": "always" }"#);
+    let nvme = disk(d, "nvme.img", GIB);
+    let sn = sha(&nvme);
+    let mut v = VmBuilder::new(d.join("vm"), Firmware::NoSecureBoot)
+        .stick(&stick)
+        .nvme(&nvme, "NVME0001")
+        .timeout(Duration::from_secs(600))
+        .start()
+        .unwrap();
+    v.wait_for("Erase nvme0n1 and install", Duration::from_secs(300))
+        .unwrap();
+    v.send("n").unwrap();
+    v.wait_for("IMPRINT-DONE", Duration::from_secs(60)).unwrap();
+    v.kill();
+    assert!(v.log().contains("declined; nothing was written"));
+    assert_eq!(sha(&nvme), sn);
+    assert_eq!(reports(&stick)[0]["status"], "declined");
+}
+
+#[test]
+fn a_corrupted_payload_leaves_no_partition_table_and_is_reported() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let img = small_os(d, 512);
+    let stick = stick(d, "corrupt", &img, DEFAULT);
+    // Flip one byte in the middle of the compressed payload on the stick (partition 2).
+    let out = Command::new("sgdisk")
+        .args(["-i", "2"])
+        .arg(&stick)
+        .output()
+        .unwrap();
+    let first: u64 = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.starts_with("First sector"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let len = std::fs::metadata(&img).unwrap().len();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&stick)
+            .unwrap();
+        let at = first * 512 + len * 2 / 3;
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, at).unwrap();
+        f.write_all_at(&[b[0] ^ 0x10], at).unwrap();
+    }
+    let nvme = disk(d, "nvme.img", GIB);
+    let (_v, log) = run_until_done(
+        VmBuilder::new(d.join("vm"), Firmware::NoSecureBoot)
+            .stick(&stick)
+            .nvme(&nvme, "NVME0001"),
+    );
+    assert!(log.contains("FAILED"), "{log}");
+    assert!(
+        log.contains("corrupt"),
+        "the message names the fault: {log}"
+    );
+    let bytes = std::fs::read(&nvme).unwrap();
+    assert!(
+        bytes[..MIB as usize].iter().all(|&b| b == 0),
+        "no primary GPT, no protective MBR"
+    );
+    assert!(
+        bytes[bytes.len() - MIB as usize..].iter().all(|&b| b == 0),
+        "no backup GPT"
+    );
+    let r = &reports(&stick)[0];
+    assert_eq!(r["status"], "failed");
+    assert!(r["error"].as_str().unwrap().contains("corrupt"));
+    no_secrets(&log, &stick);
+}
