@@ -439,3 +439,51 @@ fn a_corrupted_payload_leaves_no_partition_table_and_is_reported() {
     assert!(r["error"].as_str().unwrap().contains("corrupt"));
     no_secrets(&log, &stick);
 }
+
+#[test]
+fn a_power_cut_mid_write_leaves_no_partition_table_and_the_next_boot_installs() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let img = small_os(d, 512);
+    let stick = stick(d, "cut", &img, DEFAULT);
+    let nvme = disk(d, "nvme.img", GIB);
+    let mut v = VmBuilder::new(d.join("vm1"), Firmware::NoSecureBoot)
+        .stick(&stick)
+        .nvme(&nvme, "NVME0001")
+        .timeout(Duration::from_secs(600))
+        .start()
+        .unwrap();
+    // The wipe is done and the stream has started: pull the plug.
+    v.wait_for("imprint: wipe done", Duration::from_secs(300))
+        .unwrap();
+    v.kill();
+    let vars = d.join("vars-after-cut.fd");
+    std::fs::copy(v.vars_path(), &vars).unwrap();
+    drop(v);
+    let bytes = std::fs::read(&nvme).unwrap();
+    assert!(
+        bytes[..MIB as usize].iter().all(|&b| b == 0),
+        "no partition table after the cut"
+    );
+    assert!(bytes[bytes.len() - MIB as usize..].iter().all(|&b| b == 0));
+    drop(bytes);
+    // Power on again: the disk looks empty (no partition table), the install runs to the end.
+    let (_v, log) = run_until_done(
+        VmBuilder::new(d.join("vm2"), Firmware::NoSecureBoot)
+            .stick(&stick)
+            .nvme(&nvme, "NVME0001")
+            .vars_from(&vars),
+    );
+    assert!(log.contains("seed written and read back"), "{log}");
+    let verify = Command::new(imprint_bin().unwrap())
+        .arg("verify")
+        .arg(&img)
+        .arg(&nvme)
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+}
