@@ -277,6 +277,10 @@ fn install(
     let identity = MachineIdentity::read(sys).context("reading the machine's identity")?;
     rep.machine = serde_json::to_value(&identity).unwrap_or_default();
     rep.hardware = hardware_summary();
+    // Rendered before any disk is chosen or touched: a seed that cannot be made for this
+    // machine (no table entry and no serial or MAC for the hostname pattern) stops here.
+    let rendered = seed::render(&templates, &config.seed, &identity, &rep.install_id)
+        .context("rendering the cloud-init seed")?;
     let disks = discover::scan(sys).context("scanning the disks")?;
     rep.disks = serde_json::to_value(&disks).unwrap_or_default();
     // main.rs printed the disk table already (IMPRINT-BOOT-OK); the decision follows it.
@@ -371,8 +375,6 @@ fn install(
     drop(target);
 
     let t = Instant::now();
-    let rendered = seed::render(&templates, &config.seed, &identity, &rep.install_id)
-        .context("rendering the cloud-init seed")?;
     let placement = match config.seed.placement {
         Placement::CidataPartition => {
             seed::inject_cidata(&dev, ss, &rendered).context("writing the CIDATA seed partition")?
