@@ -16,6 +16,9 @@ use std::time::Duration;
 use imprint_e2e::{boot_dir, imprint_bin, run, Firmware, Vm, VmBuilder};
 
 const MIB: u64 = 1 << 20;
+/// Every virtual NUC has a NIC: the default hostname pattern (`nuc-{serial}`) falls back to the
+/// MAC where, as in qemu, the firmware has no DMI serial.
+const NIC: &str = "52:54:00:5a:fe:01";
 const GIB: u64 = 1 << 30;
 
 /// A 64 MiB GPT disk image (ESP + data partition) with some data, for `sector_size`.
@@ -183,6 +186,7 @@ fn two_equal_nvme_disks_ask_and_stop_when_nobody_picks_one() {
     let (sa, sb) = (sha(&a), sha(&b));
     let mut v = VmBuilder::new(d.join("vm"), Firmware::NoSecureBoot)
         .stick(&stick)
+        .nic(NIC)
         .nvme(&a, "NVME-A")
         .nvme(&b, "NVME-B")
         .timeout(Duration::from_secs(600))
@@ -215,6 +219,7 @@ fn choosing_among_ambiguous_disks_installs_on_the_chosen_one_only() {
     let sa = sha(&a);
     let mut v = VmBuilder::new(d.join("vm"), Firmware::NoSecureBoot)
         .stick(&stick)
+        .nic(NIC)
         .nvme(&a, "NVME-A")
         .nvme(&b, "NVME-B")
         .timeout(Duration::from_secs(600))
@@ -264,6 +269,7 @@ fn no_internal_disk_stops_with_a_clear_message() {
     let (_v, log) = run_until_done(
         VmBuilder::new(d.join("vm"), Firmware::NoSecureBoot)
             .stick(&stick)
+            .nic(NIC)
             .usb_disk(&usb, "USBSSD01"),
     );
     assert!(log.contains("FAILED: no target disk"), "{log}");
@@ -286,6 +292,7 @@ fn usb_ssd_next_to_the_internal_disk_is_never_chosen() {
     let (_v, log) = run_until_done(
         VmBuilder::new(d.join("vm"), Firmware::NoSecureBoot)
             .stick(&stick)
+            .nic(NIC)
             .usb_disk(&usb, "USBSSD01")
             .nvme(&nvme, "NVME0001"),
     );
@@ -305,6 +312,7 @@ fn too_small_disk_and_4kn_mismatch_are_refused_untouched() {
     let (st, sk) = (sha(&tiny), sha(&k4));
     let mut b = VmBuilder::new(d.join("vm"), Firmware::NoSecureBoot)
         .stick(&stick)
+        .nic(NIC)
         .nvme(&tiny, "TINY0001");
     b = b.nvme_4kn(&k4, "NVME4KN1");
     let (_v, log) = run_until_done(b);
@@ -324,6 +332,7 @@ fn a_4096_byte_image_installs_on_a_4kn_disk() {
     let (_v, log) = run_until_done(
         VmBuilder::new(d.join("vm"), Firmware::NoSecureBoot)
             .stick(&stick)
+            .nic(NIC)
             .nvme_4kn(&k4, "NVME4KN1"),
     );
     assert!(log.contains("seed written and read back"), "{log}");
@@ -348,6 +357,7 @@ fn a_pinned_serial_that_is_absent_stops_without_writing() {
     let (_v, log) = run_until_done(
         VmBuilder::new(d.join("vm"), Firmware::NoSecureBoot)
             .stick(&stick)
+            .nic(NIC)
             .nvme(&nvme, "NVME0001"),
     );
     assert!(log.contains("FAILED: no target disk"), "{log}");
@@ -368,6 +378,7 @@ fn declining_the_confirmation_writes_nothing() {
     let sn = sha(&nvme);
     let mut v = VmBuilder::new(d.join("vm"), Firmware::NoSecureBoot)
         .stick(&stick)
+        .nic(NIC)
         .nvme(&nvme, "NVME0001")
         .timeout(Duration::from_secs(600))
         .start()
@@ -418,6 +429,7 @@ fn a_corrupted_payload_leaves_no_partition_table_and_is_reported() {
     let (_v, log) = run_until_done(
         VmBuilder::new(d.join("vm"), Firmware::NoSecureBoot)
             .stick(&stick)
+            .nic(NIC)
             .nvme(&nvme, "NVME0001"),
     );
     assert!(log.contains("FAILED"), "{log}");
@@ -449,6 +461,7 @@ fn a_power_cut_mid_write_leaves_no_partition_table_and_the_next_boot_installs() 
     let nvme = disk(d, "nvme.img", GIB);
     let mut v = VmBuilder::new(d.join("vm1"), Firmware::NoSecureBoot)
         .stick(&stick)
+        .nic(NIC)
         .nvme(&nvme, "NVME0001")
         .timeout(Duration::from_secs(600))
         .start()
@@ -471,6 +484,7 @@ fn a_power_cut_mid_write_leaves_no_partition_table_and_the_next_boot_installs() 
     let (_v, log) = run_until_done(
         VmBuilder::new(d.join("vm2"), Firmware::NoSecureBoot)
             .stick(&stick)
+            .nic(NIC)
             .nvme(&nvme, "NVME0001")
             .vars_from(&vars),
     );
