@@ -561,7 +561,7 @@ fn next_boot(consoles: &mut Consoles, env: &BootEnv, dev: &Path, disk: &Disk) ->
 /// when nobody can answer.
 fn ask_choice(consoles: &mut Consoles, candidates: &[Disk]) -> Result<Option<Disk>> {
     let Some(term) = prompt_term() else {
-        consoles.line("imprint: no console to ask on");
+        consoles.line("imprint: no keyboard or serial console to ask on");
         return Ok(None);
     };
     let mut items: Vec<String> = candidates
@@ -607,7 +607,7 @@ fn confirm(consoles: &mut Consoles, disk: &Disk, image: &str, size: u64) -> Resu
         discover::human_bytes(size)
     ));
     let Some(term) = prompt_term() else {
-        consoles.line("imprint: confirmation required but no console to ask on");
+        consoles.line("imprint: confirmation required (config `confirm`) but no keyboard or serial console to ask on; set `confirm: never` and pin the target to install unattended");
         return Ok(false);
     };
     let ok = dialoguer::Confirm::new()
@@ -619,18 +619,40 @@ fn confirm(consoles: &mut Consoles, disk: &Disk, image: &str, size: u64) -> Resu
 }
 
 /// The terminal prompts go to: `imprint.prompt=ttyS0` / `tty0` on the kernel command line, else
-/// `/dev/console` (the last `console=`).
+/// `/dev/console` (the last `console=`). `None` when nobody could answer there: a screen
+/// console (tty0) with no keyboard attached. A serial console counts as answerable — that is
+/// how a remote operator (or the test harness) reaches the machine.
 fn prompt_term() -> Option<console::Term> {
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    let name = cmdline
+    let mut name = cmdline
         .split_whitespace()
         .find_map(|p| p.strip_prefix("imprint.prompt="))
         .unwrap_or("console")
         .to_string();
+    if name == "console" {
+        // /dev/console is the last console= of the command line.
+        let active = std::fs::read_to_string("/sys/class/tty/console/active").unwrap_or_default();
+        if let Some(last) = active.split_whitespace().last() {
+            name = last.to_string();
+        }
+    }
+    let serial =
+        name.starts_with("ttyS") || name.starts_with("ttyUSB") || name.starts_with("ttyAMA");
+    if !serial && !keyboard_present(Path::new("/proc/bus/input/devices")) {
+        return None;
+    }
     let path = Path::new("/dev").join(name);
     let r = std::fs::OpenOptions::new().read(true).open(&path).ok()?;
     let w = std::fs::OpenOptions::new().write(true).open(&path).ok()?;
     Some(console::Term::read_write_pair(r, w))
+}
+
+/// Whether an input device with a keyboard's event mask (EV_SYN|EV_KEY|EV_MSC|EV_LED|EV_REP,
+/// `EV=120013`) is attached: AT and USB keyboards have it; power buttons and mice do not.
+fn keyboard_present(devices: &Path) -> bool {
+    std::fs::read_to_string(devices)
+        .map(|t| t.lines().any(|l| l.trim() == "B: EV=120013"))
+        .unwrap_or(false)
 }
 
 fn hardware_summary() -> serde_json::Value {
@@ -771,5 +793,24 @@ impl Progress for ConsoleProgress {
             secs,
             bytes as f64 / secs.max(1e-3) / 1e6
         ));
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keyboards_are_told_from_buttons() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("devices");
+        let button = "I: Bus=0019 Vendor=0000 Product=0001 Version=0000\nN: Name=\"Power Button\"\nH: Handlers=kbd event0\nB: PROP=0\nB: EV=3\nB: KEY=10000000000000 0\n\n";
+        std::fs::write(&p, button).unwrap();
+        assert!(!keyboard_present(&p));
+        let kbd = "I: Bus=0011 Vendor=0001 Product=0001 Version=ab41\nN: Name=\"AT Translated Set 2 keyboard\"\nH: Handlers=sysrq kbd event1\nB: PROP=0\nB: EV=120013\nB: KEY=402000000 3803078f800d001 feffffdfffefffff fffffffffffffffe\n";
+        std::fs::write(&p, format!("{button}{kbd}")).unwrap();
+        assert!(keyboard_present(&p));
+        assert!(!keyboard_present(&t.path().join("missing")));
     }
 }
