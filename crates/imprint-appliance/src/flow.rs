@@ -28,6 +28,7 @@ use imprint_core::manifest::{Image, PartitionTable};
 use imprint_core::progress::{Phase, Progress};
 use imprint_core::seed;
 use imprint_core::select::{self, Selection};
+use imprint_core::signature;
 use imprint_core::stick::{CONFIG_PATH, PAYLOAD_TYPE_GUID, REPORTS_DIR, SEED_DIR};
 use imprint_core::write::{self, WriteOptions};
 use nix::mount::{mount, umount, MsFlags};
@@ -272,6 +273,8 @@ fn install(
         discover::human_bytes(m.raw_size),
         &m.sha256[..16]
     ));
+    // Before any disk is touched (docs/signing.md).
+    let signature_verified = check_signature(consoles, &image, config, rep)?;
 
     let sys = Path::new("/sys");
     let identity = MachineIdentity::read(sys).context("reading the machine's identity")?;
@@ -356,7 +359,9 @@ fn install(
     let opts = WriteOptions {
         verify: true,
         zeroout: true,
-        precheck_payload: false,
+        // A verified signature covers the manifest, and the manifest the payload's digest:
+        // check that digest before the first write, so no unauthenticated byte reaches the disk.
+        precheck_payload: signature_verified,
     };
     let wrep = write::write_image(&image, &target, &opts, &progress)
         .with_context(|| format!("writing {} to {}", m.name, dev.display()))?;
@@ -410,6 +415,35 @@ fn install(
     rep.next_boot = next_boot(consoles, env, &dev, &target_disk);
     rep.timing("total", t0.elapsed().as_secs_f64());
     Ok(Ending::Provisioned)
+}
+
+/// Applies the signature policy (`require_signature`, trusted keys from the config and the live
+/// image's [`signature::BAKED_KEY_DIR`]) and records the outcome in `rep.image.signature`;
+/// returns whether the signature was verified. An error stops the install before any write.
+fn check_signature(
+    consoles: &mut Consoles,
+    image: &Image,
+    config: &Config,
+    rep: &mut Report,
+) -> Result<bool> {
+    let info = signature::signature_info(image).ok().flatten();
+    rep.image["signature"] = json!({
+        "signed": image.signature().is_some(),
+        "key_id": info.as_ref().map(|i| i.key_id.to_string()),
+        "verified": false,
+    });
+    let check = signature::trusted_keys(&config.trusted_keys, Path::new(signature::BAKED_KEY_DIR))
+        .and_then(|keys| signature::check_policy(image, config.require_signature, &keys))
+        .context("checking the image's signature")?;
+    consoles.line(&match (&check.key_id, check.verified) {
+        (Some(id), true) => format!("imprint: image signed by key {id}: signature verified"),
+        (Some(id), false) => {
+            format!("imprint: image signed by key {id}, not checked: no key is trusted")
+        }
+        (None, _) => "imprint: image is not signed (no signature required)".to_string(),
+    });
+    rep.image["signature"] = serde_json::to_value(&check).unwrap_or_default();
+    Ok(check.verified)
 }
 
 fn seed_into_root(

@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use imprint_core::blockdev::{OpenOptionsTarget, Target, TargetError, TargetKind};
 use imprint_core::manifest::{Image, ImageError, Manifest};
 use imprint_core::progress::{human_bytes, BarProgress, JsonProgress, LineProgress, Progress};
+use imprint_core::signature::{self, SignatureError, TrustedKey};
 use imprint_core::verify::{self, VerifyError};
 use imprint_core::write::{self, WriteError, WriteOptions};
 
@@ -29,6 +30,12 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
         }
         if cause.downcast_ref::<ImageError>().is_some() {
             return 3;
+        }
+        if let Some(s) = cause.downcast_ref::<SignatureError>() {
+            return match s {
+                SignatureError::BadKey { .. } | SignatureError::KeyFile { .. } => 1,
+                _ => 3,
+            };
         }
         if let Some(t) = cause.downcast_ref::<TargetError>() {
             return target_code(t);
@@ -107,6 +114,46 @@ pub fn prepare(args: &PrepareArgs) -> Result<()> {
     eprintln!("read {} ({})", args.input.display(), kind.name());
     println!("{}", out.display());
     print_manifest(&m, out.as_path());
+    let img = Image::open(&out)?;
+    print_signature(&img)?;
+    Ok(())
+}
+
+/// `imprint keygen`.
+pub fn keygen(name: &Path, password_file: Option<&Path>) -> Result<()> {
+    let k = crate::sign::keygen(name, password_file)?;
+    println!("key id:      {}", k.id);
+    println!(
+        "secret key:  {} ({})",
+        k.secret.display(),
+        if k.encrypted {
+            "password-protected"
+        } else {
+            "NOT password-protected; keep it private"
+        }
+    );
+    println!("public key:  {}", k.public.display());
+    println!(
+        "trust it with \"trusted_keys\": [\"{}\"] in the stick's config.json,",
+        k.public_base64
+    );
+    println!(
+        "or bake {} into the live image (docs/signing.md)",
+        k.public.display()
+    );
+    Ok(())
+}
+
+/// Shows whether `img` is signed and by which key.
+fn print_signature(img: &Image) -> Result<()> {
+    match signature::signature_info(img)? {
+        Some(info) => println!(
+            "  signature:    key {} ({})",
+            info.key_id,
+            info.trusted_comment.replace('\t', ", ")
+        ),
+        None => println!("  signature:    none (unsigned)"),
+    }
     Ok(())
 }
 
@@ -146,15 +193,35 @@ fn print_manifest(m: &Manifest, path: &Path) {
 }
 
 /// `imprint inspect`.
-pub fn inspect(image: &Path, json: bool, check: bool) -> Result<()> {
+pub fn inspect(image: &Path, json: bool, check: bool, trust: &[std::path::PathBuf]) -> Result<()> {
     let img = Image::open(image)?;
     if check {
         img.check_payload_digest()?;
     }
+    let keys = trust
+        .iter()
+        .map(|p| {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("reading the public key {}", p.display()))?;
+            Ok(TrustedKey::from_pub_file_text(
+                &text,
+                &p.display().to_string(),
+            )?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let verified = if keys.is_empty() {
+        None
+    } else {
+        Some(signature::verify_image_signature(&img, &keys)?)
+    };
     if json {
         println!("{}", serde_json::to_string_pretty(img.manifest())?);
     } else {
         print_manifest(img.manifest(), image);
+        print_signature(&img)?;
+        if let Some(id) = verified {
+            println!("  verified:     signature by trusted key {id} matches the manifest");
+        }
         if check {
             println!("  payload:      sha256 matches the manifest");
         }

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 mod commands;
 mod flash;
 mod prepare;
+mod sign;
 mod stick;
 
 /// imprint: provision bare-metal machines from a USB stick, and write OS images to disks with
@@ -17,7 +18,7 @@ mod stick;
 #[command(name = "imprint", version, about, long_about = None)]
 #[command(
     after_help = "Exit status: 0 success; 1 other error; 2 usage; 3 the image is bad \
-(corrupt, truncated, not an imprint image); 4 the target was refused before anything was written \
+(corrupt, truncated, not an imprint image, or its signature does not check out with --trust); 4 the target was refused before anything was written \
 (too small, in use, wrong sector size, not confirmed); 5 the target failed (I/O error, \
 read-back mismatch)."
 )]
@@ -44,6 +45,25 @@ enum Command {
         /// Compression threads [default: all cores].
         #[arg(long, default_value_t = 0)]
         threads: u32,
+        /// Sign the image with this minisign secret key (made by `imprint keygen`).
+        #[arg(long, value_name = "KEYFILE")]
+        sign: Option<PathBuf>,
+        /// The password of a password-protected secret key: the first line of this file.
+        #[arg(long, requires = "sign")]
+        password_file: Option<PathBuf>,
+    },
+    /// Make a minisign key pair for signing images: NAME.key (secret) and NAME.pub (public).
+    ///
+    /// Without --password-file the secret key is stored unencrypted (mode 0600): keep it off
+    /// shared machines, or use --password-file. Existing files are never overwritten. See
+    /// docs/signing.md.
+    Keygen {
+        /// Base name of the key files.
+        #[arg(short, long, value_name = "NAME")]
+        output: PathBuf,
+        /// Protect the secret key with the password on the first line of this file.
+        #[arg(long)]
+        password_file: Option<PathBuf>,
     },
     /// Write an imprint image to a disk (or a file), verify it, and make it bootable.
     ///
@@ -118,6 +138,10 @@ enum Command {
         /// Also read the compressed payload and check its sha256.
         #[arg(long)]
         check: bool,
+        /// Check the image's signature against this minisign public key (.pub file); may be
+        /// given more than once.
+        #[arg(long, value_name = "PUBFILE")]
+        trust: Vec<PathBuf>,
     },
 }
 
@@ -159,13 +183,21 @@ fn main() -> ExitCode {
             level,
             name,
             threads,
+            sign,
+            password_file,
         } => commands::prepare(&prepare::PrepareArgs {
             input,
             output,
             level,
             name,
             threads,
+            sign,
+            password_file,
         }),
+        Command::Keygen {
+            output,
+            password_file,
+        } => commands::keygen(&output, password_file.as_deref()),
         Command::Write {
             image,
             target,
@@ -191,7 +223,12 @@ fn main() -> ExitCode {
             yes,
             force,
         }),
-        Command::Inspect { image, json, check } => commands::inspect(&image, json, check),
+        Command::Inspect {
+            image,
+            json,
+            check,
+            trust,
+        } => commands::inspect(&image, json, check, &trust),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

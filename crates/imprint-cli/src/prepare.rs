@@ -98,6 +98,10 @@ pub struct PrepareArgs {
     pub name: Option<String>,
     /// Compression threads (0: all cores).
     pub threads: u32,
+    /// Sign the manifest with this minisign secret key.
+    pub sign: Option<PathBuf>,
+    /// Password of a password-protected secret key (first line of the file).
+    pub password_file: Option<PathBuf>,
 }
 
 /// The default image name: the file name without its image/compression extensions.
@@ -154,6 +158,12 @@ pub fn prepare(
     if output == *input {
         bail!("the output {} would overwrite the input", output.display());
     }
+    // Load the key before the long compression, so a wrong password fails at once.
+    let signer = args
+        .sign
+        .as_deref()
+        .map(|k| crate::sign::ImageSigner::load(k, args.password_file.as_deref()))
+        .transpose()?;
     let count = Arc::new(AtomicU64::new(0));
     let counted = Counting {
         inner: file,
@@ -188,7 +198,18 @@ pub fn prepare(
         threads,
         chunk_size: manifest::DEFAULT_CHUNK_SIZE,
     };
-    let manifest = manifest::pack(&mut raw, &output, &opts, &mut |_| {
+    let mut sign = |json: &[u8]| -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
+        match &signer {
+            Some(s) => Ok(s.sign(json)?),
+            None => Err("no signing key".into()),
+        }
+    };
+    let sign: Option<manifest::Signer<'_>> = if signer.is_some() {
+        Some(&mut sign)
+    } else {
+        None
+    };
+    let manifest = manifest::pack_signed(&mut raw, &output, &opts, sign, &mut |_| {
         progress(count.load(Ordering::Relaxed), input_size)
     })
     .with_context(|| format!("preparing {} ({})", input.display(), kind.name()))?;

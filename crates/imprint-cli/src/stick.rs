@@ -135,17 +135,18 @@ pub fn build(opts: &BuildOptions) -> Result<StickLayout> {
 fn gather(opts: &BuildOptions) -> Result<Inputs> {
     let mut esp_files = BTreeMap::new();
 
-    let config = match &opts.config {
+    let (config, require_signature) = match &opts.config {
         Some(path) => {
             // Config::load names the file, line and column of a parse error.
-            Config::load(path)?;
-            fs::read(path).with_context(|| format!("reading {}", path.display()))?
+            let parsed = Config::load(path)?;
+            let text = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            (text, parsed.require_signature)
         }
         None => {
             let mut text = serde_json::to_vec_pretty(&Config::default())
                 .context("serializing the default configuration")?;
             text.push(b'\n');
-            text
+            (text, false)
         }
     };
     esp_files.insert(CONFIG_PATH.to_owned(), config);
@@ -163,6 +164,14 @@ fn gather(opts: &BuildOptions) -> Result<Inputs> {
     }
 
     let image = Image::open(&opts.image)?;
+    // The appliance would refuse an unsigned image: say so here, not at the machine. (Whether
+    // the signer is trusted is the appliance's to decide: keys may be baked into the live image.)
+    if require_signature && image.signature().is_none() {
+        return Err(imprint_core::signature::SignatureError::Unsigned {
+            path: opts.image.clone(),
+        }
+        .into());
+    }
     let image_len = fs::metadata(&opts.image)
         .with_context(|| format!("reading {}", opts.image.display()))?
         .len();

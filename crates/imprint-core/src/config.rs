@@ -37,6 +37,11 @@ pub struct Config {
     pub fatal_poweroff_after_secs: Option<u64>,
     /// The cloud-init NoCloud seed.
     pub seed: SeedConfig,
+    /// Refuse images that are not signed by a trusted key (see `docs/signing.md`).
+    pub require_signature: bool,
+    /// Minisign public keys (base64, the second line of a `.pub` file) trusted to sign
+    /// images, in addition to the keys baked into the live image.
+    pub trusted_keys: Vec<String>,
 }
 
 impl Default for Config {
@@ -48,6 +53,8 @@ impl Default for Config {
             after: After::Reboot,
             fatal_poweroff_after_secs: None,
             seed: SeedConfig::default(),
+            require_signature: false,
+            trusted_keys: Vec::new(),
         }
     }
 }
@@ -498,6 +505,27 @@ impl Config {
             );
         }
 
+        for (i, k) in self.trusted_keys.iter().enumerate() {
+            let field = format!("trusted_keys[{i}]");
+            match crate::signature::TrustedKey::from_base64(k, &field) {
+                Err(crate::signature::SignatureError::BadKey { reason, .. }) => {
+                    issue(field, reason)
+                }
+                Err(e) => issue(field, e.to_string()),
+                Ok(key) => {
+                    if let Some(first) = self.trusted_keys[..i]
+                        .iter()
+                        .position(|o| o.trim() == k.trim())
+                    {
+                        issue(
+                            field,
+                            format!("key {} is also trusted_keys[{first}]", key.id()),
+                        );
+                    }
+                }
+            }
+        }
+
         let s = &self.seed;
         if let Err(m) = check_hostname_pattern(&s.hostname_pattern) {
             issue("seed.hostname_pattern".into(), m);
@@ -855,6 +883,35 @@ mod tests {
             .find(|i| i.field == "seed.machines[1].mac")
             .unwrap();
         assert!(dup.message.contains("seed.machines[0]"), "{dup}");
+    }
+
+    #[test]
+    fn signature_settings() {
+        let c = Config::from_json("{}").unwrap();
+        assert!(!c.require_signature);
+        assert!(c.trusted_keys.is_empty());
+        let (_, key, pub_text) = crate::signature::tests::keypair();
+        let b64 = pub_text.lines().nth(1).unwrap();
+        let c = Config::from_json(&format!(
+            r#"{{"require_signature": true, "trusted_keys": ["{b64}"]}}"#
+        ))
+        .unwrap();
+        assert!(c.require_signature);
+        assert_eq!(c.trusted_keys, [b64]);
+        // A key that does not parse is named; so is a key given twice.
+        let got = issues(&format!(
+            r#"{{"trusted_keys": ["{b64}", "RWQ-not-a-key", "{b64}"]}}"#
+        ));
+        assert_eq!(got.len(), 2, "{got:#?}");
+        assert_eq!(got[0].field, "trusted_keys[1]");
+        assert!(got[0].message.contains("RWQ-not-a-key"), "{}", got[0]);
+        assert_eq!(got[1].field, "trusted_keys[2]");
+        assert!(got[1].message.contains(&key.id().to_string()), "{}", got[1]);
+        // Not a typo-tolerant field either.
+        assert!(matches!(
+            Config::from_json(r#"{"require_signatures": true}"#),
+            Err(ConfigError::Parse { .. })
+        ));
     }
 
     #[test]

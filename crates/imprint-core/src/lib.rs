@@ -2,6 +2,7 @@
 //!
 //! - [`manifest`]: the `.img.zst` image format (a zstd stream with its manifest in a skippable
 //!   frame) — reading, validating and writing it.
+//! - [`signature`]: checking an image's minisign signature against trusted keys.
 //! - [`blockdev`]: safe wrappers over the block-device ioctls and the exclusivity checks
 //!   (mounted, swap, holders) that decide whether a target may be touched at all.
 //! - [`write`]: the verified write engine: zero the ends, stream, read back, commit the first MiB
@@ -24,6 +25,7 @@ pub mod manifest;
 pub mod progress;
 pub mod seed;
 pub mod select;
+pub mod signature;
 pub mod stick;
 pub mod verify;
 pub mod write;

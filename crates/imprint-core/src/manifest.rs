@@ -5,6 +5,11 @@
 //! | zstd skippable frame, magic 0x184D2A5E           |
 //! |   u32 LE frame size                              |
 //! |   "IMPRINT\0" | manifest JSON (UTF-8)            |
+//! +--------------------------------------------------+
+//! | optional: zstd skippable frame, magic 0x184D2A5F |
+//! |   u32 LE frame size                              |
+//! |   "IMPRSIG\0" | minisign signature (text) of the |
+//! |   exact manifest JSON bytes above                |
 //! +--------------------------------------------------+  payload_offset
 //! | zstd frame(s) of the raw disk image, with        |
 //! | content checksums                                |
@@ -15,7 +20,8 @@
 //! written, and to prove afterwards that a disk holds it: the raw size, the logical sector size
 //! found in the image's GPT, the sha256 of the raw image, one sha256 per chunk (so verification
 //! names the bad region), and the compressed payload's size and sha256 (so truncation is caught
-//! before writing). See `docs/image-format.md`.
+//! before writing). The optional signature frame binds all of that to a signer's key; checking
+//! it is [`crate::signature`]'s job. See `docs/image-format.md` and `docs/signing.md`.
 
 use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
@@ -26,6 +32,13 @@ use sha2::{Digest, Sha256};
 
 /// Skippable-frame magic used for the manifest (any of 0x184D2A50..=0x184D2A5F is skippable).
 pub const MANIFEST_FRAME_MAGIC: u32 = 0x184D_2A5E;
+/// Skippable-frame magic of the optional signature frame that follows the manifest frame.
+pub const SIGNATURE_FRAME_MAGIC: u32 = 0x184D_2A5F;
+/// Bytes after the frame header that mark a skippable frame as imprint's signature.
+pub const SIGNATURE_TAG: &[u8; 8] = b"IMPRSIG\0";
+/// Largest signature frame accepted: a minisign signature is ~300 bytes of text plus its
+/// trusted comment.
+const MAX_SIGNATURE_LEN: u32 = 64 << 10;
 /// Magic of a regular zstd frame.
 pub const ZSTD_FRAME_MAGIC: u32 = 0xFD2F_B528;
 /// Bytes after the frame header that mark the skippable frame as ours.
@@ -216,18 +229,33 @@ impl Manifest {
         (start, (start + self.chunk_size).min(self.raw_size))
     }
 
+    /// The manifest's JSON, exactly as [`Manifest::to_frame`] stores it (and a signature
+    /// covers it).
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serialising a plain struct of strings and integers cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
     /// Serialises the manifest as its skippable frame.
     pub fn to_frame(&self) -> Vec<u8> {
-        // Serialising a plain struct of strings and integers cannot fail.
-        let json = serde_json::to_vec(self).unwrap_or_default();
-        let len = (MANIFEST_TAG.len() + json.len()) as u32;
-        let mut frame = Vec::with_capacity(8 + len as usize);
-        frame.extend_from_slice(&MANIFEST_FRAME_MAGIC.to_le_bytes());
-        frame.extend_from_slice(&len.to_le_bytes());
-        frame.extend_from_slice(MANIFEST_TAG);
-        frame.extend_from_slice(&json);
-        frame
+        skippable_frame(MANIFEST_FRAME_MAGIC, MANIFEST_TAG, &self.to_json())
     }
+}
+
+/// The signature frame for a minisign signature `text` of the manifest JSON: it goes right
+/// after the manifest frame.
+pub fn signature_frame(text: &str) -> Vec<u8> {
+    skippable_frame(SIGNATURE_FRAME_MAGIC, SIGNATURE_TAG, text.as_bytes())
+}
+
+fn skippable_frame(magic: u32, tag: &[u8; 8], body: &[u8]) -> Vec<u8> {
+    let len = (tag.len() + body.len()) as u32;
+    let mut frame = Vec::with_capacity(8 + len as usize);
+    frame.extend_from_slice(&magic.to_le_bytes());
+    frame.extend_from_slice(&len.to_le_bytes());
+    frame.extend_from_slice(tag);
+    frame.extend_from_slice(body);
+    frame
 }
 
 fn is_hex_digest(s: &str) -> bool {
@@ -311,6 +339,10 @@ impl ChunkHasher {
 pub struct Image {
     path: PathBuf,
     manifest: Manifest,
+    /// The manifest's JSON exactly as stored: what a signature covers.
+    manifest_bytes: Vec<u8>,
+    /// The minisign signature text from the signature frame, if the image is signed.
+    signature: Option<String>,
     payload_offset: u64,
     /// The payload is the raw image itself, not zstd ([`Image::from_raw_file`]).
     raw: bool,
@@ -364,7 +396,7 @@ impl Image {
                 "manifest frame length {frame_len} is out of range"
             )));
         }
-        let payload_offset = 8 + u64::from(frame_len);
+        let mut payload_offset = 8 + u64::from(frame_len);
         if payload_offset > file_len {
             return Err(bad(format!(
                 "manifest frame of {frame_len} bytes runs past the end of the {file_len}-byte file"
@@ -375,6 +407,42 @@ impl Image {
         let manifest: Manifest =
             serde_json::from_slice(&json).map_err(|e| bad(format!("manifest JSON: {e}")))?;
         manifest.validate().map_err(bad)?;
+        // An optional signature frame follows. The payload starts with a regular zstd frame, so
+        // its magic cannot be mistaken for ours; a frame of ours that is damaged is an error,
+        // not silently skipped (that would turn a signed image into an unsigned one).
+        let mut next = [0u8; 16];
+        let got = read_full(&mut file, &mut next).map_err(io_err)?;
+        let signature = if got >= 4
+            && u32::from_le_bytes([next[0], next[1], next[2], next[3]]) == SIGNATURE_FRAME_MAGIC
+        {
+            if got < 16 || &next[8..16] != SIGNATURE_TAG {
+                return Err(bad(
+                    "a skippable frame after the manifest is not an imprint signature frame".into(),
+                ));
+            }
+            let sig_len = u32::from_le_bytes([next[4], next[5], next[6], next[7]]);
+            if !(SIGNATURE_TAG.len() as u32 + 1..=MAX_SIGNATURE_LEN).contains(&sig_len) {
+                return Err(bad(format!(
+                    "signature frame length {sig_len} is out of range"
+                )));
+            }
+            let sig_end = payload_offset + 8 + u64::from(sig_len);
+            if sig_end > file_len {
+                return Err(bad(format!(
+                    "signature frame of {sig_len} bytes runs past the end of the {file_len}-byte file"
+                )));
+            }
+            let mut text = vec![0u8; sig_len as usize - SIGNATURE_TAG.len()];
+            file.seek(SeekFrom::Start(payload_offset + 16))
+                .map_err(io_err)?;
+            file.read_exact(&mut text).map_err(io_err)?;
+            let text = String::from_utf8(text)
+                .map_err(|_| bad("the signature frame is not UTF-8 text".into()))?;
+            payload_offset = sig_end;
+            Some(text)
+        } else {
+            None
+        };
         let actual = file_len - payload_offset;
         if actual < manifest.compressed_size {
             return Err(ImageError::Truncated {
@@ -394,6 +462,8 @@ impl Image {
         Ok(Image {
             path: path.to_owned(),
             manifest,
+            manifest_bytes: json,
+            signature,
             payload_offset,
             raw: false,
         })
@@ -456,7 +526,9 @@ impl Image {
             })?;
         Ok(Image {
             path: path.to_owned(),
+            manifest_bytes: manifest.to_json(),
             manifest,
+            signature: None,
             payload_offset: 0,
             raw: true,
         })
@@ -467,12 +539,23 @@ impl Image {
         &self.manifest
     }
 
+    /// The manifest's JSON exactly as stored in the image: the bytes a signature covers.
+    pub fn manifest_bytes(&self) -> &[u8] {
+        &self.manifest_bytes
+    }
+
+    /// The minisign signature text of a signed image, `None` for an unsigned one. Not checked
+    /// here: [`crate::signature::verify_image_signature`] does that against trusted keys.
+    pub fn signature(&self) -> Option<&str> {
+        self.signature.as_deref()
+    }
+
     /// The image file's path.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// Offset of the first zstd frame of the payload.
+    /// Offset of the first zstd frame of the payload (after the manifest and signature frames).
     pub fn payload_offset(&self) -> u64 {
         self.payload_offset
     }
@@ -593,7 +676,15 @@ pub enum PackError {
     /// The raw input is not a disk image imprint can write.
     #[error("the raw image is not usable: {0}")]
     Input(String),
+    /// The signer could not sign the manifest.
+    #[error("signing the manifest")]
+    Sign(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
+
+/// Signs a manifest: given its exact JSON bytes, returns the minisign signature text that
+/// [`pack_signed`] stores in the signature frame.
+pub type Signer<'a> =
+    &'a mut dyn FnMut(&[u8]) -> Result<String, Box<dyn std::error::Error + Send + Sync>>;
 
 /// A writer that hashes and counts what passes through it.
 struct HashingWriter<W> {
@@ -626,9 +717,30 @@ pub fn pack(
     opts: &PackOptions,
     on_progress: &mut dyn FnMut(u64),
 ) -> Result<Manifest, PackError> {
+    pack_signed(raw, out, opts, None, on_progress)
+}
+
+/// Like [`pack`], and with a `signer` the manifest JSON is signed and the signature frame
+/// written right after the manifest frame, before `OUT.partial` is renamed: a signed image
+/// never exists unsigned under its final name.
+pub fn pack_signed(
+    raw: &mut dyn Read,
+    out: &Path,
+    opts: &PackOptions,
+    signer: Option<Signer<'_>>,
+    on_progress: &mut dyn FnMut(u64),
+) -> Result<Manifest, PackError> {
     let payload_path = with_suffix(out, ".payload.partial");
     let partial_path = with_suffix(out, ".partial");
-    let result = pack_inner(raw, out, &payload_path, &partial_path, opts, on_progress);
+    let result = pack_inner(
+        raw,
+        out,
+        &payload_path,
+        &partial_path,
+        opts,
+        signer,
+        on_progress,
+    );
     let _ = std::fs::remove_file(&payload_path);
     if result.is_err() {
         let _ = std::fs::remove_file(&partial_path);
@@ -648,6 +760,7 @@ fn pack_inner(
     payload_path: &Path,
     partial_path: &Path,
     opts: &PackOptions,
+    signer: Option<Signer<'_>>,
     on_progress: &mut dyn FnMut(u64),
 ) -> Result<Manifest, PackError> {
     let werr = |path: &Path| {
@@ -731,10 +844,19 @@ fn pack_inner(
         created_by: concat!("imprint ", env!("CARGO_PKG_VERSION")).into(),
     };
     manifest.validate().map_err(PackError::Input)?;
+    // Sign the very bytes the frame stores.
+    let json = manifest.to_json();
+    let sig_frame = match signer {
+        Some(sign) => Some(signature_frame(&sign(&json).map_err(PackError::Sign)?)),
+        None => None,
+    };
 
     let mut outf = File::create(partial_path).map_err(werr(partial_path))?;
-    outf.write_all(&manifest.to_frame())
+    outf.write_all(&skippable_frame(MANIFEST_FRAME_MAGIC, MANIFEST_TAG, &json))
         .map_err(werr(partial_path))?;
+    if let Some(frame) = &sig_frame {
+        outf.write_all(frame).map_err(werr(partial_path))?;
+    }
     let mut payload = File::open(payload_path).map_err(werr(payload_path))?;
     // std::io::copy uses copy_file_range between files on Linux.
     io::copy(&mut payload, &mut outf).map_err(werr(partial_path))?;
