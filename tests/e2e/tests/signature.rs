@@ -1,0 +1,263 @@
+//! Signed images on the virtual NUC (Secure Boot off): with `require_signature` the appliance
+//! refuses an unsigned image and a signed image whose manifest was altered, before any disk is
+//! touched, and installs an image signed by a trusted key (checking the payload digest first).
+//! Each test asserts the disk's exact state afterwards and what the console and the report on
+//! the stick say (`image.signature`).
+//!
+//! The payload is a small real GPT disk image (sgdisk on a loop device), so each scenario costs
+//! one appliance boot. Needs root, build/boot (built by image-build/build from this tree),
+//! qemu + OVMF, gdisk, mtools.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use imprint_e2e::{boot_dir, imprint_bin, run, Firmware, Vm, VmBuilder, STICK_ESP_OFFSET};
+
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+/// The default hostname pattern falls back to the MAC where qemu has no DMI serial.
+const NIC: &str = "52:54:00:5a:fe:02";
+
+fn imprint(args: &[&dyn AsRef<std::ffi::OsStr>]) -> String {
+    let mut cmd = Command::new(imprint_bin().unwrap());
+    for a in args {
+        cmd.arg(a);
+    }
+    run(&mut cmd).unwrap()
+}
+
+/// A signing key pair `dir/NAME.key`, `dir/NAME.pub`: returns (key id, public key base64).
+fn keygen(dir: &Path, name: &str) -> (String, String) {
+    let out = imprint(&[&"keygen", &"-o", &dir.join(name)]);
+    let id = out
+        .lines()
+        .find_map(|l| l.strip_prefix("key id:"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let b64 = std::fs::read_to_string(dir.join(format!("{name}.pub")))
+        .unwrap()
+        .lines()
+        .nth(1)
+        .unwrap()
+        .to_string();
+    (id, b64)
+}
+
+/// A 64 MiB GPT disk image (ESP + data partition) with some data, prepared (and signed with
+/// `key` if given) into an imprint image.
+fn small_os(dir: &Path, name: &str, key: Option<&Path>) -> PathBuf {
+    let raw = dir.join(format!("{name}.raw"));
+    let f = std::fs::File::create(&raw).unwrap();
+    f.set_len(64 * MIB).unwrap();
+    drop(f);
+    let st = Command::new("sgdisk")
+        .args(["-n1:0:+16M", "-t1:ef00", "-n2:0:0", "-t2:8300"])
+        .arg(&raw)
+        .output()
+        .unwrap();
+    assert!(st.status.success(), "sgdisk");
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(&raw).unwrap();
+    f.write_all_at(&vec![0x5Au8; 2 * MIB as usize], 20 * MIB)
+        .unwrap();
+    let img = dir.join(format!("{name}.img.zst"));
+    let mut cmd = Command::new(imprint_bin().unwrap());
+    cmd.arg("prepare").arg(&raw).arg("-o").arg(&img);
+    if let Some(k) = key {
+        cmd.arg("--sign").arg(k);
+    }
+    run(&mut cmd).unwrap();
+    img
+}
+
+/// A stick for `image` with `config` (JSON text).
+fn stick(dir: &Path, name: &str, image: &Path, config: &str) -> PathBuf {
+    let cfg = dir.join(format!("config-{name}.json"));
+    std::fs::write(&cfg, config).unwrap();
+    let out = dir.join(format!("stick-{name}.img"));
+    imprint(&[
+        &"build",
+        &"--image",
+        &image,
+        &"--config",
+        &cfg,
+        &"--boot",
+        &boot_dir().unwrap(),
+        &"-o",
+        &out,
+    ]);
+    out
+}
+
+/// Replaces `imprint/config.json` on a built stick, as an operator editing it from any OS would.
+fn put_config(dir: &Path, stick: &Path, config: &str) {
+    let tmp = dir.join("edited-config.json");
+    std::fs::write(&tmp, config).unwrap();
+    let esp = format!("{}@@{STICK_ESP_OFFSET}", stick.display());
+    run(Command::new("mcopy")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .args(["-o", "-i", &esp])
+        .arg(&tmp)
+        .arg("::imprint/config.json"))
+    .unwrap();
+}
+
+fn disk(dir: &Path, name: &str, size: u64) -> PathBuf {
+    let p = dir.join(name);
+    let f = std::fs::File::create(&p).unwrap();
+    f.set_len(size).unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(b"OLD DATA", 512 * 1024).unwrap();
+    p
+}
+
+fn sha(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// The one report the run wrote to the stick.
+fn report(stick: &Path) -> serde_json::Value {
+    let esp = format!("{}@@{STICK_ESP_OFFSET}", stick.display());
+    let list = run(Command::new("mdir").env("MTOOLS_SKIP_CHECK", "1").args([
+        "-b",
+        "-i",
+        &esp,
+        "::imprint/reports",
+    ]))
+    .unwrap();
+    let names: Vec<&str> = list.lines().filter(|l| l.ends_with(".json")).collect();
+    assert_eq!(names.len(), 1, "{list}");
+    let text = run(Command::new("mtype")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .args(["-i", &esp, names[0]]))
+    .unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Boots the stick with one NVMe disk until the appliance is done (it then waits or powers
+/// off; the VM is killed).
+fn boot(dir: &Path, stick: &Path, target: &Path) -> (Vm, String) {
+    let mut v = VmBuilder::new(dir.join("vm"), Firmware::NoSecureBoot)
+        .stick(stick)
+        .nic(NIC)
+        .nvme(target, "NVME-SIG")
+        .timeout(Duration::from_secs(600))
+        .start()
+        .unwrap();
+    v.wait_for("IMPRINT-DONE", Duration::from_secs(400))
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    v.kill();
+    let log = v.log();
+    (v, log)
+}
+
+fn config(require: bool, key_b64: &str) -> String {
+    format!(
+        r#"{{ "confirm": "never", "after": "poweroff", "require_signature": {require},
+             "trusted_keys": ["{key_b64}"] }}"#
+    )
+}
+
+#[test]
+fn unsigned_image_is_refused_when_a_signature_is_required() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let (_, b64) = keygen(d, "release");
+    let img = small_os(d, "unsigned", None);
+    // `imprint build` refuses this combination, so the operator edits config.json on the stick.
+    let stick = stick(d, "unsigned", &img, &config(false, &b64));
+    put_config(d, &stick, &config(true, &b64));
+    let target = disk(d, "nvme.img", GIB);
+    let before = sha(&target);
+    let (_v, log) = boot(d, &stick, &target);
+    assert!(
+        log.contains("imprint: FAILED: checking the image's signature"),
+        "{log}"
+    );
+    assert!(
+        log.contains("is not signed, and a signature is required"),
+        "{log}"
+    );
+    assert!(!log.contains("wipe done"), "{log}");
+    assert_eq!(sha(&target), before, "nothing written");
+    let r = report(&stick);
+    assert_eq!(r["status"], "failed");
+    assert!(
+        r["error"].as_str().unwrap().contains("is not signed"),
+        "{r}"
+    );
+    assert_eq!(
+        r["image"]["signature"],
+        serde_json::json!({ "signed": false, "key_id": null, "verified": false })
+    );
+}
+
+#[test]
+fn altered_signed_image_is_refused_before_any_write() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let (id, b64) = keygen(d, "release");
+    let img = small_os(d, "signed", Some(&d.join("release.key")));
+    // Rename the image inside its manifest: still valid JSON, no longer what was signed.
+    let mut bytes = std::fs::read(&img).unwrap();
+    let needle = b"\"name\":\"signed\"";
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .unwrap();
+    bytes[at + 8] = b'S';
+    std::fs::write(&img, &bytes).unwrap();
+    let stick = stick(d, "altered", &img, &config(true, &b64));
+    let target = disk(d, "nvme.img", GIB);
+    let before = sha(&target);
+    let (_v, log) = boot(d, &stick, &target);
+    assert!(
+        log.contains(&format!("the signature by key {id} does not match")),
+        "{log}"
+    );
+    assert!(log.contains("altered after signing"), "{log}");
+    assert_eq!(sha(&target), before, "nothing written");
+    let r = report(&stick);
+    assert_eq!(r["status"], "failed");
+    assert_eq!(
+        r["image"]["signature"],
+        serde_json::json!({ "signed": true, "key_id": id, "verified": false })
+    );
+}
+
+#[test]
+fn image_signed_by_a_trusted_key_installs() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let (id, b64) = keygen(d, "release");
+    let img = small_os(d, "signed", Some(&d.join("release.key")));
+    let stick = stick(d, "good", &img, &config(true, &b64));
+    let target = disk(d, "nvme.img", GIB);
+    let (_v, log) = boot(d, &stick, &target);
+    assert!(
+        log.contains(&format!("image signed by key {id}: signature verified")),
+        "{log}"
+    );
+    // The signed manifest's payload digest is checked before the first write.
+    let precheck = log.find("precheck done").expect("precheck ran");
+    let wipe = log.find("wipe done").expect("wipe ran");
+    assert!(precheck < wipe, "{log}");
+    assert!(log.contains("seed written and read back"), "{log}");
+    imprint(&[&"verify", &img, &target]);
+    let r = report(&stick);
+    assert_eq!(r["status"], "installed");
+    assert_eq!(
+        r["image"]["signature"],
+        serde_json::json!({ "signed": true, "key_id": id, "verified": true })
+    );
+}
