@@ -588,6 +588,13 @@ impl Vm {
     /// Stops the VM now.
     pub fn kill(&mut self) {
         if self.poll_exit().is_none() {
+            // The child is `timeout`, which runs qemu in a process group of its own (pgid = its
+            // pid). Killing `timeout` alone would orphan qemu — running until the machine stops —
+            // so kill the whole group.
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", self.child.id())])
+                .stderr(Stdio::null())
+                .status();
             let _ = self.child.kill();
             self.status = self.child.wait().ok();
         }
