@@ -19,6 +19,8 @@
 //! KVM does not work on the machines this runs on: qemu runs under TCG, always inside
 //! `timeout`, because a refused Secure Boot image waits forever at a firmware prompt.
 
+pub mod fixtures;
+
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};

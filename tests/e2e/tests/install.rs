@@ -14,7 +14,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use imprint_e2e::fixtures::{old_disk, sha256_file, stick_reports};
 use imprint_e2e::{boot_dir, imprint_bin, run, workspace_root, Firmware, VmBuilder};
+
+fn sha(path: &Path) -> String {
+    sha256_file(path).unwrap()
+}
+fn reports(stick: &Path) -> Vec<serde_json::Value> {
+    stick_reports(stick).unwrap()
+}
 
 const GIB: u64 = 1 << 30;
 const MAC: &str = "52:54:00:12:34:56";
@@ -61,68 +69,6 @@ fn stick(dir: &Path, image: &Path) -> PathBuf {
     out
 }
 
-/// Old data on a disk, so that "untouched" is checked against something.
-fn disk_with_old_data(path: &Path, size: u64) -> PathBuf {
-    let f = std::fs::File::create(path).unwrap();
-    f.set_len(size).unwrap();
-    use std::os::unix::fs::FileExt;
-    for off in (0..size).step_by(256 << 20) {
-        f.write_all_at(b"OLD DATA OLD DATA OLD DATA", off).unwrap();
-    }
-    path.to_owned()
-}
-
-fn sha(path: &Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
-}
-
-fn esp_offset(stick: &Path) -> u64 {
-    let out = Command::new("sgdisk")
-        .args(["-i", "1"])
-        .arg(stick)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let first: u64 = text
-        .lines()
-        .find(|l| l.starts_with("First sector"))
-        .and_then(|l| l.split_whitespace().nth(2))
-        .unwrap()
-        .parse()
-        .unwrap();
-    first * 512
-}
-
-/// The reports on the stick, oldest first.
-fn reports(stick: &Path) -> Vec<serde_json::Value> {
-    let img = format!("{}@@{}", stick.display(), esp_offset(stick));
-    let list = Command::new("mdir")
-        .args(["-b", "-i", &img, "::imprint/reports"])
-        .output()
-        .unwrap();
-    let mut names: Vec<String> = String::from_utf8_lossy(&list.stdout)
-        .lines()
-        .filter(|l| l.ends_with(".json"))
-        .map(str::to_string)
-        .collect();
-    names.sort();
-    names
-        .iter()
-        .map(|n| {
-            let out = Command::new("mtype")
-                .args(["-i", &img, n])
-                .output()
-                .unwrap();
-            serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("report {n}: {e}"))
-        })
-        .collect()
-}
-
 fn vm(
     dir: &Path,
     name: &str,
@@ -149,8 +95,8 @@ fn whole_story(fw: Firmware) {
     let d = t.path();
     let image = prepared(d);
     let stick = stick(d, &image);
-    let nvme = disk_with_old_data(&d.join("nvme.img"), 8 * GIB);
-    let sata = disk_with_old_data(&d.join("sata.img"), 4 * GIB);
+    let nvme = old_disk(&d.join("nvme.img"), 8 * GIB).unwrap();
+    let sata = old_disk(&d.join("sata.img"), 4 * GIB).unwrap();
     let sata_before = sha(&sata);
 
     // Power-on 1: install.

@@ -13,51 +13,32 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use imprint_e2e::{boot_dir, imprint_bin, run, Firmware, Vm, VmBuilder};
+use imprint_e2e::fixtures::{
+    old_disk, run_until_done as done, sha256_file, small_image, stick_reports, stick_with,
+};
+use imprint_e2e::{imprint_bin, Firmware, VmBuilder};
+
+fn small_os(dir: &Path, sector_size: u32) -> PathBuf {
+    small_image(dir, &format!("small-{sector_size}"), sector_size, None).unwrap()
+}
+fn disk(dir: &Path, name: &str, size: u64) -> PathBuf {
+    old_disk(&dir.join(name), size).unwrap()
+}
+fn sha(path: &Path) -> String {
+    sha256_file(path).unwrap()
+}
+fn reports(stick: &Path) -> Vec<serde_json::Value> {
+    stick_reports(stick).unwrap()
+}
+fn run_until_done(vm: VmBuilder) -> (imprint_e2e::Vm, String) {
+    done(vm).unwrap()
+}
 
 const MIB: u64 = 1 << 20;
 /// Every virtual NUC has a NIC: the default hostname pattern (`nuc-{serial}`) falls back to the
 /// MAC where, as in qemu, the firmware has no DMI serial.
 const NIC: &str = "52:54:00:5a:fe:01";
 const GIB: u64 = 1 << 30;
-
-/// A 64 MiB GPT disk image (ESP + data partition) with some data, for `sector_size`.
-fn small_os(dir: &Path, sector_size: u32) -> PathBuf {
-    let raw = dir.join(format!("small-{sector_size}.raw"));
-    let f = std::fs::File::create(&raw).unwrap();
-    f.set_len(64 * MIB).unwrap();
-    drop(f);
-    let out = Command::new("losetup")
-        .args([
-            "--find",
-            "--show",
-            "--sector-size",
-            &sector_size.to_string(),
-        ])
-        .arg(&raw)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "losetup (needs root)");
-    let dev = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    let st = Command::new("sgdisk")
-        .args(["-n1:0:+16M", "-t1:ef00", "-n2:0:0", "-t2:8300", &dev])
-        .output()
-        .unwrap();
-    let _ = Command::new("losetup").args(["-d", &dev]).status();
-    assert!(st.status.success(), "sgdisk");
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new().write(true).open(&raw).unwrap();
-    f.write_all_at(&vec![0x5Au8; 2 * MIB as usize], 20 * MIB)
-        .unwrap();
-    let img = dir.join(format!("small-{sector_size}.img.zst"));
-    run(Command::new(imprint_bin().unwrap())
-        .arg("prepare")
-        .arg(&raw)
-        .arg("-o")
-        .arg(&img))
-    .unwrap();
-    img
-}
 
 /// A stick for `image` with `config` (JSON text) and a seed holding secrets.
 fn stick(dir: &Path, name: &str, image: &Path, config: &str) -> PathBuf {
@@ -68,95 +49,7 @@ fn stick(dir: &Path, name: &str, image: &Path, config: &str) -> PathBuf {
         "#cloud-config\nusers:\n  - name: ops\n    passwd: $6$SECRETSALT$SECRETHASHVALUE\n    ssh_authorized_keys: [\"ssh-ed25519 AAAASECRETKEY ops@laptop\"]\n",
     )
     .unwrap();
-    let cfg = dir.join(format!("config-{name}.json"));
-    std::fs::write(&cfg, config).unwrap();
-    let out = dir.join(format!("stick-{name}.img"));
-    run(Command::new(imprint_bin().unwrap())
-        .arg("build")
-        .arg("--image")
-        .arg(image)
-        .arg("--seed")
-        .arg(&seed)
-        .arg("--config")
-        .arg(&cfg)
-        .arg("--boot")
-        .arg(boot_dir().unwrap())
-        .arg("-o")
-        .arg(&out))
-    .unwrap();
-    out
-}
-
-fn disk(dir: &Path, name: &str, size: u64) -> PathBuf {
-    let p = dir.join(name);
-    let f = std::fs::File::create(&p).unwrap();
-    f.set_len(size).unwrap();
-    use std::os::unix::fs::FileExt;
-    f.write_all_at(b"OLD DATA", 512 * 1024).unwrap();
-    p
-}
-
-fn sha(path: &Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
-}
-
-fn esp_offset(stick: &Path) -> u64 {
-    let out = Command::new("sgdisk")
-        .args(["-i", "1"])
-        .arg(stick)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    text.lines()
-        .find(|l| l.starts_with("First sector"))
-        .and_then(|l| l.split_whitespace().nth(2))
-        .unwrap()
-        .parse::<u64>()
-        .unwrap()
-        * 512
-}
-
-fn reports(stick: &Path) -> Vec<serde_json::Value> {
-    let img = format!("{}@@{}", stick.display(), esp_offset(stick));
-    let list = Command::new("mdir")
-        .args(["-b", "-i", &img, "::imprint/reports"])
-        .output()
-        .unwrap();
-    let mut names: Vec<String> = String::from_utf8_lossy(&list.stdout)
-        .lines()
-        .filter(|l| l.ends_with(".json"))
-        .map(str::to_string)
-        .collect();
-    names.sort();
-    names
-        .iter()
-        .map(|n| {
-            serde_json::from_slice(
-                &Command::new("mtype")
-                    .args(["-i", &img, n])
-                    .output()
-                    .unwrap()
-                    .stdout,
-            )
-            .unwrap()
-        })
-        .collect()
-}
-
-/// Boots until the appliance is done (it then waits; the VM is killed).
-fn run_until_done(vm: VmBuilder) -> (Vm, String) {
-    let mut v = vm.timeout(Duration::from_secs(600)).start().unwrap();
-    v.wait_for("IMPRINT-DONE", Duration::from_secs(400))
-        .unwrap();
-    std::thread::sleep(Duration::from_secs(1));
-    v.kill();
-    let log = v.log();
-    (v, log)
+    stick_with(dir, name, image, Some(&seed), config).unwrap()
 }
 
 fn no_secrets(log: &str, stick: &Path) {

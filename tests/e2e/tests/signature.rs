@@ -12,11 +12,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
+use imprint_e2e::fixtures::{old_disk, run_until_done, sha256_file, small_image, stick_reports};
 use imprint_e2e::{boot_dir, imprint_bin, run, Firmware, Vm, VmBuilder, STICK_ESP_OFFSET};
 
-const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 /// The default hostname pattern falls back to the MAC where qemu has no DMI serial.
 const NIC: &str = "52:54:00:5a:fe:02";
@@ -50,28 +49,7 @@ fn keygen(dir: &Path, name: &str) -> (String, String) {
 /// A 64 MiB GPT disk image (ESP + data partition) with some data, prepared (and signed with
 /// `key` if given) into an imprint image.
 fn small_os(dir: &Path, name: &str, key: Option<&Path>) -> PathBuf {
-    let raw = dir.join(format!("{name}.raw"));
-    let f = std::fs::File::create(&raw).unwrap();
-    f.set_len(64 * MIB).unwrap();
-    drop(f);
-    let st = Command::new("sgdisk")
-        .args(["-n1:0:+16M", "-t1:ef00", "-n2:0:0", "-t2:8300"])
-        .arg(&raw)
-        .output()
-        .unwrap();
-    assert!(st.status.success(), "sgdisk");
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new().write(true).open(&raw).unwrap();
-    f.write_all_at(&vec![0x5Au8; 2 * MIB as usize], 20 * MIB)
-        .unwrap();
-    let img = dir.join(format!("{name}.img.zst"));
-    let mut cmd = Command::new(imprint_bin().unwrap());
-    cmd.arg("prepare").arg(&raw).arg("-o").arg(&img);
-    if let Some(k) = key {
-        cmd.arg("--sign").arg(k);
-    }
-    run(&mut cmd).unwrap();
-    img
+    small_image(dir, name, 512, key).unwrap()
 }
 
 /// A stick for `image` with `config` (JSON text).
@@ -107,58 +85,30 @@ fn put_config(dir: &Path, stick: &Path, config: &str) {
 }
 
 fn disk(dir: &Path, name: &str, size: u64) -> PathBuf {
-    let p = dir.join(name);
-    let f = std::fs::File::create(&p).unwrap();
-    f.set_len(size).unwrap();
-    use std::os::unix::fs::FileExt;
-    f.write_all_at(b"OLD DATA", 512 * 1024).unwrap();
-    p
+    old_disk(&dir.join(name), size).unwrap()
 }
 
 fn sha(path: &Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
+    sha256_file(path).unwrap()
 }
 
 /// The one report the run wrote to the stick.
 fn report(stick: &Path) -> serde_json::Value {
-    let esp = format!("{}@@{STICK_ESP_OFFSET}", stick.display());
-    let list = run(Command::new("mdir").env("MTOOLS_SKIP_CHECK", "1").args([
-        "-b",
-        "-i",
-        &esp,
-        "::imprint/reports",
-    ]))
-    .unwrap();
-    let names: Vec<&str> = list.lines().filter(|l| l.ends_with(".json")).collect();
-    assert_eq!(names.len(), 1, "{list}");
-    let text = run(Command::new("mtype")
-        .env("MTOOLS_SKIP_CHECK", "1")
-        .args(["-i", &esp, names[0]]))
-    .unwrap();
-    serde_json::from_str(&text).unwrap()
+    let mut all = stick_reports(stick).unwrap();
+    assert_eq!(all.len(), 1, "one run, one report");
+    all.remove(0)
 }
 
 /// Boots the stick with one NVMe disk until the appliance is done (it then waits or powers
 /// off; the VM is killed).
 fn boot(dir: &Path, stick: &Path, target: &Path) -> (Vm, String) {
-    let mut v = VmBuilder::new(dir.join("vm"), Firmware::NoSecureBoot)
-        .stick(stick)
-        .nic(NIC)
-        .nvme(target, "NVME-SIG")
-        .timeout(Duration::from_secs(600))
-        .start()
-        .unwrap();
-    v.wait_for("IMPRINT-DONE", Duration::from_secs(400))
-        .unwrap();
-    std::thread::sleep(Duration::from_secs(1));
-    v.kill();
-    let log = v.log();
-    (v, log)
+    run_until_done(
+        VmBuilder::new(dir.join("vm"), Firmware::NoSecureBoot)
+            .stick(stick)
+            .nic(NIC)
+            .nvme(target, "NVME-SIG"),
+    )
+    .unwrap()
 }
 
 fn config(require: bool, key_b64: &str) -> String {
