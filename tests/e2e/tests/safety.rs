@@ -30,6 +30,12 @@ fn sha(path: &Path) -> String {
 fn reports(stick: &Path) -> Vec<serde_json::Value> {
     stick_reports(stick).unwrap()
 }
+/// The virtual NUC with the stick and a NIC; each test adds its disks.
+fn nuc(d: &Path, name: &str, stick: &Path) -> VmBuilder {
+    VmBuilder::new(d.join(name), Firmware::NoSecureBoot)
+        .stick(stick)
+        .nic(NIC)
+}
 fn run_until_done(vm: VmBuilder) -> (imprint_e2e::Vm, String) {
     done(vm).unwrap()
 }
@@ -77,9 +83,7 @@ fn two_equal_nvme_disks_ask_and_stop_when_nobody_picks_one() {
     let a = disk(d, "a.img", GIB);
     let b = disk(d, "b.img", GIB);
     let (sa, sb) = (sha(&a), sha(&b));
-    let mut v = VmBuilder::new(d.join("vm"), Firmware::NoSecureBoot)
-        .stick(&stick)
-        .nic(NIC)
+    let mut v = nuc(d, "vm", &stick)
         .nvme(&a, "NVME-A")
         .nvme(&b, "NVME-B")
         .timeout(Duration::from_secs(600))
@@ -110,9 +114,7 @@ fn choosing_among_ambiguous_disks_installs_on_the_chosen_one_only() {
     let a = disk(d, "a.img", GIB);
     let b = disk(d, "b.img", GIB);
     let sa = sha(&a);
-    let mut v = VmBuilder::new(d.join("vm"), Firmware::NoSecureBoot)
-        .stick(&stick)
-        .nic(NIC)
+    let mut v = nuc(d, "vm", &stick)
         .nvme(&a, "NVME-A")
         .nvme(&b, "NVME-B")
         .timeout(Duration::from_secs(600))
@@ -159,12 +161,7 @@ fn no_internal_disk_stops_with_a_clear_message() {
     let stick = stick(d, "none", &img, DEFAULT);
     let usb = disk(d, "usb.img", GIB);
     let su = sha(&usb);
-    let (_v, log) = run_until_done(
-        VmBuilder::new(d.join("vm"), Firmware::NoSecureBoot)
-            .stick(&stick)
-            .nic(NIC)
-            .usb_disk(&usb, "USBSSD01"),
-    );
+    let (_v, log) = run_until_done(nuc(d, "vm", &stick).usb_disk(&usb, "USBSSD01"));
     assert!(log.contains("FAILED: no target disk"), "{log}");
     assert!(log.contains("usb: never a target"));
     assert_eq!(sha(&usb), su, "a USB disk is never written");
@@ -183,9 +180,7 @@ fn usb_ssd_next_to_the_internal_disk_is_never_chosen() {
     let usb = disk(d, "usb.img", 2 * GIB);
     let su = sha(&usb);
     let (_v, log) = run_until_done(
-        VmBuilder::new(d.join("vm"), Firmware::NoSecureBoot)
-            .stick(&stick)
-            .nic(NIC)
+        nuc(d, "vm", &stick)
             .usb_disk(&usb, "USBSSD01")
             .nvme(&nvme, "NVME0001"),
     );
@@ -203,10 +198,7 @@ fn too_small_disk_and_4kn_mismatch_are_refused_untouched() {
     let tiny = disk(d, "tiny.img", 32 * MIB);
     let k4 = disk(d, "4k.img", GIB);
     let (st, sk) = (sha(&tiny), sha(&k4));
-    let mut b = VmBuilder::new(d.join("vm"), Firmware::NoSecureBoot)
-        .stick(&stick)
-        .nic(NIC)
-        .nvme(&tiny, "TINY0001");
+    let mut b = nuc(d, "vm", &stick).nvme(&tiny, "TINY0001");
     b = b.nvme_4kn(&k4, "NVME4KN1");
     let (_v, log) = run_until_done(b);
     assert!(log.contains("FAILED: no target disk"), "{log}");
@@ -222,12 +214,7 @@ fn a_4096_byte_image_installs_on_a_4kn_disk() {
     let img = small_os(d, 4096);
     let stick = stick(d, "4k", &img, DEFAULT);
     let k4 = disk(d, "4k.img", GIB);
-    let (_v, log) = run_until_done(
-        VmBuilder::new(d.join("vm"), Firmware::NoSecureBoot)
-            .stick(&stick)
-            .nic(NIC)
-            .nvme_4kn(&k4, "NVME4KN1"),
-    );
+    let (_v, log) = run_until_done(nuc(d, "vm", &stick).nvme_4kn(&k4, "NVME4KN1"));
     assert!(log.contains("seed written and read back"), "{log}");
     let r = &reports(&stick)[0];
     assert_eq!(r["status"], "installed");
@@ -247,12 +234,7 @@ fn a_pinned_serial_that_is_absent_stops_without_writing() {
     );
     let nvme = disk(d, "nvme.img", GIB);
     let sn = sha(&nvme);
-    let (_v, log) = run_until_done(
-        VmBuilder::new(d.join("vm"), Firmware::NoSecureBoot)
-            .stick(&stick)
-            .nic(NIC)
-            .nvme(&nvme, "NVME0001"),
-    );
+    let (_v, log) = run_until_done(nuc(d, "vm", &stick).nvme(&nvme, "NVME0001"));
     assert!(log.contains("FAILED: no target disk"), "{log}");
     assert!(
         log.contains("NOT-HERE-123"),
@@ -269,9 +251,7 @@ fn declining_the_confirmation_writes_nothing() {
     let stick = stick(d, "decline", &img, r#"{ "confirm": "always" }"#);
     let nvme = disk(d, "nvme.img", GIB);
     let sn = sha(&nvme);
-    let mut v = VmBuilder::new(d.join("vm"), Firmware::NoSecureBoot)
-        .stick(&stick)
-        .nic(NIC)
+    let mut v = nuc(d, "vm", &stick)
         .nvme(&nvme, "NVME0001")
         .timeout(Duration::from_secs(600))
         .start()
@@ -319,12 +299,7 @@ fn a_corrupted_payload_leaves_no_partition_table_and_is_reported() {
         f.write_all_at(&[b[0] ^ 0x10], at).unwrap();
     }
     let nvme = disk(d, "nvme.img", GIB);
-    let (_v, log) = run_until_done(
-        VmBuilder::new(d.join("vm"), Firmware::NoSecureBoot)
-            .stick(&stick)
-            .nic(NIC)
-            .nvme(&nvme, "NVME0001"),
-    );
+    let (_v, log) = run_until_done(nuc(d, "vm", &stick).nvme(&nvme, "NVME0001"));
     assert!(log.contains("FAILED"), "{log}");
     assert!(
         log.contains("corrupt"),
@@ -352,9 +327,7 @@ fn a_power_cut_mid_write_leaves_no_partition_table_and_the_next_boot_installs() 
     let img = small_os(d, 512);
     let stick = stick(d, "cut", &img, DEFAULT);
     let nvme = disk(d, "nvme.img", GIB);
-    let mut v = VmBuilder::new(d.join("vm1"), Firmware::NoSecureBoot)
-        .stick(&stick)
-        .nic(NIC)
+    let mut v = nuc(d, "vm1", &stick)
         .nvme(&nvme, "NVME0001")
         .timeout(Duration::from_secs(600))
         .start()
@@ -375,9 +348,7 @@ fn a_power_cut_mid_write_leaves_no_partition_table_and_the_next_boot_installs() 
     drop(bytes);
     // Power on again: the disk looks empty (no partition table), the install runs to the end.
     let (_v, log) = run_until_done(
-        VmBuilder::new(d.join("vm2"), Firmware::NoSecureBoot)
-            .stick(&stick)
-            .nic(NIC)
+        nuc(d, "vm2", &stick)
             .nvme(&nvme, "NVME0001")
             .vars_from(&vars),
     );
