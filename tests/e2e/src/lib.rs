@@ -190,6 +190,8 @@ enum Attach {
 struct Drive {
     path: PathBuf,
     attach: Attach,
+    /// A qemu `blkdebug` rules file: I/O errors injected where it says.
+    faults: Option<PathBuf>,
 }
 
 /// Describes a virtual machine; [`VmBuilder::start`] runs it.
@@ -227,6 +229,7 @@ impl VmBuilder {
         self.drives.push(Drive {
             path: path.into(),
             attach: Attach::Stick,
+            faults: None,
         });
         self
     }
@@ -239,6 +242,7 @@ impl VmBuilder {
                 serial: serial.into(),
                 four_k: false,
             },
+            faults: None,
         });
         self
     }
@@ -251,6 +255,26 @@ impl VmBuilder {
                 serial: serial.into(),
                 four_k: true,
             },
+            faults: None,
+        });
+        self
+    }
+
+    /// An NVMe disk (512-byte sectors) whose I/O fails where the qemu `blkdebug` rules file
+    /// `rules` says (e.g. `[inject-error]` with `iotype = "write"`, `sector = "40960"`).
+    pub fn nvme_with_faults(
+        mut self,
+        path: impl Into<PathBuf>,
+        serial: &str,
+        rules: impl Into<PathBuf>,
+    ) -> Self {
+        self.drives.push(Drive {
+            path: path.into(),
+            attach: Attach::Nvme {
+                serial: serial.into(),
+                four_k: false,
+            },
+            faults: Some(rules.into()),
         });
         self
     }
@@ -262,6 +286,7 @@ impl VmBuilder {
             attach: Attach::Sata {
                 serial: serial.into(),
             },
+            faults: None,
         });
         self
     }
@@ -273,6 +298,7 @@ impl VmBuilder {
             attach: Attach::Usb {
                 serial: serial.into(),
             },
+            faults: None,
         });
         self
     }
@@ -359,7 +385,14 @@ impl VmBuilder {
         let mut sata_port = 0;
         for (i, d) in self.drives.iter().enumerate() {
             let id = format!("drive{i}");
-            let drive = format!("if=none,id={id},format=raw,file={}", d.path.display());
+            let drive = match &d.faults {
+                None => format!("if=none,id={id},format=raw,file={}", d.path.display()),
+                Some(rules) => format!(
+                    "if=none,id={id},driver=raw,file.driver=blkdebug,file.config={},file.image.driver=file,file.image.filename={}",
+                    rules.display(),
+                    d.path.display()
+                ),
+            };
             push(&["-drive", &drive]);
             let device = match &d.attach {
                 Attach::Stick => format!("usb-storage,bus=xhci.0,drive={id},bootindex=1"),

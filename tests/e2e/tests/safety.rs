@@ -365,3 +365,160 @@ fn a_power_cut_mid_write_leaves_no_partition_table_and_the_next_boot_installs() 
         String::from_utf8_lossy(&verify.stderr)
     );
 }
+
+/// A blkdebug rules file failing every `iotype` I/O that touches the sector at 20 MiB (inside
+/// the small image's data, which is written, not zeroed out).
+fn faults(d: &Path, iotype: &str) -> PathBuf {
+    let p = d.join(format!("faults-{iotype}.cfg"));
+    std::fs::write(
+        &p,
+        format!("[inject-error]\nevent = \"none\"\niotype = \"{iotype}\"\nerrno = \"5\"\nsector = \"{}\"\n", 20 * MIB / 512),
+    )
+    .unwrap();
+    p
+}
+
+#[test]
+fn a_write_error_names_the_offset_and_leaves_no_partition_table() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let img = small_os(d, 512);
+    let stick = stick(d, "wio", &img, DEFAULT);
+    let nvme = disk(d, "nvme.img", GIB);
+    let (_v, log) = run_until_done(nuc(d, "vm", &stick).nvme_with_faults(
+        &nvme,
+        "NVME0001",
+        faults(d, "write"),
+    ));
+    assert!(log.contains("FAILED"), "{log}");
+    assert!(log.contains("at offset"), "the error names where: {log}");
+    assert!(
+        !log.contains("rebooting into the installed system"),
+        "no reboot after a failure"
+    );
+    let bytes = std::fs::read(&nvme).unwrap();
+    assert!(
+        bytes[..MIB as usize].iter().all(|&b| b == 0),
+        "no partition table"
+    );
+    assert_eq!(reports(&stick)[0]["status"], "failed");
+}
+
+#[test]
+fn a_read_back_error_names_the_offset_and_leaves_no_partition_table() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let img = small_os(d, 512);
+    let stick = stick(d, "rio", &img, DEFAULT);
+    let nvme = disk(d, "nvme.img", GIB);
+    let (_v, log) =
+        run_until_done(nuc(d, "vm", &stick).nvme_with_faults(&nvme, "NVME0001", faults(d, "read")));
+    assert!(log.contains("FAILED"), "{log}");
+    assert!(log.contains("reading back /dev/nvme0n1 at offset"), "{log}");
+    let bytes = std::fs::read(&nvme).unwrap();
+    assert!(
+        bytes[..MIB as usize].iter().all(|&b| b == 0),
+        "no partition table"
+    );
+    assert!(
+        bytes[bytes.len() - MIB as usize..].iter().all(|&b| b == 0),
+        "no backup GPT"
+    );
+    let r = &reports(&stick)[0];
+    assert!(r["error"].as_str().unwrap().contains("reading back"), "{r}");
+}
+
+#[test]
+fn a_sata_only_machine_installs_on_the_sata_disk() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let img = small_os(d, 512);
+    let stick = stick(d, "sata", &img, DEFAULT);
+    let sata = disk(d, "sata.img", GIB);
+    let (_v, log) = run_until_done(nuc(d, "vm", &stick).sata(&sata, "SATA0001"));
+    assert!(log.contains("imprint: target sda"), "{log}");
+    let verify = Command::new(imprint_bin().unwrap())
+        .arg("verify")
+        .arg(&img)
+        .arg(&sata)
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+}
+
+/// Byte offset of partition `n` in an image file.
+fn partition_offset(image: &Path, n: u32) -> u64 {
+    let out = Command::new("sgdisk")
+        .args(["-i", &n.to_string()])
+        .arg(image)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.starts_with("First sector"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 512
+}
+
+#[test]
+fn a_truncated_payload_leaves_no_partition_table() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let img = small_os(d, 512);
+    let stick = stick(d, "trunc", &img, DEFAULT);
+    // The copy on the stick lost its last 64 KiB (zeros where the end of the stream was).
+    let len = std::fs::metadata(&img).unwrap().len();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&stick)
+            .unwrap();
+        f.write_all_at(&[0u8; 65536], partition_offset(&stick, 2) + len - 65536)
+            .unwrap();
+    }
+    let nvme = disk(d, "nvme.img", GIB);
+    let (_v, log) = run_until_done(nuc(d, "vm", &stick).nvme(&nvme, "NVME0001"));
+    assert!(
+        log.contains("FAILED") && log.contains("corrupt or truncated"),
+        "{log}"
+    );
+    let bytes = std::fs::read(&nvme).unwrap();
+    assert!(
+        bytes[..MIB as usize].iter().all(|&b| b == 0),
+        "no partition table"
+    );
+}
+
+#[test]
+fn a_corrupted_manifest_is_refused_before_any_write() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let img = small_os(d, 512);
+    let stick = stick(d, "manifest", &img, DEFAULT);
+    {
+        // Byte 40 of the image is inside the manifest's JSON.
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&stick)
+            .unwrap();
+        let at = partition_offset(&stick, 2) + 40;
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, at).unwrap();
+        f.write_all_at(&[b[0] ^ 0x20], at).unwrap();
+    }
+    let nvme = disk(d, "nvme.img", GIB);
+    let before = sha(&nvme);
+    let (_v, log) = run_until_done(nuc(d, "vm", &stick).nvme(&nvme, "NVME0001"));
+    assert!(log.contains("FAILED") && log.contains("manifest"), "{log}");
+    assert_eq!(sha(&nvme), before, "refused before any write");
+}
