@@ -596,6 +596,19 @@ mod tests {
     }
 
     #[test]
+    fn swap_partition_is_refused() {
+        let (t, rdev) = fake_tree(false, false, true);
+        let e = check_block_device_free(
+            Path::new("/dev/nvme0n1"),
+            rdev,
+            &t.path().join("sys"),
+            &t.path().join("proc"),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("nvme0n1p1 is used as swap"), "{e}");
+    }
+
+    #[test]
     fn held_partition_is_refused() {
         let (t, rdev) = fake_tree(false, true, false);
         let e = check_block_device_free(
