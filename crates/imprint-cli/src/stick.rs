@@ -21,6 +21,7 @@ use anyhow::{bail, ensure, Context, Result};
 use gpt::disk::LogicalBlockSize;
 use gpt::partition::Partition;
 use gpt::partition_types::{OperatingSystem, Type};
+use imprint_core::blockdev::PartitionSlice;
 use imprint_core::config::Config;
 use imprint_core::manifest::Image;
 use imprint_core::seed::{self, META_DATA, NETWORK_CONFIG, USER_DATA};
@@ -353,9 +354,13 @@ fn write_esp(file: &mut File, inputs: &Inputs, layout: &StickLayout) -> Result<(
         .volume_label(label)
         // The volume serial follows the PARTUUID: one identity per stick.
         .volume_id(u32::from_le_bytes([uuid[0], uuid[1], uuid[2], uuid[3]]));
-    fatfs::format_volume(Slice::new(file, start, len), options).context("formatting FAT32")?;
-    let fs = fatfs::FileSystem::new(Slice::new(file, start, len), fatfs::FsOptions::new())
-        .context("opening the new FAT32")?;
+    fatfs::format_volume(PartitionSlice::new(file, start, len), options)
+        .context("formatting FAT32")?;
+    let fs = fatfs::FileSystem::new(
+        PartitionSlice::new(file, start, len),
+        fatfs::FsOptions::new(),
+    )
+    .context("opening the new FAT32")?;
     {
         let root = fs.root_dir();
         let partuuid = layout.esp_partuuid.to_string();
@@ -395,82 +400,6 @@ fn write_esp(file: &mut File, inputs: &Inputs, layout: &StickLayout) -> Result<(
     }
     fs.unmount().context("closing the FAT32")?;
     Ok(())
-}
-
-/// A window `[start, start + len)` of a file, so fatfs sees the partition as its whole disk.
-#[derive(Debug)]
-struct Slice<'a> {
-    file: &'a mut File,
-    start: u64,
-    len: u64,
-    pos: u64,
-}
-
-impl<'a> Slice<'a> {
-    fn new(file: &'a mut File, start: u64, len: u64) -> Self {
-        Slice {
-            file,
-            start,
-            len,
-            pos: 0,
-        }
-    }
-
-    fn room(&self, want: usize) -> usize {
-        usize::try_from(self.len.saturating_sub(self.pos))
-            .unwrap_or(usize::MAX)
-            .min(want)
-    }
-}
-
-impl Read for Slice<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.room(buf.len());
-        self.file.seek(SeekFrom::Start(self.start + self.pos))?;
-        let n = self.file.read(&mut buf[..n])?;
-        self.pos += n as u64;
-        Ok(n)
-    }
-}
-
-impl Write for Slice<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.room(buf.len());
-        if n == 0 && !buf.is_empty() {
-            return Err(io::Error::new(
-                io::ErrorKind::WriteZero,
-                "write past the end of the partition",
-            ));
-        }
-        self.file.seek(SeekFrom::Start(self.start + self.pos))?;
-        let n = self.file.write(&buf[..n])?;
-        self.pos += n as u64;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.file.flush()
-    }
-}
-
-impl Seek for Slice<'_> {
-    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
-        let target = match to {
-            SeekFrom::Start(n) => Some(n),
-            SeekFrom::End(d) => self.len.checked_add_signed(d),
-            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
-        };
-        match target {
-            Some(n) if n <= self.len => {
-                self.pos = n;
-                Ok(n)
-            }
-            _ => Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "seek outside the partition",
-            )),
-        }
-    }
 }
 
 #[cfg(test)]
@@ -592,7 +521,7 @@ mod tests {
             .unwrap();
         let esp_len = (esp.last_lba - esp.first_lba + 1) * SECTOR;
         let fat = fatfs::FileSystem::new(
-            Slice::new(&mut rw, esp.first_lba * SECTOR, esp_len),
+            PartitionSlice::new(&mut rw, esp.first_lba * SECTOR, esp_len),
             fatfs::FsOptions::new(),
         )
         .unwrap();
@@ -696,7 +625,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut file = tempfile::tempfile_in(dir.path()).unwrap();
         file.write_all(&[0u8; 64]).unwrap();
-        let mut s = Slice::new(&mut file, 16, 8);
+        let mut s = PartitionSlice::new(&mut file, 16, 8);
         assert_eq!(s.write(&[1u8; 12]).unwrap(), 8);
         assert!(s.write(&[1u8; 1]).is_err());
         assert!(s.seek(SeekFrom::Start(9)).is_err());

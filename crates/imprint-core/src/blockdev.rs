@@ -484,6 +484,88 @@ pub fn check_block_device_free(
     }
 }
 
+/// A window onto one partition of a disk image or device: `Read + Write + Seek` confined to
+/// `[start, start + len)`, so code that formats or fills a partition (`fatfs` for the stick's
+/// ESP and the `CIDATA` seed) cannot touch anything outside it.
+#[derive(Debug)]
+pub struct PartitionSlice<'a> {
+    file: &'a mut File,
+    start: u64,
+    len: u64,
+    pos: u64,
+}
+
+impl<'a> PartitionSlice<'a> {
+    /// The window `[start, start + len)` of `file`.
+    pub fn new(file: &'a mut File, start: u64, len: u64) -> Self {
+        PartitionSlice {
+            file,
+            start,
+            len,
+            pos: 0,
+        }
+    }
+
+    fn remaining(&self) -> u64 {
+        self.len.saturating_sub(self.pos)
+    }
+}
+
+impl io::Read for PartitionSlice<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use std::io::{Seek, SeekFrom};
+        let n = (buf.len() as u64).min(self.remaining()) as usize;
+        if n == 0 {
+            return Ok(0);
+        }
+        self.file.seek(SeekFrom::Start(self.start + self.pos))?;
+        let got = self.file.read(&mut buf[..n])?;
+        self.pos += got as u64;
+        Ok(got)
+    }
+}
+
+impl io::Write for PartitionSlice<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        use std::io::{Seek, SeekFrom};
+        let n = (buf.len() as u64).min(self.remaining()) as usize;
+        if n == 0 && !buf.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "write past the end of the partition",
+            ));
+        }
+        self.file.seek(SeekFrom::Start(self.start + self.pos))?;
+        let put = self.file.write(&buf[..n])?;
+        self.pos += put as u64;
+        Ok(put)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+impl io::Seek for PartitionSlice<'_> {
+    fn seek(&mut self, to: io::SeekFrom) -> io::Result<u64> {
+        let new = match to {
+            io::SeekFrom::Start(o) => Some(o),
+            io::SeekFrom::End(o) => self.len.checked_add_signed(o),
+            io::SeekFrom::Current(o) => self.pos.checked_add_signed(o),
+        };
+        match new {
+            Some(p) if p <= self.len => {
+                self.pos = p;
+                Ok(p)
+            }
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "seek outside the partition",
+            )),
+        }
+    }
+}
+
 /// A heap buffer whose data starts on an [`ALIGN`] boundary, as `O_DIRECT` needs. Built from a
 /// plain `Vec` with slack, so no unsafe allocation code is needed.
 #[derive(Debug)]

@@ -27,6 +27,7 @@ use serde::Serialize;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
+use crate::blockdev::PartitionSlice;
 use crate::config::{check_hostname, MachineEntry, RootPartition, SeedConfig, StaticNetwork};
 use crate::machine::{MacAddr, MachineIdentity};
 
@@ -796,74 +797,6 @@ pub enum SeedPlacement {
     },
 }
 
-/// A window onto one partition of a disk, so the FAT code cannot touch anything outside it.
-#[derive(Debug)]
-struct PartitionSlice<'a> {
-    file: &'a mut File,
-    start: u64,
-    len: u64,
-    pos: u64,
-}
-
-impl PartitionSlice<'_> {
-    fn remaining(&self) -> u64 {
-        self.len.saturating_sub(self.pos)
-    }
-}
-
-impl Read for PartitionSlice<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = (buf.len() as u64).min(self.remaining()) as usize;
-        if n == 0 {
-            return Ok(0);
-        }
-        self.file.seek(SeekFrom::Start(self.start + self.pos))?;
-        let got = self.file.read(&mut buf[..n])?;
-        self.pos += got as u64;
-        Ok(got)
-    }
-}
-
-impl Write for PartitionSlice<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = (buf.len() as u64).min(self.remaining()) as usize;
-        if n == 0 && !buf.is_empty() {
-            return Err(io::Error::new(
-                io::ErrorKind::WriteZero,
-                "write past the end of the seed partition",
-            ));
-        }
-        self.file.seek(SeekFrom::Start(self.start + self.pos))?;
-        let put = self.file.write(&buf[..n])?;
-        self.pos += put as u64;
-        Ok(put)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.file.flush()
-    }
-}
-
-impl Seek for PartitionSlice<'_> {
-    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
-        let new = match to {
-            SeekFrom::Start(o) => Some(o),
-            SeekFrom::End(o) => self.len.checked_add_signed(o),
-            SeekFrom::Current(o) => self.pos.checked_add_signed(o),
-        };
-        match new {
-            Some(p) if p <= self.len => {
-                self.pos = p;
-                Ok(p)
-            }
-            _ => Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "seek outside the seed partition",
-            )),
-        }
-    }
-}
-
 fn lb_size(disk: &Path, sector_size: u32) -> Result<LogicalBlockSize, SeedError> {
     match sector_size {
         512 => Ok(LogicalBlockSize::Lb512),
@@ -1103,12 +1036,7 @@ pub fn inject_cidata_into(
             .map_err(|_| layout("partition GUID".into()))?,
     );
     {
-        let slice = PartitionSlice {
-            file: &mut *file,
-            start,
-            len,
-            pos: 0,
-        };
+        let slice = PartitionSlice::new(&mut *file, start, len);
         fatfs::format_volume(
             slice,
             fatfs::FormatVolumeOptions::new()
@@ -1119,12 +1047,7 @@ pub fn inject_cidata_into(
         .map_err(io_err("formatting the CIDATA partition on"))?;
     }
     {
-        let slice = PartitionSlice {
-            file: &mut *file,
-            start,
-            len,
-            pos: 0,
-        };
+        let slice = PartitionSlice::new(&mut *file, start, len);
         let fs = fatfs::FileSystem::new(slice, fatfs::FsOptions::new())
             .map_err(io_err("opening the new CIDATA filesystem on"))?;
         for (name, data) in rendered.files() {
@@ -1208,12 +1131,11 @@ fn verify_cidata(
         }
     }
     let ss = lb.as_u64();
-    let slice = PartitionSlice {
-        file: &mut *file,
-        start: entry.first_lba * ss,
-        len: (entry.last_lba + 1 - entry.first_lba) * ss,
-        pos: 0,
-    };
+    let slice = PartitionSlice::new(
+        &mut *file,
+        entry.first_lba * ss,
+        (entry.last_lba + 1 - entry.first_lba) * ss,
+    );
     let fs = fatfs::FileSystem::new(slice, fatfs::FsOptions::new()).map_err(|e| {
         mismatch(
             "filesystem",
