@@ -30,28 +30,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Make an imprint image (.img.zst with manifest) from a raw, zstd, xz, gzip or qcow2 disk image.
-    Prepare {
-        /// The disk image to convert.
-        input: PathBuf,
-        /// Output file [default: NAME.img.zst next to the input].
-        #[arg(short, long)]
-        output: Option<PathBuf>,
-        /// zstd compression level (1-19; higher is smaller and slower to make, not to write).
-        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(1..=19))]
-        level: i32,
-        /// Image name recorded in the manifest [default: the input's name without extensions].
-        #[arg(long)]
-        name: Option<String>,
-        /// Compression threads [default: all cores].
-        #[arg(long, default_value_t = 0)]
-        threads: u32,
-        /// Sign the image with this minisign secret key (made by `imprint keygen`).
-        #[arg(long, value_name = "KEYFILE")]
-        sign: Option<PathBuf>,
-        /// The password of a password-protected secret key: the first line of this file.
-        #[arg(long, requires = "sign")]
-        password_file: Option<PathBuf>,
-    },
+    Prepare(prepare::PrepareArgs),
     /// Make a minisign key pair for signing images: NAME.key (secret) and NAME.pub (public).
     ///
     /// Without --password-file the secret key is stored unencrypted (mode 0600): keep it off
@@ -177,23 +156,7 @@ impl StickArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Prepare {
-            input,
-            output,
-            level,
-            name,
-            threads,
-            sign,
-            password_file,
-        } => commands::prepare(&prepare::PrepareArgs {
-            input,
-            output,
-            level,
-            name,
-            threads,
-            sign,
-            password_file,
-        }),
+        Command::Prepare(args) => commands::prepare(&args),
         Command::Keygen {
             output,
             password_file,

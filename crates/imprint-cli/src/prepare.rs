@@ -86,21 +86,27 @@ impl<R: Seek> Seek for Counting<R> {
 }
 
 /// Options of `imprint prepare`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct PrepareArgs {
-    /// Input file.
+    /// The disk image to convert.
     pub input: PathBuf,
-    /// Output file (default: next to the input, `NAME.img.zst`).
+    /// Output file [default: NAME.img.zst next to the input].
+    #[arg(short, long)]
     pub output: Option<PathBuf>,
-    /// zstd level.
+    /// zstd compression level (1-19; higher is smaller and slower to make, not to write).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(1..=19))]
     pub level: i32,
-    /// Image name (default: the input's name without extensions).
+    /// Image name recorded in the manifest [default: the input's name without extensions].
+    #[arg(long)]
     pub name: Option<String>,
-    /// Compression threads (0: all cores).
+    /// Compression threads [default: all cores].
+    #[arg(long, default_value_t = 0)]
     pub threads: u32,
-    /// Sign the manifest with this minisign secret key.
+    /// Sign the image with this minisign secret key (made by `imprint keygen`).
+    #[arg(long, value_name = "KEYFILE")]
     pub sign: Option<PathBuf>,
-    /// Password of a password-protected secret key (first line of the file).
+    /// The password of a password-protected secret key: the first line of this file.
+    #[arg(long, requires = "sign")]
     pub password_file: Option<PathBuf>,
 }
 
