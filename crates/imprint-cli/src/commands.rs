@@ -425,3 +425,59 @@ pub fn verify(image: &Path, target: &Path, json: bool) -> Result<()> {
     }
     Ok(())
 }
+
+/// `imprint disks`: discovery and the target policy on this machine, touching nothing.
+pub fn disks(config: Option<&Path>, image: Option<&Path>, json: bool) -> Result<()> {
+    use imprint_core::discover::{self, DiskTable};
+    use imprint_core::select;
+    let cfg = match config {
+        Some(p) => imprint_core::config::Config::load(p)?,
+        None => imprint_core::config::Config::default(),
+    };
+    let (size, sector) = match image {
+        Some(p) => {
+            let img = Image::open(p)?;
+            (img.manifest().raw_size, img.manifest().sector_size)
+        }
+        None => (0, None),
+    };
+    let disks = discover::scan(Path::new("/sys")).context("scanning /sys for disks")?;
+    // The disk this system runs from is never a candidate, like the stick on the appliance.
+    let root = root_disk();
+    let sel = select::choose(&disks, &cfg.target, size, sector, root.as_deref());
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "disks": disks, "selection": sel }))?
+        );
+        return Ok(());
+    }
+    print!("{}", DiskTable(&disks));
+    if let Some(r) = &root {
+        println!("({r} holds this system's root filesystem: it is treated like the appliance's own stick)");
+    }
+    for r in sel.rejected() {
+        println!("not {}: {}", r.disk.name, r.why);
+    }
+    match sel.chosen() {
+        Some(d) => println!("would choose {}: {}", d.name, sel.reason()),
+        None => println!("would not install: {}", sel.reason()),
+    }
+    Ok(())
+}
+
+/// The whole disk holding `/` (from /proc/self/mountinfo and /sys), if any.
+fn root_disk() -> Option<String> {
+    let mi = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let dev = mi.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        (f.len() > 4 && f[4] == "/").then(|| f[2].to_string())
+    })?;
+    let sys = std::fs::canonicalize(Path::new("/sys/dev/block").join(&dev)).ok()?;
+    let disk = if sys.join("partition").exists() {
+        sys.parent()?
+    } else {
+        sys.as_path()
+    };
+    disk.file_name().map(|n| n.to_string_lossy().into_owned())
+}

@@ -107,6 +107,21 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// List this machine's disks as the appliance sees them, and which one it would choose.
+    ///
+    /// Runs the appliance's discovery and target policy (from --config, or the defaults) on
+    /// this machine without touching anything: a dry run for a NUC booted into any Linux.
+    Disks {
+        /// Appliance configuration (JSON) whose `target` policy to apply [default: defaults].
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Also check the disks against this image's size and sector size.
+        #[arg(long)]
+        image: Option<PathBuf>,
+        /// Print the disks and the decision as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show an imprint image's manifest.
     Inspect {
         /// The imprint image (.img.zst).
@@ -186,6 +201,11 @@ fn main() -> ExitCode {
             yes,
             force,
         }),
+        Command::Disks {
+            config,
+            image,
+            json,
+        } => commands::disks(config.as_deref(), image.as_deref(), json),
         Command::Inspect {
             image,
             json,

@@ -451,3 +451,32 @@ fn flash_writes_a_verified_stick_and_refuses_non_usb_without_force() {
         "backup GPT at the stick's end"
     );
 }
+
+#[test]
+fn disks_lists_this_machine_and_never_chooses_the_running_system() {
+    let o = run(imprint().args(["disks", "--json"]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let disks = v["disks"].as_array().unwrap();
+    assert!(!disks.is_empty(), "this machine has at least its root disk");
+    assert!(disks
+        .iter()
+        .all(|d| d["name"].is_string() && d["transport"].is_string()));
+    // Whatever is chosen, it is not the disk the running system lives on.
+    let text = String::from_utf8_lossy(&run(imprint().arg("disks")).stdout).into_owned();
+    if let Some(line) = text
+        .lines()
+        .find(|l| l.contains("holds this system's root filesystem"))
+    {
+        let root = line
+            .trim_start_matches('(')
+            .split_whitespace()
+            .next()
+            .unwrap();
+        assert_ne!(
+            v["selection"]["disk"]["name"].as_str(),
+            Some(root),
+            "{text}"
+        );
+    }
+}
