@@ -473,10 +473,18 @@ fn disks_lists_this_machine_and_never_chooses_the_running_system() {
             .split_whitespace()
             .next()
             .unwrap();
-        assert_ne!(
-            v["selection"]["disk"]["name"].as_str(),
-            Some(root),
-            "{text}"
+        let sel = &v["selection"];
+        assert_ne!(sel["disk"]["name"].as_str(), Some(root), "{text}");
+        let rejected: Vec<&str> = sel["rejected"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|r| r["disk"]["name"].as_str())
+            .collect();
+        assert!(
+            rejected.contains(&root),
+            "the root disk is listed as rejected: {sel}"
         );
     }
+    assert!(v["selection"]["outcome"].is_string() && v["selection"]["reason"].is_string());
 }
