@@ -649,28 +649,26 @@ mod tests {
         (t, nix::sys::stat::makedev(259, 0))
     }
 
-    #[test]
-    fn free_disk_passes() {
-        let (t, rdev) = fake_tree(false, false, false);
+    /// The exclusivity check of `dev` (device number `rdev`) against the fake tree `t`.
+    fn check_in(t: &tempfile::TempDir, dev: &str, rdev: u64) -> Result<(), TargetError> {
         check_block_device_free(
-            Path::new("/dev/nvme0n1"),
+            Path::new(dev),
             rdev,
             &t.path().join("sys"),
             &t.path().join("proc"),
         )
-        .unwrap();
+    }
+
+    #[test]
+    fn free_disk_passes() {
+        let (t, rdev) = fake_tree(false, false, false);
+        check_in(&t, "/dev/nvme0n1", rdev).unwrap();
     }
 
     #[test]
     fn mounted_partition_is_refused() {
         let (t, rdev) = fake_tree(true, false, false);
-        let e = check_block_device_free(
-            Path::new("/dev/nvme0n1"),
-            rdev,
-            &t.path().join("sys"),
-            &t.path().join("proc"),
-        )
-        .unwrap_err();
+        let e = check_in(&t, "/dev/nvme0n1", rdev).unwrap_err();
         assert!(
             e.to_string().contains("nvme0n1p1 is mounted on /mnt"),
             "{e}"
@@ -680,39 +678,21 @@ mod tests {
     #[test]
     fn swap_partition_is_refused() {
         let (t, rdev) = fake_tree(false, false, true);
-        let e = check_block_device_free(
-            Path::new("/dev/nvme0n1"),
-            rdev,
-            &t.path().join("sys"),
-            &t.path().join("proc"),
-        )
-        .unwrap_err();
+        let e = check_in(&t, "/dev/nvme0n1", rdev).unwrap_err();
         assert!(e.to_string().contains("nvme0n1p1 is used as swap"), "{e}");
     }
 
     #[test]
     fn held_partition_is_refused() {
         let (t, rdev) = fake_tree(false, true, false);
-        let e = check_block_device_free(
-            Path::new("/dev/nvme0n1"),
-            rdev,
-            &t.path().join("sys"),
-            &t.path().join("proc"),
-        )
-        .unwrap_err();
+        let e = check_in(&t, "/dev/nvme0n1", rdev).unwrap_err();
         assert!(e.to_string().contains("held by dm-0"), "{e}");
     }
 
     #[test]
     fn partition_is_refused() {
         let (t, _) = fake_tree(false, false, false);
-        let e = check_block_device_free(
-            Path::new("/dev/nvme0n1p1"),
-            nix::sys::stat::makedev(259, 1),
-            &t.path().join("sys"),
-            &t.path().join("proc"),
-        )
-        .unwrap_err();
+        let e = check_in(&t, "/dev/nvme0n1p1", nix::sys::stat::makedev(259, 1)).unwrap_err();
         assert!(matches!(e, TargetError::Partition { .. }), "{e}");
     }
 
