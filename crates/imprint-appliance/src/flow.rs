@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use imprint_core::blockdev::{OpenOptionsTarget, Target};
 use imprint_core::config::{After, Config, Placement};
+use imprint_core::gpt_table::GptTable;
 use imprint_core::discover::{self, Disk};
 use imprint_core::machine::MachineIdentity;
 use imprint_core::manifest::{Image, PartitionTable};
@@ -37,10 +38,14 @@ use serde_json::json;
 use crate::boot::{self, BootEnv, Consoles};
 use crate::report::{self, Report, Status};
 
+/// GPT type of an EFI System Partition.
+const ESP_TYPE: &str = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b";
 /// Where the stick's ESP is mounted.
 const STICK_MNT: &str = "/run/imprint/stick";
 /// Where the target's root filesystem is mounted for root-filesystem seed placement.
 const ROOT_MNT: &str = "/run/imprint/root";
+/// The stick's record of the machines it provisioned, read by its GRUB (grub.cfg.in).
+const PROVISIONED_CFG: &str = "imprint/provisioned.cfg";
 /// Printed when the flow ends, for the end-to-end tests.
 pub const DONE_MARKER: &str = "IMPRINT-DONE";
 
@@ -135,13 +140,29 @@ fn fail(
     rep.error = Some(chain.clone());
     consoles.line("");
     consoles.line(&format!("imprint: FAILED: {chain}"));
-    consoles.line("imprint: the target disk has no partition table unless the install completed; it will not boot a half-written image.");
+    consoles.line(&format!("imprint: {}", disk_state_after(e)));
     if let Some(stick) = stick {
         save_report(consoles, rep, stick);
         unmount(stick);
     }
     consoles.line(DONE_MARKER);
     wait_or_poweroff(consoles, poweroff_after)
+}
+
+/// What a failure left on the target disk, in one sentence: the write engine knows for the
+/// failures it saw; anything else stopped before the engine wrote (or, for root-filesystem
+/// seed placement, after its commit — its error says so).
+fn disk_state_after(e: &anyhow::Error) -> String {
+    match e
+        .chain()
+        .find_map(|c| c.downcast_ref::<write::WriteError>())
+    {
+        Some(w) => format!("target disk: {}", w.disk_state().describe()),
+        None if format!("{e:#}").contains("the image is installed") => {
+            "target disk: the image is installed and its partition table committed; only the seed is missing".into()
+        }
+        None => "target disk: nothing was written to any disk".into(),
+    }
 }
 
 fn wait_or_poweroff(consoles: &mut Consoles, after: Option<u64>) -> ! {
@@ -201,33 +222,20 @@ fn mount_stick(env: &BootEnv) -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// Reads the GPT of `dev` with `sector_size`-byte logical sectors.
-pub(crate) fn read_gpt(dev: &Path, sector_size: u32) -> Result<gpt::GptDisk<File>> {
-    let lb = gpt::disk::LogicalBlockSize::try_from(u64::from(sector_size))
-        .map_err(|_| anyhow!("unsupported sector size {sector_size}"))?;
-    let f = File::open(dev).with_context(|| format!("opening {}", dev.display()))?;
-    gpt::GptConfig::new()
-        .writable(false)
-        .logical_block_size(lb)
-        .open_from_device(f)
+/// Reads the GPT of `dev` with `sector_size`-byte logical sectors (through core's one GPT
+/// module: a strange table is an error, never a panic).
+pub(crate) fn read_gpt(dev: &Path, sector_size: u32) -> Result<GptTable> {
+    let mut f = File::open(dev).with_context(|| format!("opening {}", dev.display()))?;
+    GptTable::read(&mut f, sector_size)
         .with_context(|| format!("reading the GPT of {}", dev.display()))
 }
 
 /// The first used partition of `g` whose type GUID is `type_guid`: (number, partition).
-pub(crate) fn find_partition_by_type<D>(
-    g: &gpt::GptDisk<D>,
+pub(crate) fn find_partition_by_type(
+    g: &GptTable,
     type_guid: &str,
 ) -> Option<(u32, gpt::partition::Partition)> {
-    g.partitions()
-        .iter()
-        .find(|(_, p)| {
-            p.is_used()
-                && p.part_type_guid
-                    .guid
-                    .to_string()
-                    .eq_ignore_ascii_case(type_guid)
-        })
-        .map(|(n, p)| (*n, p.clone()))
+    g.find_by_type(type_guid)
 }
 
 /// The stick's payload partition: the partition of the stick's disk with imprint's type GUID.
@@ -326,6 +334,19 @@ fn install(
         Selection::NoCandidate { .. } => bail!("no target disk: {}", selection.reason()),
     };
     rep.selection["chosen"] = json!(target_disk.name);
+    // The last-resort hostname comes from the target disk's serial, known only now.
+    let rendered = if matches!(rendered.hostname_source, seed::HostnameSource::Fallback { .. }) {
+        seed::render_for_disk(
+            &templates,
+            &config.seed,
+            &identity,
+            &rep.install_id,
+            target_disk.serial.as_deref(),
+        )
+        .context("rendering the cloud-init seed")?
+    } else {
+        rendered
+    };
     rep.timing("discover", t0.elapsed().as_secs_f64());
 
     let dev = Path::new("/dev").join(&target_disk.name);
@@ -335,13 +356,15 @@ fn install(
             target_disk.name, m.name
         ));
         rep.status = Status::AlreadyInstalled;
-        rep.next_boot = next_boot(consoles, env, &dev, &target_disk);
-        if rep.next_boot["ignored_before"] == true {
-            // We set BootNext last time and the firmware booted the stick anyway: rebooting
-            // again would loop. Stop here and let the operator act.
-            consoles.line("imprint: this firmware ignored BootNext last time; remove the stick (or put the internal disk first in the boot order once) and power-cycle");
+        if handed_over_before(stick, target_disk.serial.as_deref()) {
+            // We handed this machine to its disk once already and are back: the firmware
+            // ignores BootNext or pruned the entry, and the stick's GRUB found no installed
+            // disk. One extra pass at most — stop instead of looping.
+            rep.next_boot = json!({ "set": false, "why": "handed over once already; not looping" });
+            consoles.line("imprint: this machine came back to the stick after being handed to its disk; stopping instead of rebooting again. Remove the stick (or put the internal disk first in the firmware's boot order) and power-cycle.");
             return Ok(Ending::Stopped);
         }
+        rep.next_boot = next_boot(consoles, env, &dev, &target_disk);
         return Ok(Ending::Provisioned);
     }
 
@@ -352,9 +375,25 @@ fn install(
         return Ok(Ending::Stopped);
     }
 
+    // One transaction (docs/write-engine.md): the exclusive target stays open from the plan
+    // to the commit; the image, the seed partition and the final partition table are all
+    // written and read back before the single commit.
     let t = Instant::now();
     let target = Target::open(&dev, &OpenOptionsTarget::default())
         .with_context(|| format!("opening {}", dev.display()))?;
+    let plan = write::plan(&image, &target)
+        .with_context(|| format!("checking {} against {}", m.name, dev.display()))?;
+    let (additions, cidata) = match config.seed.placement {
+        Placement::CidataPartition => {
+            let table = plan.table().ok_or_else(|| {
+                anyhow!("the image has no GPT, so the CIDATA seed partition cannot be added; set seed.placement to root-filesystem")
+            })?;
+            let (a, p) = seed::cidata_addition(table, plan.target_size(), &dev, &rendered)
+                .context("laying out the CIDATA seed partition")?;
+            (vec![a], Some(p))
+        }
+        Placement::RootFilesystem => (Vec::new(), None),
+    };
     let progress = ConsoleProgress::new();
     let opts = WriteOptions {
         verify: true,
@@ -363,16 +402,16 @@ fn install(
         // check that digest before the first write, so no unauthenticated byte reaches the disk.
         precheck_payload: signature_verified,
     };
-    let wrep = write::write_image(&image, &target, &opts, &progress)
+    let wrep = write::write_planned(&image, &target, &plan, &additions, &opts, &progress)
         .with_context(|| format!("writing {} to {}", m.name, dev.display()))?;
     drop(progress);
     consoles.line(&format!(
-        "imprint: wrote {} in {:.1} s ({:.0} MB/s), verified in {:.1} s ({:.0} MB/s)",
+        "imprint: wrote {} in {:.1} s ({:.0} MiB/s), verified in {:.1} s ({:.0} MiB/s)",
         discover::human_bytes(m.raw_size),
         wrep.write_seconds,
-        m.raw_size as f64 / wrep.write_seconds.max(1e-3) / 1e6,
+        m.raw_size as f64 / wrep.write_seconds.max(1e-3) / 1048576.0,
         wrep.verify_seconds,
-        m.raw_size as f64 / wrep.verify_seconds.max(1e-3) / 1e6
+        m.raw_size as f64 / wrep.verify_seconds.max(1e-3) / 1048576.0
     ));
     rep.write = serde_json::to_value(&wrep).unwrap_or_default();
     rep.timing("write_and_verify", t.elapsed().as_secs_f64());
@@ -380,39 +419,53 @@ fn install(
     drop(target);
 
     let t = Instant::now();
-    let placement = match config.seed.placement {
-        Placement::CidataPartition => {
-            seed::inject_cidata(&dev, ss, &rendered).context("writing the CIDATA seed partition")?
-        }
-        Placement::RootFilesystem => seed_into_root(
+    let placement = match cidata {
+        Some(p) => p,
+        // Not part of the transaction: the root filesystem is mounted from the committed
+        // table. A failure here leaves an installed image without its seed, and says so.
+        None => seed_into_root(
             &dev,
             &target_disk,
             ss,
             &config.seed.root_partition,
             &rendered,
-        )?,
+        )
+        .context("the image is installed, but its seed could not be put into the root filesystem: the machine will boot without its hostname and network settings")?,
     };
     let summary = rendered.summary();
     consoles.line(&format!(
-        "imprint: seed written and read back: hostname {}",
-        summary.hostname
+        "imprint: seed written and read back: hostname {} ({})",
+        summary.hostname,
+        rendered.hostname_source.describe()
     ));
     rep.seed = json!({ "summary": summary, "placement": placement });
     rep.timing("seed", t.elapsed().as_secs_f64());
-    if m.partition_table == PartitionTable::Gpt {
-        // Let the kernel see the new partitions (the seed's) before anything reads them.
-        if let Ok(t) = Target::open(
-            &dev,
-            &OpenOptionsTarget {
-                read_only: true,
-                ..Default::default()
-            },
-        ) {
-            let _ = t.reread_partitions();
-        }
-    }
     rep.status = Status::Installed;
     rep.next_boot = next_boot(consoles, env, &dev, &target_disk);
+    if let (false, seed::SeedPlacement::CidataPartition { partition_guid, .. }) =
+        (config.reinstall, &placement)
+    {
+        let esp = plan
+            .table()
+            .and_then(|t| t.find_by_type(ESP_TYPE))
+            .map(|(n, _)| n);
+        match (uuid::Uuid::parse_str(partition_guid), esp) {
+            (Ok(g), Some(esp)) => {
+                let serial = seed::cidata_volume_serial(&g);
+                let label = format!("{} ({})", rendered.hostname, m.name);
+                match record_provisioned(stick, &serial, esp, &label) {
+                    Ok(_) => {
+                        consoles.line(&format!("imprint: recorded on the stick: with the stick left in, it boots this disk (seed volume {serial})"));
+                        rep.next_boot["stick_handover"] = json!(serial);
+                    }
+                    Err(e) => consoles.line(&format!(
+                        "imprint: could not record the install on the stick ({e:#}); remove the stick before the next power-on"
+                    )),
+                }
+            }
+            _ => consoles.line("imprint: the image has no EFI System Partition the stick could hand over to; remove the stick before the next power-on"),
+        }
+    }
     rep.timing("total", t0.elapsed().as_secs_f64());
     Ok(Ending::Provisioned)
 }
@@ -454,7 +507,7 @@ fn seed_into_root(
     rendered: &seed::RenderedSeed,
 ) -> Result<seed::SeedPlacement> {
     let g = read_gpt(dev, ss)?;
-    let num = seed::pick_root_partition(g.partitions(), sel)?;
+    let num = seed::pick_root_partition(&g.partitions(), sel)?;
     let part = partition_device(&disk.name, num)?;
     std::fs::create_dir_all(ROOT_MNT)?;
     mount(
@@ -513,53 +566,99 @@ fn already_installed(image: &Image, dev: &Path, disk: &Disk, stick: &Path) -> bo
     if !recorded || m.partition_table != PartitionTable::Gpt {
         return false;
     }
-    let ss = u64::from(m.sector_size.unwrap_or(512));
-    let Ok(lb) = gpt::disk::LogicalBlockSize::try_from(ss) else {
-        return false;
-    };
+    let ss = m.sector_size.unwrap_or(512);
     // The image's own GPT, from the start of its stream.
-    let mut head = vec![0u8; 1 << 20];
+    let mut head = vec![0u8; (m.raw_size.min(1 << 20)) as usize];
     let Ok(mut dec) = image.raw_reader() else {
         return false;
     };
-    if dec
-        .read_exact(&mut head[..(m.raw_size.min(1 << 20)) as usize])
-        .is_err()
-    {
+    if dec.read_exact(&mut head).is_err() {
         return false;
     }
-    let Ok(ig) = gpt::GptConfig::new()
-        .writable(false)
-        .logical_block_size(lb)
-        .open_from_device(std::io::Cursor::new(head))
-    else {
+    let Ok(ig) = GptTable::read(&mut std::io::Cursor::new(head), ss) else {
         return false;
     };
-    let Ok(mut f) = File::open(dev) else {
-        return false;
-    };
-    let Ok(dg) = gpt::GptConfig::new()
-        .writable(false)
-        .logical_block_size(lb)
-        .only_valid_headers(true)
-        .open_from_device(&mut f)
-    else {
+    let Ok(dg) = read_gpt(dev, ss) else {
         return false;
     };
     // The installed OS may have grown its root partition (growpart) and the seed added one:
     // compare what identifies a partition — number, unique GUID, type, start — not its end.
-    dg.guid() == ig.guid()
-        && ig
-            .partitions()
-            .iter()
-            .filter(|(_, p)| p.is_used())
-            .all(|(n, p)| {
-                dg.partitions().get(n).is_some_and(|d| {
-                    d.part_guid == p.part_guid
-                        && d.part_type_guid == p.part_type_guid
-                        && d.first_lba == p.first_lba
-                })
+    let dparts = dg.partitions();
+    dg.disk_guid() == ig.disk_guid()
+        && ig.partitions().iter().all(|(n, p)| {
+            dparts.get(n).is_some_and(|d| {
+                d.part_guid == p.part_guid
+                    && d.part_type_guid == p.part_type_guid
+                    && d.first_lba == p.first_lba
             })
+        })
+}
+
+/// Whether the newest report on the stick for the disk with `serial` says this stick already
+/// found the machine provisioned and handed it to its disk once: the firmware then ignored
+/// that (or pruned the boot entry), and rebooting again would loop.
+fn handed_over_before(stick: &Path, serial: Option<&str>) -> bool {
+    let Some(serial) = serial.filter(|s| !s.is_empty()) else {
+        return false;
+    };
+    let mut reports: Vec<Report> = Report::load_all(&stick.join(REPORTS_DIR))
+        .into_iter()
+        .filter(|r| {
+            r.disks.as_array().is_some_and(|ds| {
+                ds.iter()
+                    .any(|d| d["name"] == r.selection["chosen"] && d["serial"] == serial)
+            })
+        })
+        .collect();
+    reports.sort_by(|a, b| a.install_id.cmp(&b.install_id));
+    reports
+        .last()
+        .is_some_and(|r| r.status == Status::AlreadyInstalled)
+}
+
+/// Records on the stick that this machine's disk holds an install from it, for the stick's
+/// GRUB: `imprint/provisioned.cfg` gets a block that looks for the install's seed partition
+/// by its FAT serial (unique per install) and, when that disk is present, boots the disk's own
+/// loader instead of provisioning again. A stick moved to the next machine finds no such disk
+/// there and provisions it. Returns the block written.
+fn record_provisioned(
+    stick: &Path,
+    seed_serial: &str,
+    esp_partition: u32,
+    label: &str,
+) -> Result<String> {
+    let path = stick.join(PROVISIONED_CFG);
+    let old = std::fs::read_to_string(&path).unwrap_or_default();
+    // GRUB strings: keep the label to characters that need no quoting.
+    let label: String = label
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || " .:-_()".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let block = format!(
+        "if [ -z \"$imprint_installed\" ]; then\n  if search --no-floppy --fs-uuid --set=imprint_seed {seed_serial}; then\n    regexp --set=1:imprint_disk '^([^,]+),' \"$imprint_seed\"\n    set imprint_installed=\"($imprint_disk,gpt{esp_partition})/EFI/BOOT/BOOTX64.EFI\"\n    set imprint_installed_name=\"{label}\"\n  fi\nfi\n"
+    );
+    if old.contains(&block) {
+        return Ok(block);
+    }
+    let mut text = if old.is_empty() {
+        "# Written by imprint: the installs this stick made. The stick's grub.cfg reads it and\n# boots an installed disk it finds instead of provisioning the machine again.\n".to_string()
+    } else {
+        old
+    };
+    text.push_str(&block);
+    let tmp = path.with_extension("cfg.new");
+    std::fs::write(&tmp, &text).with_context(|| format!("writing {}", tmp.display()))?;
+    File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("syncing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(block)
 }
 
 fn first_mib_is_zero(dev: &Path) -> bool {

@@ -372,11 +372,13 @@ pub fn write(
                 report.image_sha256
             );
         }
-        if let Some(f) = &report.gpt_fixup {
-            println!(
-                "moved the backup GPT from LBA {} to the disk's end, LBA {}",
-                f.old_backup_lba, f.new_backup_lba
-            );
+        if let Some(t) = &report.partition_table {
+            if t.backup_lba != t.image_backup_lba {
+                println!(
+                    "partition table laid out for the disk: backup GPT at its last sector (LBA {}, the image had it at {})",
+                    t.backup_lba, t.image_backup_lba
+                );
+            }
         }
     }
     Ok(())

@@ -8,7 +8,7 @@
 //! - [`write`]: the verified write engine: zero the ends, stream, read back, commit the first MiB
 //!   last, move the backup GPT.
 //! - [`verify`]: reading a target back and proving it holds an image.
-//! - [`gpt_fixup`]: moving the backup GPT header to the end of a larger disk.
+//! - [`gpt_table`]: the one GPT reader and layout (guarded, entries kept verbatim).
 //! - [`progress`]: progress events for terminals, logs and the appliance (`--json`).
 //! - [`discover`], [`select`], [`config`], [`seed`]: what the appliance needs to find the
 //!   internal disk, decide on it, and render the cloud-init NoCloud seed.
@@ -19,7 +19,6 @@
 pub mod blockdev;
 pub mod config;
 pub mod discover;
-pub mod gpt_fixup;
 pub mod gpt_table;
 pub mod machine;
 pub mod manifest;

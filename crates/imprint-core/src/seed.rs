@@ -3,9 +3,10 @@
 //! the hostname pattern, a fresh `instance-id` per install), and putting the result where the
 //! installed OS's cloud-init finds it:
 //!
-//! - [`inject_cidata`]: a small FAT partition labelled `CIDATA` at the very end of the disk's
+//! - [`cidata_addition`]: a small FAT partition labelled `CIDATA` at the very end of the disk's
 //!   usable space (works for any root filesystem, needs no mount; the root partition's
-//!   growpart grows up to it);
+//!   growpart grows up to it), built in memory and handed to the write engine, which writes
+//!   and reads it back before its single commit of the partition table;
 //! - [`inject_into_dir`]: `/var/lib/cloud/seed/nocloud/` on the mounted root filesystem.
 //!
 //! Both read every file back and compare. Files are written as JSON where we render them
@@ -16,18 +17,18 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use gpt::disk::LogicalBlockSize;
 use gpt::partition::Partition as GptPartition;
 use gpt::partition_types;
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
-use crate::blockdev::PartitionSlice;
+use crate::gpt_table::GptTable;
+use crate::write::Addition;
 use crate::config::{check_hostname, MachineEntry, RootPartition, SeedConfig, StaticNetwork};
 use crate::machine::{MacAddr, MachineIdentity};
 
@@ -402,6 +403,57 @@ pub enum MachineMatch {
     },
 }
 
+/// Which rule named the machine. An install never fails over a hostname: the rules are tried
+/// in this order and the last always yields one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "rule", rename_all = "kebab-case")]
+pub enum HostnameSource {
+    /// The machines-table entry that matched.
+    MachinesEntry {
+        /// Index in `seed.machines`.
+        entry: usize,
+    },
+    /// The `seed.hostname_pattern` the config sets.
+    ConfigPattern {
+        /// The pattern.
+        pattern: String,
+    },
+    /// The seed's own meta-data `local-hostname`.
+    SeedMetaData,
+    /// The default pattern.
+    DefaultPattern {
+        /// The pattern.
+        pattern: String,
+    },
+    /// Nothing else could name it: `imprint-` and the target disk's serial (or the install id
+    /// before a disk is chosen).
+    Fallback {
+        /// What the name was made from.
+        from: String,
+    },
+}
+
+impl HostnameSource {
+    /// One line for the console.
+    pub fn describe(&self) -> String {
+        match self {
+            HostnameSource::MachinesEntry { entry } => {
+                format!("named by machines entry {entry}")
+            }
+            HostnameSource::ConfigPattern { pattern } => {
+                format!("named by the config's hostname_pattern {pattern:?}")
+            }
+            HostnameSource::SeedMetaData => "named by the seed's meta-data local-hostname".into(),
+            HostnameSource::DefaultPattern { pattern } => {
+                format!("named by the default pattern {pattern:?}")
+            }
+            HostnameSource::Fallback { from } => format!(
+                "no machines entry, pattern or local-hostname could name it: named after {from}"
+            ),
+        }
+    }
+}
+
 /// Where the network-config came from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -428,6 +480,8 @@ pub struct RenderedSeed {
     pub instance_id: String,
     /// `local-hostname`.
     pub hostname: String,
+    /// Which rule named the machine.
+    pub hostname_source: HostnameSource,
     /// How the machine was recognised.
     pub matched: MachineMatch,
     /// Where the network-config came from.
@@ -461,6 +515,8 @@ pub struct SeedSummary {
     pub instance_id: String,
     /// The hostname.
     pub hostname: String,
+    /// Which rule named the machine.
+    pub hostname_source: HostnameSource,
     /// How the machine was recognised.
     pub matched: MachineMatch,
     /// Where the network-config came from.
@@ -496,6 +552,7 @@ impl RenderedSeed {
         SeedSummary {
             instance_id: self.instance_id.clone(),
             hostname: self.hostname.clone(),
+            hostname_source: self.hostname_source.clone(),
             matched: self.matched.clone(),
             network: self.network_source.clone(),
             user_data_kind: self.user_data_kind,
@@ -604,6 +661,43 @@ fn with_entry(m: MachineMatch, i: usize) -> MachineMatch {
     }
 }
 
+/// The hostname of a machine with no machines entry, by the rules of [`render_for_disk`].
+fn name_unlisted_machine(
+    templates: &SeedTemplates,
+    seed: &SeedConfig,
+    identity: &MachineIdentity,
+    install_id: &str,
+    disk_serial: Option<&str>,
+) -> (String, HostnameSource) {
+    let default = crate::config::DEFAULT_HOSTNAME_PATTERN;
+    if seed.hostname_pattern != default {
+        if let Ok(h) = expand_hostname(&seed.hostname_pattern, identity) {
+            let pattern = seed.hostname_pattern.clone();
+            return (h, HostnameSource::ConfigPattern { pattern });
+        }
+    }
+    if let Some(h) = templates
+        .meta_data
+        .get("local-hostname")
+        .and_then(Value::as_str)
+        .filter(|h| check_hostname(h).is_ok())
+    {
+        return (h.to_string(), HostnameSource::SeedMetaData);
+    }
+    if let Ok(h) = expand_hostname(default, identity) {
+        let pattern = default.to_string();
+        return (h, HostnameSource::DefaultPattern { pattern });
+    }
+    let (part, from) = match disk_serial.map(hostname_part).filter(|s| !s.is_empty()) {
+        Some(s) => (s, "the target disk's serial".to_string()),
+        None => (hostname_part(install_id), "the install id".to_string()),
+    };
+    let mut h = format!("imprint-{part}");
+    h.truncate(63);
+    let h = h.trim_end_matches('-').to_string();
+    (h, HostnameSource::Fallback { from })
+}
+
 /// Renders the simple static form to cloud-init network-config v2. The interface is matched
 /// by MAC, so it does not matter what the installed OS names it.
 pub fn static_network_v2(n: &StaticNetwork, mac: MacAddr) -> Value {
@@ -613,12 +707,13 @@ pub fn static_network_v2(n: &StaticNetwork, mac: MacAddr) -> Value {
     eth.insert("dhcp4".into(), json!(false));
     eth.insert("dhcp6".into(), json!(false));
     if let Some(gw) = n.gateway {
-        // An explicit default route rather than gateway4/gateway6, which netplan deprecates.
-        let to = if gw.is_ipv4() { "0.0.0.0/0" } else { "::/0" };
-        eth.insert(
-            "routes".into(),
-            json!([{ "to": to, "via": gw.to_string() }]),
-        );
+        // gateway4/gateway6, not `routes: to 0.0.0.0/0`: cloud-init turns these into each
+        // renderer's native gateway (ENI `gateway`, networkd `Gateway=`, sysconfig `GATEWAY`,
+        // NetworkManager, netplan), whereas its ENI renderer turns a default route into
+        // `post-up route add … || true`, and Debian 12 has no `route` command: the machine
+        // came up without a default route.
+        let key = if gw.is_ipv4() { "gateway4" } else { "gateway6" };
+        eth.insert(key.into(), json!(gw.to_string()));
     }
     if !n.dns.is_empty() || !n.search.is_empty() {
         let mut ns = Map::new();
@@ -643,16 +738,31 @@ fn to_json_bytes(v: &Value) -> Vec<u8> {
     s.into_bytes()
 }
 
-/// Renders the seed for this machine and this install.
-///
-/// The machine is looked up in `seed.machines` by any NIC's MAC, the DMI product/board serial
-/// or the DMI UUID; more than one matching entry is an error (never a guess). Without a match
-/// the hostname comes from `seed.hostname_pattern` and network-config from the template.
+/// Renders the seed for this machine and this install, naming it as [`render_for_disk`] does
+/// before a target disk is known (the last-resort name then comes from the install id).
 pub fn render(
     templates: &SeedTemplates,
     seed: &SeedConfig,
     identity: &MachineIdentity,
     install_id: &str,
+) -> Result<RenderedSeed, SeedError> {
+    render_for_disk(templates, seed, identity, install_id, None)
+}
+
+/// Renders the seed for this machine and this install.
+///
+/// The machine is looked up in `seed.machines` by any NIC's MAC, the DMI product/board serial
+/// or the DMI UUID; more than one matching entry is an error (never a guess). The hostname
+/// comes from, in order: the matching entry; a `seed.hostname_pattern` the config sets; the
+/// seed's own meta-data `local-hostname`; the default pattern; and `imprint-` plus
+/// `disk_serial` (the target disk's serial) or the install id — so it never fails for want of
+/// a name. Without an entry, network-config comes from the template.
+pub fn render_for_disk(
+    templates: &SeedTemplates,
+    seed: &SeedConfig,
+    identity: &MachineIdentity,
+    install_id: &str,
+    disk_serial: Option<&str>,
 ) -> Result<RenderedSeed, SeedError> {
     if install_id.is_empty()
         || !install_id
@@ -688,19 +798,28 @@ pub fn render(
         });
     }
 
-    let (hostname, matched, entry) = match hits.into_iter().next() {
+    let (hostname, hostname_source, matched, entry) = match hits.into_iter().next() {
         Some((i, m)) => {
             let e = &seed.machines[i];
             check_hostname(&e.hostname).map_err(|reason| SeedError::Hostname { reason })?;
-            (e.hostname.clone(), m, Some((i, e)))
+            (
+                e.hostname.clone(),
+                HostnameSource::MachinesEntry { entry: i },
+                m,
+                Some((i, e)),
+            )
         }
-        None => (
-            expand_hostname(&seed.hostname_pattern, identity)?,
-            MachineMatch::Pattern {
-                pattern: seed.hostname_pattern.clone(),
-            },
-            None,
-        ),
+        None => {
+            let (h, src) = name_unlisted_machine(templates, seed, identity, install_id, disk_serial);
+            (
+                h,
+                src,
+                MachineMatch::Pattern {
+                    pattern: seed.hostname_pattern.clone(),
+                },
+                None,
+            )
+        }
     };
 
     let (network_config, network_source) = match entry {
@@ -760,6 +879,7 @@ pub fn render(
     Ok(RenderedSeed {
         instance_id,
         hostname,
+        hostname_source,
         matched,
         network_source,
         user_data_kind: templates.user_data_kind,
@@ -797,17 +917,6 @@ pub enum SeedPlacement {
     },
 }
 
-fn lb_size(disk: &Path, sector_size: u32) -> Result<LogicalBlockSize, SeedError> {
-    match sector_size {
-        512 => Ok(LogicalBlockSize::Lb512),
-        4096 => Ok(LogicalBlockSize::Lb4096),
-        other => Err(SeedError::Layout {
-            disk: disk.to_path_buf(),
-            reason: format!("sector size {other} (only 512 and 4096 are supported)"),
-        }),
-    }
-}
-
 /// A partition GUID derived from the instance-id: stable for one install (the report and the
 /// disk agree), different across installs, and no random source needed in PID 1.
 fn partition_guid(instance_id: &str) -> uuid::Uuid {
@@ -817,61 +926,27 @@ fn partition_guid(instance_id: &str) -> uuid::Uuid {
     uuid::Builder::from_random_bytes(b).into_uuid()
 }
 
-/// Adds the `CIDATA` seed partition at the end of `disk` (a block device or an image file),
-/// formats it FAT, writes the seed and reads it back. Opens `disk` read-write itself.
-pub fn inject_cidata(
-    disk: &Path,
-    sector_size: u32,
-    rendered: &RenderedSeed,
-) -> Result<SeedPlacement, SeedError> {
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(nix::libc::O_CLOEXEC)
-        .open(disk)
-        .map_err(|source| SeedError::Io {
-            path: disk.to_path_buf(),
-            step: "opening",
-            source,
-        })?;
-    inject_cidata_into(&mut file, disk, sector_size, rendered)
-}
-
-/// [`inject_cidata`] on an already open disk; `disk` names it in errors and the placement.
+/// The `CIDATA` seed partition for a disk of `disk_size` bytes whose final partition table
+/// starts from `table` (the image's): a write-engine [`Addition`] whose content — a FAT
+/// filesystem labelled `CIDATA` holding the rendered files — is built and checked in memory.
+/// The engine writes it, reads it back and commits its entry with the rest of the table.
 ///
-/// Preconditions (the write engine establishes them): the image is written, and the backup
-/// GPT header sits at the disk's last sector. The new partition takes the last
-/// [`CIDATA_SIZE`] bytes of usable space (1-MiB aligned), numbered with the first free slot:
-/// existing entries are neither moved nor renumbered, only one entry and both headers change
-/// (the `gpt` crate's own writer would compact the table and renumber e.g. Ubuntu's
-/// partitions 14 and 15). A `CIDATA` partition the image already has is reformatted and reused.
-pub fn inject_cidata_into(
-    file: &mut File,
+/// The partition takes the last [`CIDATA_SIZE`] bytes of usable space (1-MiB aligned), with
+/// the first free entry number: the image's entries are neither moved nor renumbered. A
+/// `CIDATA` partition the image already has is reformatted and reused. `disk` names the disk
+/// in errors and in the placement.
+pub fn cidata_addition(
+    table: &GptTable,
+    disk_size: u64,
     disk: &Path,
-    sector_size: u32,
     rendered: &RenderedSeed,
-) -> Result<SeedPlacement, SeedError> {
-    let lb = lb_size(disk, sector_size)?;
+) -> Result<(Addition, SeedPlacement), SeedError> {
+    let sector_size = table.sector_size();
     let ss = u64::from(sector_size);
-    let gpt_err = |step: &'static str| {
-        move |source: gpt::GptError| SeedError::Gpt {
-            disk: disk.to_path_buf(),
-            step,
-            source,
-        }
-    };
-    let io_err = |step: &'static str| {
-        move |source: io::Error| SeedError::Io {
-            path: disk.to_path_buf(),
-            step,
-            source,
-        }
-    };
     let layout = |reason: String| SeedError::Layout {
         disk: disk.to_path_buf(),
         reason,
     };
-
     let payload: u64 = rendered.files().iter().map(|(_, d)| d.len() as u64).sum();
     // FAT metadata and cluster slack take well under 1 MiB of the partition.
     if payload > CIDATA_SIZE - MIB {
@@ -880,195 +955,51 @@ pub fn inject_cidata_into(
             capacity: CIDATA_SIZE - MIB,
         });
     }
-
-    let disk_len = file.seek(SeekFrom::End(0)).map_err(io_err("sizing"))?;
-    let last_lba = (disk_len / ss)
-        .checked_sub(1)
-        .ok_or_else(|| layout("empty disk".into()))?;
-
-    // The gpt crate asserts (panics) on entry sizes other than 128 bytes; PID 1 must not
-    // panic, so look at the primary header ourselves first.
-    let mut lba1 = vec![0u8; sector_size as usize];
-    file.seek(SeekFrom::Start(ss))
-        .and_then(|_| file.read_exact(&mut lba1))
-        .map_err(io_err("reading the GPT header of"))?;
-    if &lba1[..8] != b"EFI PART" {
-        return Err(layout(
-            "no GPT (no \"EFI PART\" signature in sector 1)".into(),
-        ));
-    }
-    let entry_size = u32::from_le_bytes([lba1[84], lba1[85], lba1[86], lba1[87]]);
-    if entry_size != 128 {
-        return Err(layout(format!(
-            "partition entries of {entry_size} bytes (only 128 supported)"
-        )));
-    }
-
-    let (mut primary, mut backup, parts) = {
-        let g = gpt::GptConfig::new()
-            .writable(false)
-            .logical_block_size(lb)
-            .open_from_device(&mut *file)
-            .map_err(gpt_err("reading the partition table"))?;
-        let primary = g
-            .primary_header()
-            .map_err(|e| layout(format!("no valid primary GPT header: {e}")))?
-            .clone();
-        let backup = g
-            .backup_header()
-            .map_err(|e| {
-                layout(format!(
-                    "no valid backup GPT header at the disk's last sector ({e}); move it \
-                     there first (gpt_fixup)"
-                ))
-            })?
-            .clone();
-        (primary, backup, g.partitions().clone())
-    };
-    if primary.backup_lba != last_lba || backup.current_lba != last_lba {
-        return Err(layout(format!(
-            "the backup GPT header is at sector {}, not at the disk's last sector {last_lba}; \
-             move it first (gpt_fixup)",
-            backup.current_lba
-        )));
-    }
-    if backup.part_size != 128 {
-        return Err(layout(format!(
-            "backup partition entries of {} bytes (only 128 supported)",
-            backup.part_size
-        )));
-    }
-
-    let existing = parts
-        .iter()
-        .find(|(_, p)| p.is_used() && p.name.eq_ignore_ascii_case(CIDATA_LABEL))
-        .map(|(n, p)| (*n, p.clone()));
-    let reused = existing.is_some();
-    let (number, entry) = match existing {
+    let last_usable = table
+        .last_usable_on(disk_size)
+        .map_err(|e| layout(e.to_string()))?;
+    let (number, entry, reused) = match table.find_by_name(CIDATA_LABEL) {
         Some((n, p)) => {
             if (p.last_lba + 1 - p.first_lba) * ss < MIB {
                 return Err(layout(format!(
                     "the image's own CIDATA partition {n} is smaller than 1 MiB"
                 )));
             }
-            (n, p)
+            (n, p, true)
         }
         None => {
             let size_lba = CIDATA_SIZE / ss;
             let align = MIB / ss;
-            let end = primary.last_usable; // inclusive
-            let first = (end + 1)
+            let first = (last_usable + 1)
                 .checked_sub(size_lba)
                 .map(|f| f / align * align)
                 .ok_or_else(|| layout("disk too small for the seed partition".into()))?;
-            let used_end = parts
-                .values()
-                .filter(|p| p.is_used())
-                .map(|p| p.last_lba)
-                .max()
-                .unwrap_or(0);
-            if first <= used_end || first < primary.first_usable {
+            let used_end = table.last_used_lba();
+            if first <= used_end || first < table.header().first_usable {
                 return Err(layout(format!(
                     "no {} MiB free at the end of the disk: the last partition ends at sector \
-                     {used_end}, usable space ends at {end}",
+                     {used_end}, usable space ends at {last_usable}",
                     CIDATA_SIZE / MIB
                 )));
             }
-            let number = (1..=primary.num_parts)
-                .find(|n| !parts.get(n).is_some_and(GptPartition::is_used))
+            let number = table
+                .free_slot()
                 .ok_or_else(|| layout("the partition table has no free entry".into()))?;
             let entry = GptPartition {
                 part_type_guid: partition_types::BASIC,
                 part_guid: partition_guid(&rendered.instance_id),
                 first_lba: first,
-                last_lba: end,
+                last_lba: last_usable,
                 flags: 0,
                 name: CIDATA_LABEL.to_string(),
             };
-            // Only this entry and the two headers change; the header writers recompute the
-            // entry-array and header CRCs from what is on disk.
-            for start in [primary.part_start, backup.part_start] {
-                entry
-                    .write_to_device(&mut *file, u64::from(number - 1), start, lb, 128)
-                    .map_err(|e| SeedError::Io {
-                        path: disk.to_path_buf(),
-                        step: "writing the CIDATA partition entry on",
-                        source: e,
-                    })?;
-            }
-            let header_err = |step| {
-                move |source| SeedError::GptHeader {
-                    disk: disk.to_path_buf(),
-                    step,
-                    source,
-                }
-            };
-            backup
-                .write_backup(&mut *file, lb)
-                .map_err(header_err("writing the backup GPT header"))?;
-            primary
-                .write_primary(&mut *file, lb)
-                .map_err(header_err("writing the primary GPT header"))?;
-            (number, entry)
+            (number, entry, false)
         }
     };
-
-    let start = entry.first_lba * ss;
     let len = (entry.last_lba + 1 - entry.first_lba) * ss;
-    // Zero the whole partition first: stale signatures (an old ext4 superblock in FAT's
-    // reserved sectors) would make blkid see two filesystems and report no label.
-    file.seek(SeekFrom::Start(start))
-        .map_err(io_err("seeking on"))?;
-    let zeros = vec![0u8; MIB as usize];
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(MIB) as usize;
-        file.write_all(&zeros[..n])
-            .map_err(io_err("zeroing the CIDATA partition on"))?;
-        left -= n as u64;
-    }
-
-    let mut label = [b' '; 11];
-    label[..CIDATA_LABEL.len()].copy_from_slice(CIDATA_LABEL.as_bytes());
-    let volume_id = u32::from_le_bytes(
-        entry.part_guid.as_bytes()[..4]
-            .try_into()
-            .map_err(|_| layout("partition GUID".into()))?,
-    );
-    {
-        let slice = PartitionSlice::new(&mut *file, start, len);
-        fatfs::format_volume(
-            slice,
-            fatfs::FormatVolumeOptions::new()
-                .volume_label(label)
-                .volume_id(volume_id)
-                .bytes_per_sector(sector_size as u16),
-        )
-        .map_err(io_err("formatting the CIDATA partition on"))?;
-    }
-    {
-        let slice = PartitionSlice::new(&mut *file, start, len);
-        let fs = fatfs::FileSystem::new(slice, fatfs::FsOptions::new())
-            .map_err(io_err("opening the new CIDATA filesystem on"))?;
-        for (name, data) in rendered.files() {
-            let mut f = fs
-                .root_dir()
-                .create_file(name)
-                .map_err(io_err("creating a seed file on"))?;
-            f.truncate().map_err(io_err("truncating a seed file on"))?;
-            f.write_all(data)
-                .map_err(io_err("writing a seed file on"))?;
-            f.flush().map_err(io_err("flushing a seed file on"))?;
-        }
-        fs.unmount()
-            .map_err(io_err("closing the CIDATA filesystem on"))?;
-    }
-    file.sync_all().map_err(io_err("syncing"))?;
-    drop_cache(file);
-
-    verify_cidata(file, disk, lb, number, &entry, rendered)?;
-
-    Ok(SeedPlacement::CidataPartition {
+    let content = cidata_filesystem(len, sector_size, &entry, rendered)
+        .map_err(|e| layout(format!("building the FAT filesystem: {e}")))?;
+    let placement = SeedPlacement::CidataPartition {
         disk: disk.to_path_buf(),
         partition_number: number,
         partition_guid: entry.part_guid.to_string(),
@@ -1076,88 +1007,72 @@ pub fn inject_cidata_into(
         last_lba: entry.last_lba,
         sector_size,
         reused,
-    })
+    };
+    Ok((
+        Addition {
+            what: format!("the {CIDATA_LABEL} seed partition"),
+            number,
+            entry,
+            content,
+        },
+        placement,
+    ))
 }
 
-/// Asks the kernel to forget cached pages of `file`, so the read-back comes from the device.
-/// Best effort: if the advice fails, the read-back still checks the filesystem structure.
-fn drop_cache(file: &File) {
-    let _ = nix::fcntl::posix_fadvise(
-        file,
-        0,
-        0,
-        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
-    );
-}
-
-fn verify_cidata(
-    file: &mut File,
-    disk: &Path,
-    lb: LogicalBlockSize,
-    number: u32,
+/// A zeroed `len`-byte FAT filesystem labelled `CIDATA` holding the rendered files, read
+/// back from memory and compared before it is returned.
+fn cidata_filesystem(
+    len: u64,
+    sector_size: u32,
     entry: &GptPartition,
     rendered: &RenderedSeed,
-) -> Result<(), SeedError> {
-    let mismatch = |file: &str, reason: String| SeedError::ReadBack {
-        location: disk.to_path_buf(),
-        file: file.to_string(),
-        reason,
-    };
-    let parts = gpt::GptConfig::new()
-        .writable(false)
-        .logical_block_size(lb)
-        .only_valid_headers(true)
-        .open_from_device(&mut *file)
-        .map_err(|source| SeedError::Gpt {
-            disk: disk.to_path_buf(),
-            step: "re-reading the partition table",
-            source,
-        })?
-        .partitions()
-        .clone();
-    match parts.get(&number) {
-        Some(p) if p == entry => {}
-        Some(p) => {
-            return Err(mismatch(
-                "partition table",
-                format!("entry {number} reads back as {p:?}"),
-            ))
+) -> io::Result<Vec<u8>> {
+    // Zeroed throughout: stale signatures (an old ext4 superblock in FAT's reserved sectors)
+    // would make blkid see two filesystems and report no label.
+    let mut disk = io::Cursor::new(vec![0u8; len as usize]);
+    let mut label = [b' '; 11];
+    label[..CIDATA_LABEL.len()].copy_from_slice(CIDATA_LABEL.as_bytes());
+    let mut id = [0u8; 4];
+    id.copy_from_slice(&entry.part_guid.as_bytes()[..4]);
+    fatfs::format_volume(
+        &mut disk,
+        fatfs::FormatVolumeOptions::new()
+            .volume_label(label)
+            .volume_id(u32::from_le_bytes(id))
+            .bytes_per_sector(sector_size as u16),
+    )?;
+    disk.set_position(0);
+    {
+        let fs = fatfs::FileSystem::new(&mut disk, fatfs::FsOptions::new())?;
+        for (name, data) in rendered.files() {
+            let mut f = fs.root_dir().create_file(name)?;
+            f.truncate()?;
+            f.write_all(data)?;
+            f.flush()?;
         }
-        None => {
-            return Err(mismatch(
-                "partition table",
-                format!("entry {number} is missing"),
-            ))
+        fs.unmount()?;
+    }
+    disk.set_position(0);
+    {
+        let fs = fatfs::FileSystem::new(&mut disk, fatfs::FsOptions::new())?;
+        if fs.volume_label() != CIDATA_LABEL {
+            return Err(io::Error::other("the volume label did not read back"));
+        }
+        for (name, want) in rendered.files() {
+            let mut got = Vec::new();
+            fs.root_dir().open_file(name)?.read_to_end(&mut got)?;
+            compare(name, want, &got).map_err(|r| io::Error::other(format!("{name}: {r}")))?;
         }
     }
-    let ss = lb.as_u64();
-    let slice = PartitionSlice::new(
-        &mut *file,
-        entry.first_lba * ss,
-        (entry.last_lba + 1 - entry.first_lba) * ss,
-    );
-    let fs = fatfs::FileSystem::new(slice, fatfs::FsOptions::new()).map_err(|e| {
-        mismatch(
-            "filesystem",
-            format!("the FAT filesystem does not open: {e}"),
-        )
-    })?;
-    let label = fs.volume_label();
-    if label != CIDATA_LABEL {
-        return Err(mismatch(
-            "volume label",
-            format!("{label:?} instead of {CIDATA_LABEL:?}"),
-        ));
-    }
-    for (name, want) in rendered.files() {
-        let mut got = Vec::new();
-        fs.root_dir()
-            .open_file(name)
-            .and_then(|mut f| f.read_to_end(&mut got))
-            .map_err(|e| mismatch(name, format!("cannot be read: {e}")))?;
-        compare(name, want, &got).map_err(|r| mismatch(name, r))?;
-    }
-    Ok(())
+    Ok(disk.into_inner())
+}
+
+/// The FAT volume serial the seed partition gets, as firmware and GRUB show it
+/// (`XXXX-XXXX`): GRUB's `search --fs-uuid` finds the installed disk by it.
+pub fn cidata_volume_serial(partition_guid: &uuid::Uuid) -> String {
+    let b = partition_guid.as_bytes();
+    let id = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    format!("{:04X}-{:04X}", id >> 16, id & 0xffff)
 }
 
 fn compare(_name: &str, want: &[u8], got: &[u8]) -> Result<(), String> {
@@ -1198,7 +1113,13 @@ pub fn inject_into_dir(dir: &Path, rendered: &RenderedSeed) -> Result<SeedPlacem
             .map_err(io(&path, "setting permissions of"))?;
         f.write_all(data).map_err(io(&path, "writing"))?;
         f.sync_all().map_err(io(&path, "syncing"))?;
-        drop_cache(&f);
+        // Best effort: the read-back below should come from the device, not the cache.
+        let _ = nix::fcntl::posix_fadvise(
+            &f,
+            0,
+            0,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        );
     }
     File::open(dir)
         .and_then(|d| d.sync_all())
@@ -1350,8 +1271,8 @@ mod tests {
         // The entry's key MAC is the interface configured.
         assert_eq!(eth["match"]["macaddress"], "aa:bb:cc:00:00:02");
         assert_eq!(eth["addresses"][0], "192.168.1.54/24");
-        assert_eq!(eth["routes"][0]["to"], "0.0.0.0/0");
-        assert_eq!(eth["routes"][0]["via"], "192.168.1.1");
+        assert_eq!(eth["gateway4"], "192.168.1.1");
+        assert!(eth.get("routes").is_none());
         assert_eq!(eth["nameservers"]["addresses"][1], "1.1.1.1");
         assert_eq!(eth["nameservers"]["search"][0], "lab");
         assert!(matches!(
@@ -1420,6 +1341,50 @@ mod tests {
         id.nics.clear();
         assert!(expand_hostname("nuc-{serial}", &id).is_err());
         assert!(expand_hostname("nuc-{mac}", &id).is_err());
+    }
+
+    #[test]
+    fn hostname_precedence_never_fails() {
+        let mut t = templates();
+        t.meta_data
+            .insert("local-hostname".into(), Value::String("from-seed".into()));
+        // A bare machine: no DMI serial, no NIC.
+        let mut bare = identity();
+        bare.dmi.product_serial = None;
+        bare.dmi.board_serial = None;
+        bare.dmi.product_uuid = None;
+        bare.nics.clear();
+        let cfg = seed_config("[]");
+        // 1. The machines entry wins over everything.
+        let hit = seed_config(r#"[{"mac": "aa:bb:cc:00:00:01", "hostname": "nuc-01"}]"#);
+        let r = render(&t, &hit, &identity(), "x").unwrap();
+        assert_eq!(r.hostname, "nuc-01");
+        assert_eq!(r.hostname_source, HostnameSource::MachinesEntry { entry: 0 });
+        // 2. A pattern the config sets wins over the seed's own name...
+        let mut pat = cfg.clone();
+        pat.hostname_pattern = "lab-{mac6}".into();
+        let r = render(&t, &pat, &identity(), "x").unwrap();
+        assert_eq!(r.hostname, "lab-000001");
+        // ...unless it cannot be expanded here: then 3., the seed's meta-data.
+        let r = render(&t, &pat, &bare, "x").unwrap();
+        assert_eq!(r.hostname, "from-seed");
+        assert_eq!(r.hostname_source, HostnameSource::SeedMetaData);
+        let meta: Value = serde_json::from_slice(&r.meta_data).unwrap();
+        assert_eq!(meta["local-hostname"], "from-seed");
+        // 3. over 4.: the seed's name beats the default pattern.
+        let r = render(&t, &cfg, &identity(), "x").unwrap();
+        assert_eq!(r.hostname, "from-seed");
+        // 4. The default pattern without a seed name.
+        let r = render(&templates(), &cfg, &identity(), "x").unwrap();
+        assert_eq!(r.hostname, "nuc-bttn1234abcd");
+        assert!(matches!(r.hostname_source, HostnameSource::DefaultPattern { .. }));
+        // 5. Nothing at all: the target disk's serial, or the install id before a disk.
+        let r = render_for_disk(&templates(), &cfg, &bare, "x1", Some("S4EW NX0R_12")).unwrap();
+        assert_eq!(r.hostname, "imprint-s4ew-nx0r-12");
+        assert!(matches!(r.hostname_source, HostnameSource::Fallback { .. }));
+        let r = render(&templates(), &cfg, &bare, "20261201-abc").unwrap();
+        assert_eq!(r.hostname, "imprint-20261201-abc");
+        check_hostname(&r.hostname).unwrap();
     }
 
     #[test]
@@ -1545,7 +1510,7 @@ mod tests {
     ) -> (tempfile::NamedTempFile, BTreeMap<u32, GptPartition>) {
         let tmp = tempfile::NamedTempFile::new().unwrap();
         tmp.as_file().set_len(size).unwrap();
-        let lb = LogicalBlockSize::try_from(u64::from(sector)).unwrap();
+        let lb = gpt::disk::LogicalBlockSize::try_from(u64::from(sector)).unwrap();
         let ss = u64::from(sector);
         let mut g = gpt::GptConfig::new()
             .writable(true)
@@ -1584,6 +1549,25 @@ mod tests {
         (tmp, parts)
     }
 
+    /// Puts `a` and the final table onto the disk file the way the write engine's commit does.
+    fn apply(img: &Path, table: &GptTable, a: &Addition) {
+        let mut disk = fs::read(img).unwrap();
+        let ss = u64::from(table.sector_size());
+        let o = (a.entry.first_lba * ss) as usize;
+        disk[o..o + a.content.len()].copy_from_slice(&a.content);
+        let mut t = table.clone();
+        t.set_entry(a.number, &a.entry).unwrap();
+        let l = t.lay_out(disk.len() as u64, &disk[..ss as usize]).unwrap();
+        disk[..l.primary_region.len()].copy_from_slice(&l.primary_region);
+        let o = l.backup_offset as usize;
+        disk[o..o + l.backup_region.len()].copy_from_slice(&l.backup_region);
+        fs::write(img, disk).unwrap();
+    }
+
+    fn read_table(img: &Path, sector: u32) -> GptTable {
+        GptTable::read(&mut File::open(img).unwrap(), sector).unwrap()
+    }
+
     fn inject_and_check(sector: u32) {
         let (img, before) = disk_image(sector, 256 * MIB);
         assert!(before.contains_key(&15));
@@ -1592,7 +1576,8 @@ mod tests {
                  "network": {"address": "192.168.1.54/24", "gateway": "192.168.1.1"}}]"#,
         );
         let r = render(&templates(), &cfg, &identity(), "t1").unwrap();
-        let placement = inject_cidata(img.path(), sector, &r).unwrap();
+        let table = read_table(img.path(), sector);
+        let (a, placement) = cidata_addition(&table, 256 * MIB, img.path(), &r).unwrap();
         let SeedPlacement::CidataPartition {
             partition_number,
             first_lba,
@@ -1609,9 +1594,10 @@ mod tests {
         assert_eq!(partition_number, 2);
         assert_eq!((first_lba * ss) % MIB, 0);
         assert!((last_lba + 1 - first_lba) * ss >= CIDATA_SIZE);
+        apply(img.path(), &table, &a);
 
         // Independent read-back with gpt + fatfs.
-        let lb = LogicalBlockSize::try_from(ss).unwrap();
+        let lb = gpt::disk::LogicalBlockSize::try_from(ss).unwrap();
         let g = gpt::GptConfig::new()
             .logical_block_size(lb)
             .only_valid_headers(true)
@@ -1625,13 +1611,18 @@ mod tests {
         assert_eq!(p.last_lba, g.header().last_usable);
         let mut f = File::open(img.path()).unwrap();
         let mut buf = vec![0u8; ((p.last_lba + 1 - p.first_lba) * ss) as usize];
-        f.seek(SeekFrom::Start(p.first_lba * ss)).unwrap();
+        std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(p.first_lba * ss)).unwrap();
         f.read_exact(&mut buf).unwrap();
         let fs = fatfs::FileSystem::new(io::Cursor::new(buf), fatfs::FsOptions::new()).unwrap();
         assert_eq!(fs.volume_label(), "CIDATA");
         assert_eq!(
             fs.read_volume_label_from_root_dir().unwrap().as_deref(),
             Some("CIDATA")
+        );
+        let serial = cidata_volume_serial(&p.part_guid);
+        assert_eq!(
+            format!("{:04X}-{:04X}", fs.volume_id() >> 16, fs.volume_id() & 0xffff),
+            serial
         );
         let read = |name: &str| {
             let mut v = Vec::new();
@@ -1647,9 +1638,10 @@ mod tests {
         assert_eq!(read("network-config"), r.network_config.clone().unwrap());
         drop(fs);
 
-        // A second injection (say, a rerun of the seed step) reuses the partition.
+        // An image that already carries a CIDATA partition: it is reused, not duplicated.
         let r2 = render(&templates(), &cfg, &identity(), "t2").unwrap();
-        let again = inject_cidata(img.path(), sector, &r2).unwrap();
+        let table = read_table(img.path(), sector);
+        let (a2, again) = cidata_addition(&table, 256 * MIB, img.path(), &r2).unwrap();
         let SeedPlacement::CidataPartition {
             partition_number: n2,
             reused: reused2,
@@ -1660,28 +1652,22 @@ mod tests {
         };
         assert!(reused2);
         assert_eq!(n2, 2);
+        assert_eq!(a2.entry, parts[&2]);
     }
 
     #[test]
-    fn inject_cidata_512() {
+    fn cidata_addition_512() {
         inject_and_check(512);
     }
 
     #[test]
-    fn inject_cidata_4096() {
+    fn cidata_addition_4096() {
         inject_and_check(4096);
     }
 
     #[test]
-    fn inject_refuses_backup_not_at_end_and_full_disk() {
-        let (img, _) = disk_image(512, 128 * MIB);
-        // Grow the file as a bigger disk would look before gpt_fixup.
-        img.as_file().set_len(256 * MIB).unwrap();
-        let r = render(&templates(), &seed_config("[]"), &identity(), "t").unwrap();
-        let e = inject_cidata(img.path(), 512, &r).unwrap_err();
-        assert!(e.to_string().contains("backup GPT header"), "{e}");
-
-        // Root fills the disk to its last usable sector: no room, and nothing written.
+    fn cidata_addition_refuses_a_full_disk_and_an_oversized_seed() {
+        // Root fills the disk to its last usable sector: no room.
         let tmp = tempfile::NamedTempFile::new().unwrap();
         tmp.as_file().set_len(64 * MIB).unwrap();
         let mut g = gpt::GptConfig::new()
@@ -1699,20 +1685,17 @@ mod tests {
         )
         .unwrap();
         g.write().unwrap();
-        let before = fs::read(tmp.path()).unwrap();
-        let e = inject_cidata(tmp.path(), 512, &r).unwrap_err();
-        assert!(e.to_string().contains("no 8 MiB free"), "{e}");
-        assert_eq!(fs::read(tmp.path()).unwrap(), before);
-    }
-
-    #[test]
-    fn inject_refuses_a_disk_without_gpt() {
-        let tmp = tempfile::NamedTempFile::new().unwrap();
-        tmp.as_file().set_len(64 * MIB).unwrap();
         let r = render(&templates(), &seed_config("[]"), &identity(), "t").unwrap();
-        let e = inject_cidata(tmp.path(), 512, &r).unwrap_err();
-        assert!(e.to_string().contains("no GPT"), "{e}");
-        assert!(inject_cidata(tmp.path(), 1024, &r).is_err());
+        let table = read_table(tmp.path(), 512);
+        let e = cidata_addition(&table, 64 * MIB, tmp.path(), &r).unwrap_err();
+        assert!(e.to_string().contains("no 8 MiB free"), "{e}");
+        // The same image on a disk 16 MiB larger has room.
+        assert!(cidata_addition(&table, 80 * MIB, tmp.path(), &r).is_ok());
+        // A seed larger than the partition.
+        let mut big = r.clone();
+        big.user_data = vec![b'#'; (CIDATA_SIZE) as usize];
+        let e = cidata_addition(&table, 80 * MIB, tmp.path(), &big).unwrap_err();
+        assert!(matches!(e, SeedError::TooLarge { .. }), "{e}");
     }
 
     #[test]

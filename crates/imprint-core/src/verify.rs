@@ -4,18 +4,19 @@
 //! page cache, must hash to the manifest's chunk digest; regions the engine still holds in
 //! memory are spliced in as [`Overlay`]s. A mismatch names the chunk and its byte range.
 //!
-//! [`verify_image`] is `imprint verify`: it also accepts what a successful install changes on
-//! purpose — the primary GPT header rewritten to point at a backup moved to the disk's end, and
-//! extra partitions (the cloud-init `CIDATA` seed) beyond the image's end — after checking those
-//! changes field by field with the `gpt` crate.
+//! [`verify_image`] is `imprint verify`: a disk holding the image byte for byte (written by dd,
+//! even on a larger disk) verifies, and so does one a successful install changed on purpose —
+//! the GPT headers rebuilt for a backup at the disk's end, the protective MBR fitted to the
+//! disk, the image's old backup header cleared, and extra partitions (the cloud-init `CIDATA`
+//! seed) beyond the image's end — each change checked field by field ([`GptTable`]).
 
-use std::io::Cursor;
+use std::io::{Cursor, Read, Seek, SeekFrom};
 
 use crossbeam_channel::bounded;
-use gpt::disk::LogicalBlockSize;
 use serde::Serialize;
 
 use crate::blockdev::{AlignedBuf, Target, TargetError};
+use crate::gpt_table::{fit_protective_mbr, GptTable};
 use crate::manifest::{read_full, ChunkHasher, Image, ImageError, Manifest, PartitionTable};
 use crate::progress::{Phase, Progress};
 use crate::write::HOLD;
@@ -242,97 +243,116 @@ pub fn verify_image(
             target: name.clone(),
             reason,
         };
-        let lb = LogicalBlockSize::try_from(ss)
-            .map_err(|_| gpt_err(format!("sector size {ss} is unsupported")))?;
-        let img_gpt = gpt::GptConfig::new()
-            .writable(false)
-            .logical_block_size(lb)
-            .open_from_device(Cursor::new(head.clone()))
-            .map_err(|e| {
-                gpt_err(format!(
-                    "could not be compared: the image's own GPT does not parse: {e}"
-                ))
-            })?;
+        let img = GptTable::read(&mut Cursor::new(&head), ss as u32).map_err(|e| {
+            gpt_err(format!(
+                "could not be compared: the image's own GPT does not read: {e}"
+            ))
+        })?;
         let mut f = std::fs::File::open(target.path()).map_err(|source| TargetError::Io {
             step: "opening",
             path: target.path().to_owned(),
             source,
         })?;
-        let disk_gpt = gpt::GptConfig::new()
-            .writable(false)
-            .logical_block_size(lb)
-            .only_valid_headers(true)
-            .open_from_device(&mut f)
-            .map_err(|e| {
-                gpt_err(format!(
-                    "is not a valid GPT with primary and backup headers: {e}"
-                ))
-            })?;
-        let ih = img_gpt
-            .primary_header()
-            .map_err(|e| gpt_err(format!("image header: {e}")))?;
-        let dh = disk_gpt
-            .primary_header()
-            .map_err(|e| gpt_err(format!("primary header: {e}")))?;
+        let disk = GptTable::read(&mut f, ss as u32)
+            .map_err(|e| gpt_err(format!("is not a valid GPT: {e}")))?;
+        let ih = img.header();
+        let dh = disk.header();
         let last_lba = target.size() / ss - 1;
-        if dh.disk_guid != ih.disk_guid {
-            return Err(gpt_err(format!(
-                "has disk GUID {}, the image {}",
-                dh.disk_guid, ih.disk_guid
-            )));
-        }
-        if (dh.first_usable, dh.part_start, dh.num_parts, dh.part_size)
-            != (ih.first_usable, ih.part_start, ih.num_parts, ih.part_size)
-        {
-            return Err(gpt_err(
-                "has a different layout (first usable LBA, entry array) from the image's".into(),
-            ));
-        }
-        if dh.backup_lba != last_lba && dh.backup_lba != ih.backup_lba {
-            return Err(gpt_err(format!(
-                "puts its backup header at LBA {}, neither the disk's end nor the image's",
-                dh.backup_lba
-            )));
-        }
-        outcome.gpt_backup_at_end = dh.backup_lba == last_lba;
-        let image_lbas = m.raw_size / ss;
-        for (idx, p) in img_gpt.partitions() {
-            if !p.is_used() {
-                continue;
+        if disk != img {
+            // Not the image's table byte for byte: it must be what an install makes of it.
+            if dh.disk_guid != ih.disk_guid {
+                return Err(gpt_err(format!(
+                    "has disk GUID {}, the image {}",
+                    dh.disk_guid, ih.disk_guid
+                )));
             }
-            match disk_gpt.partitions().get(idx) {
-                Some(d) if d == p => {}
-                _ => {
+            if (dh.first_usable, dh.part_start, dh.num_parts, dh.part_size)
+                != (ih.first_usable, ih.part_start, ih.num_parts, ih.part_size)
+            {
+                return Err(gpt_err(
+                    "has a different layout (first usable LBA, entry array) from the image's"
+                        .into(),
+                ));
+            }
+            if dh.backup_lba != last_lba {
+                return Err(gpt_err(format!(
+                    "puts its backup header at LBA {}, not at the disk's end ({last_lba})",
+                    dh.backup_lba
+                )));
+            }
+            let backup = GptTable::read_at(&mut f, ss as u32, last_lba)
+                .map_err(|e| gpt_err(format!("has no valid backup header: {e}")))?;
+            if backup.entry_bytes() != disk.entry_bytes() {
+                return Err(gpt_err(
+                    "has backup partition entries that differ from the primary's".into(),
+                ));
+            }
+            outcome.gpt_backup_at_end = true;
+            let (ip, dp) = (img.partitions(), disk.partitions());
+            for (idx, p) in &ip {
+                if dp.get(idx) != Some(p) {
                     return Err(gpt_err(format!(
                         "lacks or changed the image's partition {idx} ({:?})",
                         p.name
-                    )))
+                    )));
                 }
             }
-        }
-        for (idx, d) in disk_gpt.partitions() {
-            if !d.is_used() || img_gpt.partitions().get(idx).is_some_and(|p| p.is_used()) {
-                continue;
+            let image_lbas = m.raw_size / ss;
+            for (idx, d) in &dp {
+                if ip.contains_key(idx) {
+                    continue;
+                }
+                if d.first_lba < image_lbas {
+                    return Err(gpt_err(format!(
+                        "has an extra partition {idx} ({:?}) inside the image's area",
+                        d.name
+                    )));
+                }
+                outcome.extra_partitions.push(d.name.clone());
             }
-            if d.first_lba < image_lbas {
-                return Err(gpt_err(format!(
-                    "has an extra partition {idx} ({:?}) inside the image's area",
-                    d.name
-                )));
+            // The header and entry array were checked field by field; the protective MBR
+            // may differ only in its size field, and the image's old backup header (when not
+            // at the disk's end) must have been cleared. Stand in the image's own bytes for
+            // exactly those, and compare everything else byte for byte.
+            let mut lba0 = vec![0u8; ss as usize];
+            let mut old = vec![0u8; ss as usize];
+            f.seek(SeekFrom::Start(0))
+                .and_then(|_| f.read_exact(&mut lba0))
+                .map_err(|source| VerifyError::ReadIo {
+                    target: name.clone(),
+                    offset: 0,
+                    source,
+                })?;
+            let fitted = fit_protective_mbr(&head[..ss as usize], target.size(), ss)
+                .map_err(|e| gpt_err(e.to_string()))?;
+            if lba0 != fitted && lba0 != head[..ss as usize] {
+                return Err(gpt_err("has a protective MBR unlike the image's".into()));
             }
-            outcome.extra_partitions.push(d.name.clone());
-        }
-        // The header sector and entry array were checked field by field above; compare the
-        // rest of the image byte for byte by standing in the image's own bytes for them.
-        let array_len = (u64::from(ih.num_parts) * u64::from(ih.part_size)).div_ceil(ss) * ss;
-        let hdr = (ss as usize, (2 * ss) as usize);
-        let arr = (
-            (ih.part_start * ss) as usize,
-            ((ih.part_start * ss) + array_len) as usize,
-        );
-        for (s0, e0) in [hdr, arr] {
-            if e0 <= head.len() {
-                overlays_owned.push((s0 as u64, head[s0..e0].to_vec()));
+            let arr = (ih.part_start * ss) as usize;
+            let arr_end = arr + img.array_len() as usize;
+            for (s0, e0) in [(0, ss as usize), (ss as usize, 2 * ss as usize), (arr, arr_end)] {
+                if e0 <= head.len() {
+                    overlays_owned.push((s0 as u64, head[s0..e0].to_vec()));
+                }
+            }
+            if ih.backup_lba != last_lba && (ih.backup_lba + 1) * ss <= m.raw_size {
+                let at = ih.backup_lba * ss;
+                f.seek(SeekFrom::Start(at))
+                    .and_then(|_| f.read_exact(&mut old))
+                    .map_err(|source| VerifyError::ReadIo {
+                        target: name.clone(),
+                        offset: at,
+                        source,
+                    })?;
+                if old.iter().any(|&b| b != 0) {
+                    return Err(gpt_err(format!(
+                        "still has a header at the image's backup sector {}",
+                        ih.backup_lba
+                    )));
+                }
+                // The image's bytes there: its old backup header.
+                let tail_hdr = image_sector(image, ih.backup_lba * ss, ss as usize)?;
+                overlays_owned.push((at, tail_hdr));
             }
         }
     }
@@ -346,4 +366,19 @@ pub fn verify_image(
         .collect();
     verify_chunks(target, m, &overlays, progress)?;
     Ok(outcome)
+}
+
+/// `len` bytes of the raw image at `offset`, decoded (only on `verify`'s GPT path: one sector).
+fn image_sector(image: &Image, offset: u64, len: usize) -> Result<Vec<u8>, VerifyError> {
+    let io = |source| {
+        VerifyError::Image(ImageError::Io {
+            path: image.path().to_owned(),
+            source,
+        })
+    };
+    let mut dec = image.raw_reader()?;
+    std::io::copy(&mut (&mut dec).take(offset), &mut std::io::sink()).map_err(io)?;
+    let mut buf = vec![0u8; len];
+    dec.read_exact(&mut buf).map_err(io)?;
+    Ok(buf)
 }

@@ -1,27 +1,35 @@
 //! The verified write engine: puts an imprint image onto a target so that what is on the target
 //! is provably the image, and so that nothing half-written can ever boot.
 //!
-//! The order of operations is the safety argument:
+//! An install is one transaction; the order of operations is the safety argument
+//! (docs/write-engine.md draws the state machine):
 //!
-//! 1. **Pre-flight** ([`preflight`]): size, sector size and alignment are checked before a single
-//!    byte is written. The image was already validated when it was opened.
+//! 1. **Plan** ([`plan`]): size, sector size and alignment are checked, and the image's own
+//!    GPT is decoded from its first MiB, checked ([`GptTable`]) and laid out for the target —
+//!    all before a single byte is written. The caller adds what the install brings besides the
+//!    image ([`Addition`]: the cloud-init seed partition), checked against the plan too.
 //! 2. **Wipe**: the target's first and last MiB are zeroed and synced. From here on the target
 //!    carries no partition table: not the old one (a half-overwritten old OS cannot boot), not a
 //!    new one.
 //! 3. **Stream**: a decoder thread inflates the payload into aligned buffers, the calling thread
-//!    hashes them (whole image and per chunk, compared with the manifest as each chunk
-//!    completes), a writer thread writes them with `O_DIRECT`. The image's first and last MiB —
-//!    which hold the primary and backup GPT — are *held back in memory* and not written. Runs of
-//!    zeros are written with `BLKZEROOUT`. The stream must end exactly at `raw_size`, cleanly.
+//!    routes them, a writer thread writes them with `O_DIRECT`. The image's first and last MiB
+//!    — which hold the primary and backup GPT — are *held back in memory*. Runs of zeros are
+//!    written with `BLKZEROOUT`. The stream must end exactly at `raw_size`, cleanly.
 //! 4. **Verify**: everything written is read back bypassing the page cache and compared chunk by
 //!    chunk with the manifest's digests (the held regions are spliced in from memory).
-//! 5. **Commit**: only now the held last MiB, then the held first MiB are written, synced, read
-//!    back and compared; the backup GPT is moved to the end of a larger disk; the kernel re-reads
-//!    the partition table.
+//! 5. **Additions**: the seed partition's content is written and read back. Nothing refers to
+//!    it yet.
+//! 6. **Final table, in memory**: the image's entries plus the additions' entries, the backup
+//!    header at the disk's last sector, the protective MBR fitted to the disk; the image's own
+//!    backup header is cleared from the held last MiB, which is then written and read back.
+//! 7. **Commit**: the backup entry array and header at the disk's end, then the primary region
+//!    (protective MBR, header, entries and the rest of the first MiB), each synced and read
+//!    back. A failure here zeroes both ends again (rollback). Then the kernel re-reads the
+//!    table.
 //!
-//! Any failure in 1–4 — a corrupt byte, a truncated payload, an I/O error, a killed process —
-//! leaves a target with no valid partition table (primary and backup both absent), and the error
-//! names the step, offset and chunk.
+//! Any failure in 1 leaves the target untouched; in 2–7 it leaves a target with no valid
+//! partition table at either end ([`WriteError::disk_state`]), and the error names the step,
+//! offset and chunk.
 
 use std::time::Instant;
 
@@ -32,7 +40,7 @@ use std::io::Read;
 use sha2::{Digest, Sha256};
 
 use crate::blockdev::{AlignedBuf, Target, TargetError, TargetKind};
-use crate::gpt_fixup::{self, GptFixup, GptFixupError};
+use crate::gpt_table::{GptTable, GptTableError};
 use crate::manifest::{hex, read_full, ChunkHasher, Image, ImageError, Manifest, PartitionTable};
 use crate::progress::{human_bytes, Phase, Progress};
 use crate::verify::{self, Overlay, VerifyError};
@@ -94,10 +102,52 @@ pub struct WriteReport {
     pub zeroed_bytes: u64,
     /// Whether the whole target was read back and matched.
     pub verified: bool,
-    /// The backup GPT move, when one was needed.
-    pub gpt_fixup: Option<GptFixup>,
+    /// The partition table the commit wrote (GPT images).
+    pub partition_table: Option<TableSummary>,
     /// Whether the kernel re-read the partition table.
     pub partitions_reread: bool,
+}
+
+/// The partition table the commit wrote.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TableSummary {
+    /// Where the image had its backup header (cleared there when it is not the disk's end).
+    pub image_backup_lba: u64,
+    /// Where the backup header is now: the disk's last sector.
+    pub backup_lba: u64,
+    /// The last usable sector now.
+    pub last_usable_lba: u64,
+    /// The protective MBR's size field, fitted to the disk.
+    pub protective_mbr_sectors: u32,
+    /// Partitions the install added (number, name): the seed.
+    pub added: Vec<(u32, String)>,
+}
+
+/// What a failed write left on the target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskState {
+    /// Refused before the first write: the target is as it was.
+    Untouched,
+    /// The target was wiped and has no partition table at either end: it will not boot.
+    NoPartitionTable,
+    /// A failed commit could not be rolled back: the target may hold a partial table.
+    Unknown,
+}
+
+impl DiskState {
+    /// One sentence for the user.
+    pub fn describe(self) -> &'static str {
+        match self {
+            DiskState::Untouched => "nothing was written: the disk is as it was",
+            DiskState::NoPartitionTable => {
+                "the disk has no partition table at either end: it will not boot a half-written image; a rerun starts clean"
+            }
+            DiskState::Unknown => {
+                "the final partition table write failed and could not be undone: the disk may hold part of a table; rerun the install"
+            }
+        }
+    }
 }
 
 /// Why a write failed. Every variant names what and where.
@@ -213,12 +263,50 @@ pub enum WriteError {
         /// Offset of the region.
         offset: u64,
     },
-    /// Moving the backup GPT failed.
-    #[error(transparent)]
-    GptFixup(#[from] GptFixupError),
+    /// The image's own partition table is broken or does not fit the target.
+    #[error("the image's partition table: {source}")]
+    ImageTable {
+        /// What is wrong.
+        #[source]
+        source: GptTableError,
+    },
+    /// Something the install adds (the seed partition) does not fit.
+    #[error("{what} does not fit the disk: {reason}")]
+    BadAddition {
+        /// What.
+        what: String,
+        /// Why.
+        reason: String,
+    },
+    /// Writing the final partition table failed; both headers were zeroed again when
+    /// `rolled_back`.
+    #[error("committing the partition table failed ({})", if *.rolled_back { "rolled back: no partition table" } else { "could not roll back" })]
+    Commit {
+        /// The failure.
+        #[source]
+        source: Box<WriteError>,
+        /// Whether both header regions were zeroed again.
+        rolled_back: bool,
+    },
 }
 
 impl WriteError {
+    /// What the failure left on the target.
+    pub fn disk_state(&self) -> DiskState {
+        match self {
+            WriteError::Image(_)
+            | WriteError::TooSmall { .. }
+            | WriteError::SectorMismatch { .. }
+            | WriteError::Unaligned { .. }
+            | WriteError::ImageTable { .. }
+            | WriteError::BadAddition { .. } => DiskState::Untouched,
+            WriteError::Commit {
+                rolled_back: false, ..
+            } => DiskState::Unknown,
+            _ => DiskState::NoPartitionTable,
+        }
+    }
+
     /// Whether the error is the image's fault (as opposed to the target's).
     pub fn is_image_fault(&self) -> bool {
         matches!(
@@ -228,6 +316,7 @@ impl WriteError {
                 | WriteError::ShortStream { .. }
                 | WriteError::LongStream { .. }
                 | WriteError::ChunkMismatch { .. }
+                | WriteError::ImageTable { .. }
         )
     }
 }
@@ -348,15 +437,190 @@ fn runs(data: &[u8], start: usize, end: usize, zeroout: bool) -> Vec<(usize, usi
     out
 }
 
-/// Writes `image` onto `target` with the guarantees described in the module documentation.
+/// What the install adds to the disk besides the image: a partition (the cloud-init seed)
+/// whose content is written and read back *before* the commit, and whose entry goes into the
+/// one partition table the commit writes.
+#[derive(Debug, Clone)]
+pub struct Addition {
+    /// What it is, for errors and reports ("the CIDATA seed partition").
+    pub what: String,
+    /// GPT entry number (1-based) it takes.
+    pub number: u32,
+    /// The entry.
+    pub entry: gpt::partition::Partition,
+    /// The partition's whole content (its length is the partition's).
+    pub content: Vec<u8>,
+}
+
+/// Everything checked about an image and a target before a byte is written: sizes, sector
+/// sizes, and the image's own partition table, read from the image's first MiB and laid out
+/// for the target (so a broken or lying table is refused with the target untouched).
+#[derive(Debug, Clone)]
+pub struct Plan {
+    table: Option<GptTable>,
+    lba0: Vec<u8>,
+    target_size: u64,
+}
+
+impl Plan {
+    /// The image's partition table (GPT images only), as it will be laid out on the target
+    /// before additions.
+    pub fn table(&self) -> Option<&GptTable> {
+        self.table.as_ref()
+    }
+
+    /// The target's size in bytes.
+    pub fn target_size(&self) -> u64 {
+        self.target_size
+    }
+}
+
+/// Checks `image` against `target` and reads the image's partition table. Writes nothing.
+pub fn plan(image: &Image, target: &Target) -> Result<Plan, WriteError> {
+    let m = image.manifest();
+    preflight(m, target)?;
+    let lss = target.logical_sector_size();
+    let mut lba0 = vec![0u8; (lss as u64).min(m.raw_size) as usize];
+    let table = if m.partition_table == PartitionTable::Gpt {
+        let head_len = m.raw_size.min(HOLD) as usize;
+        let mut head = vec![0u8; head_len];
+        let mut dec = image.raw_reader()?;
+        let n = read_full(&mut dec, &mut head).map_err(|source| WriteError::Decode {
+            offset: 0,
+            chunk: 0,
+            source,
+        })?;
+        if n < head_len {
+            return Err(WriteError::ShortStream {
+                got: n as u64,
+                expected: m.raw_size,
+            });
+        }
+        let n = lba0.len();
+        lba0.copy_from_slice(&head[..n]);
+        let table = GptTable::read(&mut std::io::Cursor::new(&head), lss)
+            .map_err(|source| WriteError::ImageTable { source })?;
+        // The primary region must lie in the held first MiB, and the table must fit the
+        // target as it will be laid out.
+        let h = table.header();
+        if h.part_start * u64::from(lss) + table.array_len() > head_len as u64 {
+            return Err(WriteError::ImageTable {
+                source: GptTableError::Layout(format!(
+                    "the entry array at sector {} reaches past the image's first MiB",
+                    h.part_start
+                )),
+            });
+        }
+        if h.backup_lba * u64::from(lss) >= m.raw_size {
+            return Err(WriteError::ImageTable {
+                source: GptTableError::Layout(format!(
+                    "its backup header at sector {} lies past the image's end",
+                    h.backup_lba
+                )),
+            });
+        }
+        table
+            .lay_out(target.size(), &lba0)
+            .map_err(|source| WriteError::ImageTable { source })?;
+        Some(table)
+    } else {
+        None
+    };
+    Ok(Plan {
+        table,
+        lba0,
+        target_size: target.size(),
+    })
+}
+
+/// Writes `image` onto `target` with the guarantees described in the module documentation,
+/// with nothing added.
 pub fn write_image(
     image: &Image,
     target: &Target,
     opts: &WriteOptions,
     progress: &dyn Progress,
 ) -> Result<WriteReport, WriteError> {
+    let plan = plan(image, target)?;
+    write_planned(image, target, &plan, &[], opts, progress)
+}
+
+/// Checks that `additions` fit the plan: GPT image, sector-aligned, inside the usable area
+/// of the laid-out table, clear of the image's held first and last MiB, content of the
+/// partition's size, free or CIDATA-reusable slots.
+fn check_additions(plan: &Plan, additions: &[Addition], raw: u64, ss: u64) -> Result<(), WriteError> {
+    if additions.is_empty() {
+        return Ok(());
+    }
+    let bad = |a: &Addition, reason: String| WriteError::BadAddition {
+        what: a.what.clone(),
+        reason,
+    };
+    let Some(table) = plan.table.as_ref() else {
+        let a = &additions[0];
+        return Err(bad(
+            a,
+            "the image has no GPT to add a partition to (an MBR or unpartitioned image)".into(),
+        ));
+    };
+    let last_usable = table
+        .last_usable_on(plan.target_size)
+        .map_err(|source| WriteError::ImageTable { source })?;
+    let tail_start = raw.saturating_sub(HOLD).max(raw.min(HOLD));
+    for a in additions {
+        let e = &a.entry;
+        if e.first_lba > e.last_lba || e.first_lba < table.header().first_usable || e.last_lba > last_usable {
+            return Err(bad(
+                a,
+                format!(
+                    "sectors {}..={} lie outside the usable area {}..={last_usable}",
+                    e.first_lba,
+                    e.last_lba,
+                    table.header().first_usable
+                ),
+            ));
+        }
+        let (start, end) = (e.first_lba * ss, (e.last_lba + 1) * ss);
+        if a.content.len() as u64 != end - start {
+            return Err(bad(
+                a,
+                format!("{} bytes of content for a {}-byte partition", a.content.len(), end - start),
+            ));
+        }
+        if start < HOLD || (start < raw && end > tail_start) {
+            return Err(bad(
+                a,
+                "it overlaps the image's first or last MiB (its partition table regions)".into(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Writes `image` onto `target` as one transaction (module documentation), laying down
+/// `additions` before the single commit of the final partition table.
+pub fn write_planned(
+    image: &Image,
+    target: &Target,
+    plan: &Plan,
+    additions: &[Addition],
+    opts: &WriteOptions,
+    progress: &dyn Progress,
+) -> Result<WriteReport, WriteError> {
     let m = image.manifest();
     preflight(m, target)?;
+    let size = target.size();
+    let ss = u64::from(target.logical_sector_size());
+    if size != plan.target_size {
+        return Err(WriteError::BadAddition {
+            what: "the plan".into(),
+            reason: format!(
+                "it was made for a {}-byte target, this one has {size} bytes",
+                plan.target_size
+            ),
+        });
+    }
+    check_additions(plan, additions, m.raw_size, ss)?;
     let mut report = WriteReport {
         image_name: m.name.clone(),
         image_sha256: m.sha256.clone(),
@@ -370,7 +634,7 @@ pub fn write_image(
         commit_seconds: 0.0,
         zeroed_bytes: 0,
         verified: false,
-        gpt_fixup: None,
+        partition_table: None,
         partitions_reread: false,
     };
 
@@ -381,13 +645,14 @@ pub fn write_image(
         report.precheck_seconds = t.elapsed().as_secs_f64();
         progress.end(Phase::Precheck, m.compressed_size, report.precheck_seconds);
     }
+    // Opened before the wipe: an image that cannot be read fails with the target untouched.
+    let decoder = image.raw_reader()?;
 
     // --- Wipe: from here on the target has no partition table until commit.
     let t = Instant::now();
-    let size = target.size();
     let wipe = HOLD.min(size);
     progress.begin(Phase::Wipe, 2 * wipe);
-    let zero_err = |offset: u64, len: u64| {
+    let io_err = |offset: u64, len: u64| {
         let target = report.target.clone();
         move |source| WriteError::WriteIo {
             target,
@@ -396,10 +661,10 @@ pub fn write_image(
             source,
         }
     };
-    target.zero_range(0, wipe).map_err(zero_err(0, wipe))?;
+    target.zero_range(0, wipe).map_err(io_err(0, wipe))?;
     target
         .zero_range(size - wipe, wipe)
-        .map_err(zero_err(size - wipe, wipe))?;
+        .map_err(io_err(size - wipe, wipe))?;
     target.sync()?;
     progress.end(Phase::Wipe, 2 * wipe, t.elapsed().as_secs_f64());
 
@@ -412,7 +677,7 @@ pub fn write_image(
     let t = Instant::now();
     progress.begin(Phase::Write, raw);
     report.zeroed_bytes = stream(
-        image, target, opts, progress, &mut head, &mut tail, tail_start,
+        image, decoder, target, opts, progress, &mut head, &mut tail, tail_start,
     )?;
     report.write_seconds = t.elapsed().as_secs_f64();
     progress.end(Phase::Write, raw, report.write_seconds);
@@ -437,62 +702,151 @@ pub fn write_image(
         report.verified = true;
     }
 
-    // --- Commit: backup region first, then the primary; each synced and read back.
+    // --- Additions (the seed): written and read back; nothing refers to them yet.
     let t = Instant::now();
-    progress.begin(Phase::Commit, head_end + (raw - tail_start));
-    for (offset, buf) in [(tail_start, &tail), (0, &head)] {
-        if buf.is_empty() {
-            continue;
-        }
-        target
-            .write_at(buf.as_slice(), offset)
-            .map_err(|source| WriteError::WriteIo {
-                target: report.target.clone(),
-                offset,
-                len: buf.len() as u64,
-                source,
-            })?;
-        target.sync()?;
-        target.drop_caches()?;
-        let mut back = AlignedBuf::new(buf.len());
-        target
-            .read_at(back.as_mut_slice(), offset)
-            .map_err(|source| {
-                WriteError::Verify(VerifyError::ReadIo {
-                    target: report.target.clone(),
-                    offset,
-                    source,
-                })
-            })?;
-        if back.as_slice() != buf.as_slice() {
-            return Err(WriteError::CommitMismatch {
-                target: report.target.clone(),
-                offset,
-            });
-        }
+    let added: u64 = additions.iter().map(|a| a.content.len() as u64).sum();
+    let table_bytes = plan
+        .table
+        .as_ref()
+        .map_or(0, |t| 2 * (t.array_len() + ss) + ss);
+    progress.begin(Phase::Commit, added + head_end + (raw - tail_start) + table_bytes);
+    let mut done = 0u64;
+    for a in additions {
+        let offset = a.entry.first_lba * ss;
+        put_verified(target, &report.target, offset, &a.content)?;
+        done += a.content.len() as u64;
+        progress.advance(done);
     }
-    if m.partition_table == PartitionTable::Gpt && size > raw {
-        let mut f = target.reopen_buffered()?;
-        report.gpt_fixup =
-            gpt_fixup::move_backup_to_end(&mut f, size, target.logical_sector_size())?;
-        drop(f);
-        target.sync()?;
+
+    // --- The final table, in memory: the image's entries plus the additions, the backup at
+    // the disk's end, the protective MBR fitted, the image's own backup header cleared.
+    let mut summary = None;
+    let mut backup = None;
+    if let Some(table) = plan.table.as_ref() {
+        let mut t = table.clone();
+        for a in additions {
+            t.set_entry(a.number, &a.entry)
+                .map_err(|source| WriteError::ImageTable { source })?;
+        }
+        let layout = t
+            .lay_out(size, &plan.lba0)
+            .map_err(|source| WriteError::ImageTable { source })?;
+        let n = layout.primary_region.len();
+        head.as_mut_slice()[..n].copy_from_slice(&layout.primary_region);
+        let old = table.header().backup_lba * ss;
+        if old >= tail_start && old + ss <= raw {
+            let at = (old - tail_start) as usize;
+            tail.as_mut_slice()[at..at + ss as usize].fill(0);
+        }
+        summary = Some(TableSummary {
+            image_backup_lba: table.header().backup_lba,
+            backup_lba: layout.primary.backup_lba,
+            last_usable_lba: layout.primary.last_usable,
+            protective_mbr_sectors: u32::try_from(size / ss - 1).unwrap_or(u32::MAX),
+            added: additions
+                .iter()
+                .map(|a| (a.number, a.entry.name.clone()))
+                .collect(),
+        });
+        backup = Some((layout.backup_offset, layout.backup_region));
     }
-    target.drop_caches()?;
-    report.partitions_reread = target.reread_partitions()?;
+
+    // The image's last MiB: image data only now (its backup header cleared above).
+    put_verified(target, &report.target, tail_start, tail.as_slice())?;
+    done += tail.len() as u64;
+    progress.advance(done);
+
+    // --- Commit: the backup table at the disk's end, then the primary region. Everything
+    // they describe is on the disk and read back. A failure here rolls both headers back.
+    let commit = (|| -> Result<(), WriteError> {
+        if let Some((offset, region)) = &backup {
+            put_verified(target, &report.target, *offset, region)?;
+        }
+        put_verified(target, &report.target, 0, head.as_slice())
+    })();
+    if let Err(e) = commit {
+        let rolled_back = rollback(target, size, ss).is_ok();
+        return Err(WriteError::Commit {
+            source: Box::new(e),
+            rolled_back,
+        });
+    }
+    progress.advance(done + head_end + table_bytes);
+    report.partition_table = summary;
+    // After the commit only the kernel's re-read remains; it cannot undo the install.
+    report.partitions_reread = target.reread_partitions().unwrap_or(false);
     report.commit_seconds = t.elapsed().as_secs_f64();
     progress.end(
         Phase::Commit,
-        head_end + (raw - tail_start),
+        added + head_end + (raw - tail_start) + table_bytes,
         report.commit_seconds,
     );
     Ok(report)
 }
 
+/// Writes `data` at `offset` (direct I/O through an aligned copy), syncs, and reads it back
+/// bypassing the cache.
+fn put_verified(target: &Target, name: &str, offset: u64, data: &[u8]) -> Result<(), WriteError> {
+    if data.is_empty() {
+        return Ok(());
+    }
+    for (i, piece) in data.chunks(BUF).enumerate() {
+        let at = offset + (i * BUF) as u64;
+        let mut buf = AlignedBuf::new(piece.len());
+        buf.as_mut_slice().copy_from_slice(piece);
+        target
+            .write_at(buf.as_slice(), at)
+            .map_err(|source| WriteError::WriteIo {
+                target: name.to_string(),
+                offset: at,
+                len: piece.len() as u64,
+                source,
+            })?;
+    }
+    target.sync()?;
+    target.drop_caches()?;
+    for (i, piece) in data.chunks(BUF).enumerate() {
+        let at = offset + (i * BUF) as u64;
+        let mut back = AlignedBuf::new(piece.len());
+        target.read_at(back.as_mut_slice(), at).map_err(|source| {
+            WriteError::Verify(VerifyError::ReadIo {
+                target: name.to_string(),
+                offset: at,
+                source,
+            })
+        })?;
+        if back.as_slice() != piece {
+            return Err(WriteError::CommitMismatch {
+                target: name.to_string(),
+                offset: at,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// After a failed commit: zero both header regions again, so the disk is left without a
+/// partition table rather than with half of one.
+fn rollback(target: &Target, size: u64, ss: u64) -> Result<(), WriteError> {
+    let wipe = HOLD.min(size);
+    let e = |source| WriteError::WriteIo {
+        target: target.path().display().to_string(),
+        offset: 0,
+        len: ss,
+        source,
+    };
+    target.zero_range(0, wipe).map_err(e)?;
+    target.zero_range(size - wipe, wipe).map_err(e)?;
+    target.sync()?;
+    Ok(())
+}
+
 /// Decodes, hashes and writes everything but the held regions, which are copied into `head`
 /// and `tail`. Returns the number of bytes zeroed instead of written.
+#[allow(clippy::too_many_arguments)]
 fn stream(
     image: &Image,
+    mut decoder: Box<dyn Read + Send>,
     target: &Target,
     opts: &WriteOptions,
     progress: &dyn Progress,
@@ -503,7 +857,6 @@ fn stream(
     let m = image.manifest();
     let raw = m.raw_size;
     let head_end = head.len() as u64;
-    let mut decoder = image.raw_reader()?;
     let target_name = target.path().display().to_string();
 
     let (free_tx, free_rx) = bounded::<AlignedBuf>(NBUF);
