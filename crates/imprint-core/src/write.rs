@@ -1082,6 +1082,142 @@ mod tests {
         assert!(!is_zero(&v));
     }
 
+    /// A seed-like addition: `len` bytes of a recognisable pattern in the last usable MiBs.
+    fn addition(plan: &Plan, len: u64) -> Addition {
+        let t = plan.table().unwrap();
+        let ss = u64::from(t.sector_size());
+        let last = t.last_usable_on(plan.target_size()).unwrap();
+        let first = (last + 1 - len / ss) / (HOLD / ss) * (HOLD / ss);
+        let content: Vec<u8> = (0..(last + 1 - first) * ss).map(|i| (i % 251) as u8 + 1).collect();
+        Addition {
+            what: "the test partition".into(),
+            number: t.free_slot().unwrap(),
+            entry: gpt::partition::Partition {
+                part_type_guid: gpt::partition_types::BASIC,
+                part_guid: uuid::Uuid::from_u128(42),
+                first_lba: first,
+                last_lba: last,
+                flags: 0,
+                name: "CIDATA".into(),
+            },
+            content,
+        }
+    }
+
+    #[test]
+    fn one_transaction_lays_image_addition_and_final_table_on_a_larger_disk() {
+        for ss in [512usize, 4096] {
+            let dir = tempfile::tempdir().unwrap();
+            let raw = fake_gpt_raw(6 << 20, ss);
+            let img_path = dir.path().join("i.img.zst");
+            pack_bytes(&raw, &img_path);
+            let img = Image::open(&img_path).unwrap();
+            let disk = dir.path().join("disk");
+            let size = 16u64 << 20;
+            let tgt = file_target(&disk, size, ss as u32);
+            let plan = plan(&img, &tgt).unwrap();
+            let add = addition(&plan, 4 << 20);
+            let rep = write_planned(&img, &tgt, &plan, std::slice::from_ref(&add), &WriteOptions::default(), &NoProgress)
+                .unwrap();
+            let got = std::fs::read(&disk).unwrap();
+            let ssu = ss as u64;
+            let last = size / ssu - 1;
+            // The image's bytes, except the primary header + entries, the protective MBR's
+            // size field, and its old backup header sector (cleared).
+            let old_backup = (raw.len() / ss - 1) * ss;
+            assert!(got[old_backup..old_backup + ss].iter().all(|&b| b == 0), "ss {ss}: old backup header not cleared");
+            assert_eq!(&got[64 << 10..old_backup], &raw[64 << 10..old_backup], "ss {ss}: image data");
+            assert_eq!(&got[..446], &raw[..446]);
+            let size_field = u32::from_le_bytes(got[446 + 12..446 + 16].try_into().unwrap());
+            assert_eq!(u64::from(size_field), last, "protective MBR fitted");
+            // The addition's bytes where its entry says.
+            let o = (add.entry.first_lba * ssu) as usize;
+            assert_eq!(&got[o..o + add.content.len()], &add.content[..]);
+            // Both headers valid, at LBA 1 and the disk's last sector, same entries, with the
+            // addition and the image's partition.
+            let g = gpt::GptConfig::new()
+                .writable(false)
+                .logical_block_size(gpt::disk::LogicalBlockSize::try_from(ssu).unwrap())
+                .only_valid_headers(true)
+                .open_from_device(std::io::Cursor::new(got.clone()))
+                .unwrap();
+            assert_eq!(g.primary_header().unwrap().backup_lba, last);
+            assert_eq!(g.partitions()[&add.number], add.entry);
+            assert_eq!(g.partitions()[&1].name, "data");
+            let t = rep.partition_table.unwrap();
+            assert_eq!((t.backup_lba, t.added.len()), (last, 1));
+            // imprint verify accepts exactly this.
+            let v = verify::verify_image(&img, &tgt, &NoProgress).unwrap();
+            assert!(v.gpt_backup_at_end);
+            assert_eq!(v.extra_partitions, vec!["CIDATA".to_string()]);
+        }
+    }
+
+    #[test]
+    fn verify_accepts_the_image_written_plainly_on_a_larger_disk_and_rejects_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = fake_gpt_raw(6 << 20, 512);
+        let img_path = dir.path().join("i.img.zst");
+        pack_bytes(&raw, &img_path);
+        let img = Image::open(&img_path).unwrap();
+        let disk = dir.path().join("disk");
+        // As dd leaves it: the image byte for byte, then whatever the disk held.
+        let mut bytes = raw.clone();
+        bytes.resize(16 << 20, 0xEE);
+        std::fs::write(&disk, &bytes).unwrap();
+        let tgt = Target::open(&disk, &OpenOptionsTarget { read_only: true, ..Default::default() }).unwrap();
+        let v = verify::verify_image(&img, &tgt, &NoProgress).unwrap();
+        assert!(!v.gpt_backup_at_end);
+        // One byte of image data changed: refused, naming the chunk.
+        bytes[3 << 20] ^= 1;
+        std::fs::write(&disk, &bytes).unwrap();
+        let e = verify::verify_image(&img, &tgt, &NoProgress).unwrap_err();
+        assert!(e.to_string().contains("chunk 3"), "{e}");
+    }
+
+    #[test]
+    fn an_addition_that_does_not_fit_is_refused_before_the_wipe() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = fake_gpt_raw(6 << 20, 512);
+        let img_path = dir.path().join("i.img.zst");
+        pack_bytes(&raw, &img_path);
+        let img = Image::open(&img_path).unwrap();
+        let disk = dir.path().join("disk");
+        let tgt = file_target(&disk, 16 << 20, 512);
+        let plan = plan(&img, &tgt).unwrap();
+        let before = std::fs::read(&disk).unwrap();
+        // Inside the image's held last MiB.
+        let mut a = addition(&plan, 4 << 20);
+        a.entry.first_lba = (5 << 20) / 512;
+        a.content.resize(((a.entry.last_lba + 1 - a.entry.first_lba) * 512) as usize, 1);
+        let e = write_planned(&img, &tgt, &plan, &[a], &WriteOptions::default(), &NoProgress).unwrap_err();
+        assert_eq!(e.disk_state(), DiskState::Untouched, "{e}");
+        // Past the usable area.
+        let mut a = addition(&plan, 4 << 20);
+        a.entry.last_lba += 1;
+        let e = write_planned(&img, &tgt, &plan, &[a], &WriteOptions::default(), &NoProgress).unwrap_err();
+        assert!(matches!(e, WriteError::BadAddition { .. }), "{e}");
+        assert_eq!(std::fs::read(&disk).unwrap(), before, "the target was touched");
+    }
+
+    #[test]
+    fn a_broken_image_table_is_refused_before_the_wipe() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut raw = fake_gpt_raw(6 << 20, 512);
+        raw[512 + 40] ^= 1; // primary header CRC no longer matches
+        let img_path = dir.path().join("i.img.zst");
+        pack_bytes(&raw, &img_path);
+        let img = Image::open(&img_path).unwrap();
+        let disk = dir.path().join("disk");
+        let tgt = file_target(&disk, 16 << 20, 512);
+        let before = std::fs::read(&disk).unwrap();
+        let e = write_image(&img, &tgt, &WriteOptions::default(), &NoProgress).unwrap_err();
+        assert!(matches!(e, WriteError::ImageTable { .. }), "{e}");
+        assert!(e.is_image_fault());
+        assert_eq!(e.disk_state(), DiskState::Untouched);
+        assert_eq!(std::fs::read(&disk).unwrap(), before);
+    }
+
     #[test]
     fn writes_exact_image_512_and_4k() {
         for ss in [512usize, 4096] {

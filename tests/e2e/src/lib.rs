@@ -206,6 +206,9 @@ pub struct VmBuilder {
     drives: Vec<Drive>,
     nic: Option<String>,
     extra: Vec<String>,
+    /// A `bootindex` on the stick only: OVMF then prunes the Boot#### entries of the internal
+    /// disks each boot, like firmware that drops or re-sorts entries it did not make.
+    stick_only_bootindex: bool,
 }
 
 impl VmBuilder {
@@ -221,6 +224,7 @@ impl VmBuilder {
             drives: Vec::new(),
             nic: None,
             extra: Vec::new(),
+            stick_only_bootindex: false,
         }
     }
 
@@ -329,6 +333,13 @@ impl VmBuilder {
     }
 
     /// Extra qemu arguments.
+    /// Puts a `bootindex` on the stick only (see the field): the firmware prunes the boot
+    /// entry the appliance makes for the installed disk.
+    pub fn stick_only_bootindex(mut self) -> Self {
+        self.stick_only_bootindex = true;
+        self
+    }
+
     pub fn arg(mut self, arg: impl Into<String>) -> Self {
         self.extra.push(arg.into());
         self
@@ -404,17 +415,20 @@ impl VmBuilder {
                     // rebuilds BootOrder from them each boot and drops Boot#### entries for
                     // devices without one — the entry the appliance makes for the installed
                     // disk would vanish before BootNext is read (docs/boot-order.md).
-                    let mut s = format!("nvme,drive={id},serial={serial},bootindex={}", i + 2);
+                    let mut s = format!("nvme,drive={id},serial={serial}");
+                    if !self.stick_only_bootindex {
+                        s.push_str(&format!(",bootindex={}", i + 2));
+                    }
                     if *four_k {
                         s.push_str(",logical_block_size=4096,physical_block_size=4096");
                     }
                     s
                 }
                 Attach::Sata { serial } => {
-                    let s = format!(
-                        "ide-hd,bus=ahci.{sata_port},drive={id},serial={serial},bootindex={}",
-                        i + 2
-                    );
+                    let mut s = format!("ide-hd,bus=ahci.{sata_port},drive={id},serial={serial}");
+                    if !self.stick_only_bootindex {
+                        s.push_str(&format!(",bootindex={}", i + 2));
+                    }
                     sata_port += 1;
                     s
                 }
@@ -618,6 +632,11 @@ impl Vm {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// Whether qemu is still running (the guest neither powered off nor rebooted).
+    pub fn is_running(&mut self) -> bool {
+        self.poll_exit().is_none()
     }
 
     /// Stops the VM now.
