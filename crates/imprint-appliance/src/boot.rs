@@ -38,6 +38,9 @@ pub const ALWAYS_LOAD: &[&str] = &[
     "nls_utf8",
     "ext4",
     "efivarfs",
+    // Root-filesystem seed placement mounts the root partition through a loop device before
+    // the partition table is committed.
+    "loop",
 ];
 
 /// Module parameters PID 1 passes itself (there is no modprobe.d): `delay_use=0` makes a USB

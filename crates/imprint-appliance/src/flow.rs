@@ -22,8 +22,9 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use imprint_core::blockdev::{OpenOptionsTarget, Target};
 use imprint_core::config::{After, Config, Placement};
-use imprint_core::gpt_table::GptTable;
 use imprint_core::discover::{self, Disk};
+use imprint_core::gpt_table::GptTable;
+use imprint_core::loopdev::LoopDevice;
 use imprint_core::machine::MachineIdentity;
 use imprint_core::manifest::{Image, PartitionTable};
 use imprint_core::progress::{Phase, Progress};
@@ -335,7 +336,10 @@ fn install(
     };
     rep.selection["chosen"] = json!(target_disk.name);
     // The last-resort hostname comes from the target disk's serial, known only now.
-    let rendered = if matches!(rendered.hostname_source, seed::HostnameSource::Fallback { .. }) {
+    let rendered = if matches!(
+        rendered.hostname_source,
+        seed::HostnameSource::Fallback { .. }
+    ) {
         seed::render_for_disk(
             &templates,
             &config.seed,
@@ -383,16 +387,26 @@ fn install(
         .with_context(|| format!("opening {}", dev.display()))?;
     let plan = write::plan(&image, &target)
         .with_context(|| format!("checking {} against {}", m.name, dev.display()))?;
-    let (additions, cidata) = match config.seed.placement {
+    let table = plan.table().ok_or_else(|| {
+        anyhow!("the image has no GPT: imprint needs one to place the cloud-init seed")
+    })?;
+    let ss = u64::from(target.logical_sector_size());
+    let (additions, cidata, root) = match config.seed.placement {
         Placement::CidataPartition => {
-            let table = plan.table().ok_or_else(|| {
-                anyhow!("the image has no GPT, so the CIDATA seed partition cannot be added; set seed.placement to root-filesystem")
-            })?;
             let (a, p) = seed::cidata_addition(table, plan.target_size(), &dev, &rendered)
                 .context("laying out the CIDATA seed partition")?;
-            (vec![a], Some(p))
+            (vec![a], Some(p), None)
         }
-        Placement::RootFilesystem => (Vec::new(), None),
+        Placement::RootFilesystem => {
+            let parts = table.partitions();
+            let num = seed::pick_root_partition(&parts, &config.seed.root_partition)?;
+            let p = &parts[&num];
+            let (offset, len) = (p.first_lba * ss, (p.last_lba + 1 - p.first_lba) * ss);
+            if offset < write::HOLD {
+                bail!("the root partition {num} starts inside the image's first MiB, which is written last; use seed.placement cidata-partition");
+            }
+            (Vec::new(), None, Some((num, offset, len)))
+        }
     };
     let progress = ConsoleProgress::new();
     let opts = WriteOptions {
@@ -402,8 +416,28 @@ fn install(
         // check that digest before the first write, so no unauthenticated byte reaches the disk.
         precheck_payload: signature_verified,
     };
-    let wrep = write::write_planned(&image, &target, &plan, &additions, &opts, &progress)
-        .with_context(|| format!("writing {} to {}", m.name, dev.display()))?;
+    // Root-filesystem placement: the seed goes into the image's root filesystem on the disk,
+    // through a loop device over the partition's range, before the commit.
+    let mut in_root = None;
+    let wrep = {
+        let mut work =
+            |t: &Target| -> std::result::Result<(), Box<dyn std::error::Error + Send + Sync>> {
+                if let Some((num, offset, len)) = root {
+                    let placed = seed_into_root(t.path(), offset, len, &rendered).map_err(|e| {
+                        format!("putting the seed into root partition {num}: {e:#}")
+                    })?;
+                    in_root = Some(placed);
+                }
+                Ok(())
+            };
+        let hook: Option<&mut write::BeforeCommit<'_>> = if root.is_some() {
+            Some(&mut work)
+        } else {
+            None
+        };
+        write::write_planned(&image, &target, &plan, &additions, hook, &opts, &progress)
+            .with_context(|| format!("writing {} to {}", m.name, dev.display()))?
+    };
     drop(progress);
     consoles.line(&format!(
         "imprint: wrote {} in {:.1} s ({:.0} MiB/s), verified in {:.1} s ({:.0} MiB/s)",
@@ -415,23 +449,12 @@ fn install(
     ));
     rep.write = serde_json::to_value(&wrep).unwrap_or_default();
     rep.timing("write_and_verify", t.elapsed().as_secs_f64());
-    let ss = target.logical_sector_size();
     drop(target);
 
     let t = Instant::now();
-    let placement = match cidata {
-        Some(p) => p,
-        // Not part of the transaction: the root filesystem is mounted from the committed
-        // table. A failure here leaves an installed image without its seed, and says so.
-        None => seed_into_root(
-            &dev,
-            &target_disk,
-            ss,
-            &config.seed.root_partition,
-            &rendered,
-        )
-        .context("the image is installed, but its seed could not be put into the root filesystem: the machine will boot without its hostname and network settings")?,
-    };
+    let placement = cidata
+        .or(in_root)
+        .ok_or_else(|| anyhow!("the seed was not placed"))?;
     let summary = rendered.summary();
     consoles.line(&format!(
         "imprint: seed written and read back: hostname {} ({})",
@@ -499,34 +522,66 @@ fn check_signature(
     Ok(check.verified)
 }
 
+/// Puts the seed into the root filesystem at bytes `offset..offset + len` of `disk` (before
+/// the commit: the kernel knows no partition there yet), then reads it back through a fresh
+/// read-only mount.
 fn seed_into_root(
-    dev: &Path,
-    disk: &Disk,
-    ss: u32,
-    sel: &imprint_core::config::RootPartition,
+    disk: &Path,
+    offset: u64,
+    len: u64,
     rendered: &seed::RenderedSeed,
 ) -> Result<seed::SeedPlacement> {
-    let g = read_gpt(dev, ss)?;
-    let num = seed::pick_root_partition(&g.partitions(), sel)?;
-    let part = partition_device(&disk.name, num)?;
-    std::fs::create_dir_all(ROOT_MNT)?;
-    mount(
-        Some(&part),
-        ROOT_MNT,
-        Some("ext4"),
-        MsFlags::MS_NOATIME,
-        None::<&str>,
-    )
-    .with_context(|| format!("mounting the installed root filesystem {}", part.display()))?;
-    let res = seed::inject_into_dir(
-        &Path::new(ROOT_MNT).join("var/lib/cloud/seed/nocloud"),
-        rendered,
-    );
-    nix::unistd::sync();
-    let un = umount(ROOT_MNT);
-    let placement = res?;
-    un.with_context(|| format!("unmounting {}", part.display()))?;
+    let dir = Path::new(ROOT_MNT).join(seed::ROOTFS_SEED_DIR);
+    let placement = {
+        let lo = LoopDevice::attach(Path::new("/dev"), disk, offset, len, false)?;
+        let m = Mounted::new(lo.path(), Path::new(ROOT_MNT), MsFlags::MS_NOATIME)?;
+        let placed = seed::inject_into_dir(&dir, rendered)?;
+        m.unmount()?;
+        placed
+    };
+    let lo = LoopDevice::attach(Path::new("/dev"), disk, offset, len, true)?;
+    let m = Mounted::new(lo.path(), Path::new(ROOT_MNT), MsFlags::MS_RDONLY)?;
+    seed::verify_dir(&dir, rendered).context("reading the seed back from the root filesystem")?;
+    m.unmount()?;
     Ok(placement)
+}
+
+/// An ext4 filesystem mounted at a directory; unmounted on drop.
+struct Mounted {
+    at: PathBuf,
+    mounted: bool,
+}
+
+impl Mounted {
+    fn new(dev: &Path, at: &Path, flags: MsFlags) -> Result<Mounted> {
+        std::fs::create_dir_all(at).with_context(|| format!("creating {}", at.display()))?;
+        mount(Some(dev), at, Some("ext4"), flags, None::<&str>).with_context(|| {
+            format!(
+                "mounting the installed root filesystem ({}) at {}",
+                dev.display(),
+                at.display()
+            )
+        })?;
+        Ok(Mounted {
+            at: at.to_path_buf(),
+            mounted: true,
+        })
+    }
+
+    /// Unmounts now, reporting a failure (a drop can only try).
+    fn unmount(mut self) -> Result<()> {
+        self.mounted = false;
+        nix::unistd::sync();
+        umount(&self.at).with_context(|| format!("unmounting {}", self.at.display()))
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if self.mounted {
+            let _ = umount(&self.at);
+        }
+    }
 }
 
 /// The device of partition `num` of `disk`. Partition devices are named by the kernel (sda2,

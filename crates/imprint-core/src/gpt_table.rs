@@ -386,7 +386,9 @@ impl GptTable {
         region.get_mut()[..ss as usize].copy_from_slice(&fit_protective_mbr(lba0, disk_size, ss)?);
         let at = (self.header.part_start * ss) as usize;
         region.get_mut()[at..at + self.entries.len()].copy_from_slice(&self.entries);
-        primary.write_primary(&mut region, lbs).map_err(header_err)?;
+        primary
+            .write_primary(&mut region, lbs)
+            .map_err(header_err)?;
 
         // Backup region: entry array, then the header at the last sector. The gpt crate writes
         // by absolute LBA, so build it in a cursor positioned as if it were the disk's tail.

@@ -20,6 +20,7 @@ pub mod blockdev;
 pub mod config;
 pub mod discover;
 pub mod gpt_table;
+pub mod loopdev;
 pub mod machine;
 pub mod manifest;
 pub mod progress;

@@ -27,10 +27,10 @@ use serde::Serialize;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
-use crate::gpt_table::GptTable;
-use crate::write::Addition;
 use crate::config::{check_hostname, MachineEntry, RootPartition, SeedConfig, StaticNetwork};
+use crate::gpt_table::GptTable;
 use crate::machine::{MacAddr, MachineIdentity};
+use crate::write::Addition;
 
 /// GPT partition name and FAT volume label of the seed partition; NoCloud looks for the label.
 pub const CIDATA_LABEL: &str = "CIDATA";
@@ -810,7 +810,8 @@ pub fn render_for_disk(
             )
         }
         None => {
-            let (h, src) = name_unlisted_machine(templates, seed, identity, install_id, disk_serial);
+            let (h, src) =
+                name_unlisted_machine(templates, seed, identity, install_id, disk_serial);
             (
                 h,
                 src,
@@ -1124,18 +1125,28 @@ pub fn inject_into_dir(dir: &Path, rendered: &RenderedSeed) -> Result<SeedPlacem
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io(dir, "syncing"))?;
+    verify_dir(dir, rendered)?;
+    Ok(SeedPlacement::Directory {
+        path: dir.to_path_buf(),
+    })
+}
+
+/// Reads the seed files back from `dir` and compares them with `rendered`.
+pub fn verify_dir(dir: &Path, rendered: &RenderedSeed) -> Result<(), SeedError> {
     for (name, want) in rendered.files() {
         let path = dir.join(name);
-        let got = fs::read(&path).map_err(io(&path, "reading back"))?;
+        let got = fs::read(&path).map_err(|source| SeedError::Io {
+            path: path.clone(),
+            step: "reading back",
+            source,
+        })?;
         compare(name, want, &got).map_err(|reason| SeedError::ReadBack {
             location: dir.to_path_buf(),
             file: name.to_string(),
             reason,
         })?;
     }
-    Ok(SeedPlacement::Directory {
-        path: dir.to_path_buf(),
-    })
+    Ok(())
 }
 
 /// Picks the root partition for `root-filesystem` placement from the installed disk's GPT
@@ -1359,7 +1370,10 @@ mod tests {
         let hit = seed_config(r#"[{"mac": "aa:bb:cc:00:00:01", "hostname": "nuc-01"}]"#);
         let r = render(&t, &hit, &identity(), "x").unwrap();
         assert_eq!(r.hostname, "nuc-01");
-        assert_eq!(r.hostname_source, HostnameSource::MachinesEntry { entry: 0 });
+        assert_eq!(
+            r.hostname_source,
+            HostnameSource::MachinesEntry { entry: 0 }
+        );
         // 2. A pattern the config sets wins over the seed's own name...
         let mut pat = cfg.clone();
         pat.hostname_pattern = "lab-{mac6}".into();
@@ -1377,7 +1391,10 @@ mod tests {
         // 4. The default pattern without a seed name.
         let r = render(&templates(), &cfg, &identity(), "x").unwrap();
         assert_eq!(r.hostname, "nuc-bttn1234abcd");
-        assert!(matches!(r.hostname_source, HostnameSource::DefaultPattern { .. }));
+        assert!(matches!(
+            r.hostname_source,
+            HostnameSource::DefaultPattern { .. }
+        ));
         // 5. Nothing at all: the target disk's serial, or the install id before a disk.
         let r = render_for_disk(&templates(), &cfg, &bare, "x1", Some("S4EW NX0R_12")).unwrap();
         assert_eq!(r.hostname, "imprint-s4ew-nx0r-12");
@@ -1621,7 +1638,11 @@ mod tests {
         );
         let serial = cidata_volume_serial(&p.part_guid);
         assert_eq!(
-            format!("{:04X}-{:04X}", fs.volume_id() >> 16, fs.volume_id() & 0xffff),
+            format!(
+                "{:04X}-{:04X}",
+                fs.volume_id() >> 16,
+                fs.volume_id() & 0xffff
+            ),
             serial
         );
         let read = |name: &str| {

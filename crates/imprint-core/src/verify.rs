@@ -330,7 +330,11 @@ pub fn verify_image(
             }
             let arr = (ih.part_start * ss) as usize;
             let arr_end = arr + img.array_len() as usize;
-            for (s0, e0) in [(0, ss as usize), (ss as usize, 2 * ss as usize), (arr, arr_end)] {
+            for (s0, e0) in [
+                (0, ss as usize),
+                (ss as usize, 2 * ss as usize),
+                (arr, arr_end),
+            ] {
                 if e0 <= head.len() {
                     overlays_owned.push((s0 as u64, head[s0..e0].to_vec()));
                 }

@@ -17,11 +17,12 @@
 //!    written with `BLKZEROOUT`. The stream must end exactly at `raw_size`, cleanly.
 //! 4. **Verify**: everything written is read back bypassing the page cache and compared chunk by
 //!    chunk with the manifest's digests (the held regions are spliced in from memory).
-//! 5. **Additions**: the seed partition's content is written and read back. Nothing refers to
-//!    it yet.
-//! 6. **Final table, in memory**: the image's entries plus the additions' entries, the backup
+//! 5. **Final table, in memory**: the image's entries plus the additions' entries, the backup
 //!    header at the disk's last sector, the protective MBR fitted to the disk; the image's own
 //!    backup header is cleared from the held last MiB, which is then written and read back.
+//! 6. **Additions and the caller's work**: the seed partition's content is written and read
+//!    back; the caller's [`BeforeCommit`] work (the seed into the root filesystem) runs on the
+//!    disk as it will be. Nothing refers to either yet.
 //! 7. **Commit**: the backup entry array and header at the disk's end, then the primary region
 //!    (protective MBR, header, entries and the rest of the first MiB), each synced and read
 //!    back. A failure here zeroes both ends again (rollback). Then the kernel re-reads the
@@ -278,6 +279,12 @@ pub enum WriteError {
         /// Why.
         reason: String,
     },
+    /// The caller's work before the commit failed.
+    #[error("before the commit: {source}")]
+    BeforeCommit {
+        /// What failed.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// Writing the final partition table failed; both headers were zeroed again when
     /// `rolled_back`.
     #[error("committing the partition table failed ({})", if *.rolled_back { "rolled back: no partition table" } else { "could not roll back" })]
@@ -452,6 +459,12 @@ pub struct Addition {
     pub content: Vec<u8>,
 }
 
+/// Work the caller does on the disk after the image (and additions) were written and read
+/// back, before the commit: the seed into the image's root filesystem. It must check what it
+/// wrote; the image's first MiB is not on the disk yet, everything else is.
+pub type BeforeCommit<'a> =
+    dyn FnMut(&Target) -> Result<(), Box<dyn std::error::Error + Send + Sync>> + 'a;
+
 /// Everything checked about an image and a target before a byte is written: sizes, sector
 /// sizes, and the image's own partition table, read from the image's first MiB and laid out
 /// for the target (so a broken or lying table is refused with the target untouched).
@@ -542,13 +555,18 @@ pub fn write_image(
     progress: &dyn Progress,
 ) -> Result<WriteReport, WriteError> {
     let plan = plan(image, target)?;
-    write_planned(image, target, &plan, &[], opts, progress)
+    write_planned(image, target, &plan, &[], None, opts, progress)
 }
 
 /// Checks that `additions` fit the plan: GPT image, sector-aligned, inside the usable area
 /// of the laid-out table, clear of the image's held first and last MiB, content of the
 /// partition's size, free or CIDATA-reusable slots.
-fn check_additions(plan: &Plan, additions: &[Addition], raw: u64, ss: u64) -> Result<(), WriteError> {
+fn check_additions(
+    plan: &Plan,
+    additions: &[Addition],
+    raw: u64,
+    ss: u64,
+) -> Result<(), WriteError> {
     if additions.is_empty() {
         return Ok(());
     }
@@ -569,7 +587,10 @@ fn check_additions(plan: &Plan, additions: &[Addition], raw: u64, ss: u64) -> Re
     let tail_start = raw.saturating_sub(HOLD).max(raw.min(HOLD));
     for a in additions {
         let e = &a.entry;
-        if e.first_lba > e.last_lba || e.first_lba < table.header().first_usable || e.last_lba > last_usable {
+        if e.first_lba > e.last_lba
+            || e.first_lba < table.header().first_usable
+            || e.last_lba > last_usable
+        {
             return Err(bad(
                 a,
                 format!(
@@ -584,7 +605,11 @@ fn check_additions(plan: &Plan, additions: &[Addition], raw: u64, ss: u64) -> Re
         if a.content.len() as u64 != end - start {
             return Err(bad(
                 a,
-                format!("{} bytes of content for a {}-byte partition", a.content.len(), end - start),
+                format!(
+                    "{} bytes of content for a {}-byte partition",
+                    a.content.len(),
+                    end - start
+                ),
             ));
         }
         if start < HOLD || (start < raw && end > tail_start) {
@@ -604,6 +629,7 @@ pub fn write_planned(
     target: &Target,
     plan: &Plan,
     additions: &[Addition],
+    before_commit: Option<&mut BeforeCommit<'_>>,
     opts: &WriteOptions,
     progress: &dyn Progress,
 ) -> Result<WriteReport, WriteError> {
@@ -702,21 +728,17 @@ pub fn write_planned(
         report.verified = true;
     }
 
-    // --- Additions (the seed): written and read back; nothing refers to them yet.
     let t = Instant::now();
     let added: u64 = additions.iter().map(|a| a.content.len() as u64).sum();
     let table_bytes = plan
         .table
         .as_ref()
         .map_or(0, |t| 2 * (t.array_len() + ss) + ss);
-    progress.begin(Phase::Commit, added + head_end + (raw - tail_start) + table_bytes);
+    progress.begin(
+        Phase::Commit,
+        added + head_end + (raw - tail_start) + table_bytes,
+    );
     let mut done = 0u64;
-    for a in additions {
-        let offset = a.entry.first_lba * ss;
-        put_verified(target, &report.target, offset, &a.content)?;
-        done += a.content.len() as u64;
-        progress.advance(done);
-    }
 
     // --- The final table, in memory: the image's entries plus the additions, the backup at
     // the disk's end, the protective MBR fitted, the image's own backup header cleared.
@@ -755,6 +777,19 @@ pub fn write_planned(
     put_verified(target, &report.target, tail_start, tail.as_slice())?;
     done += tail.len() as u64;
     progress.advance(done);
+
+    // --- Additions (the seed partition): written and read back; nothing refers to them yet.
+    for a in additions {
+        let offset = a.entry.first_lba * ss;
+        put_verified(target, &report.target, offset, &a.content)?;
+        done += a.content.len() as u64;
+        progress.advance(done);
+    }
+    // --- The caller's work on the disk as it will be (the seed in the root filesystem).
+    if let Some(work) = before_commit {
+        work(target).map_err(|source| WriteError::BeforeCommit { source })?;
+        target.sync()?;
+    }
 
     // --- Commit: the backup table at the disk's end, then the primary region. Everything
     // they describe is on the disk and read back. A failure here rolls both headers back.
@@ -1088,7 +1123,9 @@ mod tests {
         let ss = u64::from(t.sector_size());
         let last = t.last_usable_on(plan.target_size()).unwrap();
         let first = (last + 1 - len / ss) / (HOLD / ss) * (HOLD / ss);
-        let content: Vec<u8> = (0..(last + 1 - first) * ss).map(|i| (i % 251) as u8 + 1).collect();
+        let content: Vec<u8> = (0..(last + 1 - first) * ss)
+            .map(|i| (i % 251) as u8 + 1)
+            .collect();
         Addition {
             what: "the test partition".into(),
             number: t.free_slot().unwrap(),
@@ -1117,16 +1154,31 @@ mod tests {
             let tgt = file_target(&disk, size, ss as u32);
             let plan = plan(&img, &tgt).unwrap();
             let add = addition(&plan, 4 << 20);
-            let rep = write_planned(&img, &tgt, &plan, std::slice::from_ref(&add), &WriteOptions::default(), &NoProgress)
-                .unwrap();
+            let rep = write_planned(
+                &img,
+                &tgt,
+                &plan,
+                std::slice::from_ref(&add),
+                None,
+                &WriteOptions::default(),
+                &NoProgress,
+            )
+            .unwrap();
             let got = std::fs::read(&disk).unwrap();
             let ssu = ss as u64;
             let last = size / ssu - 1;
             // The image's bytes, except the primary header + entries, the protective MBR's
             // size field, and its old backup header sector (cleared).
             let old_backup = (raw.len() / ss - 1) * ss;
-            assert!(got[old_backup..old_backup + ss].iter().all(|&b| b == 0), "ss {ss}: old backup header not cleared");
-            assert_eq!(&got[64 << 10..old_backup], &raw[64 << 10..old_backup], "ss {ss}: image data");
+            assert!(
+                got[old_backup..old_backup + ss].iter().all(|&b| b == 0),
+                "ss {ss}: old backup header not cleared"
+            );
+            assert_eq!(
+                &got[64 << 10..old_backup],
+                &raw[64 << 10..old_backup],
+                "ss {ss}: image data"
+            );
             assert_eq!(&got[..446], &raw[..446]);
             let size_field = u32::from_le_bytes(got[446 + 12..446 + 16].try_into().unwrap());
             assert_eq!(u64::from(size_field), last, "protective MBR fitted");
@@ -1165,7 +1217,14 @@ mod tests {
         let mut bytes = raw.clone();
         bytes.resize(16 << 20, 0xEE);
         std::fs::write(&disk, &bytes).unwrap();
-        let tgt = Target::open(&disk, &OpenOptionsTarget { read_only: true, ..Default::default() }).unwrap();
+        let tgt = Target::open(
+            &disk,
+            &OpenOptionsTarget {
+                read_only: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let v = verify::verify_image(&img, &tgt, &NoProgress).unwrap();
         assert!(!v.gpt_backup_at_end);
         // One byte of image data changed: refused, naming the chunk.
@@ -1189,15 +1248,40 @@ mod tests {
         // Inside the image's held last MiB.
         let mut a = addition(&plan, 4 << 20);
         a.entry.first_lba = (5 << 20) / 512;
-        a.content.resize(((a.entry.last_lba + 1 - a.entry.first_lba) * 512) as usize, 1);
-        let e = write_planned(&img, &tgt, &plan, &[a], &WriteOptions::default(), &NoProgress).unwrap_err();
+        a.content.resize(
+            ((a.entry.last_lba + 1 - a.entry.first_lba) * 512) as usize,
+            1,
+        );
+        let e = write_planned(
+            &img,
+            &tgt,
+            &plan,
+            &[a],
+            None,
+            &WriteOptions::default(),
+            &NoProgress,
+        )
+        .unwrap_err();
         assert_eq!(e.disk_state(), DiskState::Untouched, "{e}");
         // Past the usable area.
         let mut a = addition(&plan, 4 << 20);
         a.entry.last_lba += 1;
-        let e = write_planned(&img, &tgt, &plan, &[a], &WriteOptions::default(), &NoProgress).unwrap_err();
+        let e = write_planned(
+            &img,
+            &tgt,
+            &plan,
+            &[a],
+            None,
+            &WriteOptions::default(),
+            &NoProgress,
+        )
+        .unwrap_err();
         assert!(matches!(e, WriteError::BadAddition { .. }), "{e}");
-        assert_eq!(std::fs::read(&disk).unwrap(), before, "the target was touched");
+        assert_eq!(
+            std::fs::read(&disk).unwrap(),
+            before,
+            "the target was touched"
+        );
     }
 
     #[test]

@@ -97,8 +97,9 @@ fn vm(
 
 /// The instance-id in the seed on the installed disk (changes with every install).
 fn seed_instance_id(nvme: &Path) -> String {
-    let table = imprint_core::gpt_table::GptTable::read(&mut std::fs::File::open(nvme).unwrap(), 512)
-        .unwrap();
+    let table =
+        imprint_core::gpt_table::GptTable::read(&mut std::fs::File::open(nvme).unwrap(), 512)
+            .unwrap();
     let (_, p) = table.find_by_name("CIDATA").expect("a CIDATA partition");
     let meta = run(Command::new("mtype")
         .env("MTOOLS_SKIP_CHECK", "1")
@@ -151,7 +152,8 @@ fn whole_story(fw: Firmware, prune: bool) {
         log1.contains("nvme is preferred over sata"),
         "and the console says why"
     );
-    assert!(log1.contains("seed written and read back: hostname nuc-demo-01 (named by machines entry 0)"));
+    assert!(log1
+        .contains("seed written and read back: hostname nuc-demo-01 (named by machines entry 0)"));
     assert!(log1.contains("imprint: recorded on the stick"), "{log1}");
     assert!(
         !log1.contains("IMPRINT-OS-OK"),
@@ -231,7 +233,10 @@ fn whole_story(fw: Firmware, prune: bool) {
             "the stick's GRUB handed over: {log2}"
         );
     }
-    assert!(!log2.contains("imprint: install "), "the appliance did not run");
+    assert!(
+        !log2.contains("imprint: install "),
+        "the appliance did not run"
+    );
     v2.wait_exit(Duration::from_secs(120)).unwrap();
     let vars2 = d.join("vars-after-os.fd");
     std::fs::copy(v2.vars_path(), &vars2).unwrap();
@@ -251,10 +256,17 @@ fn whole_story(fw: Firmware, prune: bool) {
     v3.wait_for("nuc-demo-01 login:", Duration::from_secs(600))
         .unwrap();
     v3.kill();
-    assert!(!v3.log().contains("imprint: install "), "the appliance did not run");
+    assert!(
+        !v3.log().contains("imprint: install "),
+        "the appliance did not run"
+    );
     drop(v3);
     assert_eq!(reports(&stick).len(), 1, "no reinstall");
-    assert_eq!(seed_instance_id(&nvme), instance, "the same install, not a new one");
+    assert_eq!(
+        seed_instance_id(&nvme),
+        instance,
+        "the same install, not a new one"
+    );
 }
 
 #[test]

@@ -40,9 +40,15 @@ fn seed(d: &Path) -> PathBuf {
 
 fn no_secrets(log: &str, stick: &Path) {
     assert!(log.contains("imprint: install "), "the appliance ran");
-    assert!(!log.contains("SECRET"), "a user-data secret reached the console");
+    assert!(
+        !log.contains("SECRET"),
+        "a user-data secret reached the console"
+    );
     for r in stick_reports(stick).unwrap() {
-        assert!(!r.to_string().contains("SECRET"), "a secret in the report: {r}");
+        assert!(
+            !r.to_string().contains("SECRET"),
+            "a secret in the report: {r}"
+        );
     }
 }
 
@@ -92,10 +98,14 @@ fn a_write_error_where_the_seed_goes_leaves_no_partition_table_and_no_reboot() {
         .timeout(Duration::from_secs(600))
         .start()
         .unwrap();
-    v.wait_for("IMPRINT-DONE", Duration::from_secs(400)).unwrap();
+    v.wait_for("IMPRINT-DONE", Duration::from_secs(400))
+        .unwrap();
     // Still running some seconds later: no reboot, no power-off.
     std::thread::sleep(Duration::from_secs(5));
-    assert!(v.is_running(), "the VM rebooted or powered off after a failure");
+    assert!(
+        v.is_running(),
+        "the VM rebooted or powered off after a failure"
+    );
     v.kill();
     let log = v.log();
     assert!(
@@ -103,7 +113,10 @@ fn a_write_error_where_the_seed_goes_leaves_no_partition_table_and_no_reboot() {
         "the image itself was written and verified first: {log}"
     );
     let at = format!("at offset {}", (cidata_first + 100) * 512);
-    assert!(log.contains("FAILED") && log.contains(&at), "the error names the seed's offset: {log}");
+    assert!(
+        log.contains("FAILED") && log.contains(&at),
+        "the error names the seed's offset: {log}"
+    );
     assert!(
         log.contains("target disk: the disk has no partition table at either end"),
         "{log}"
@@ -111,13 +124,18 @@ fn a_write_error_where_the_seed_goes_leaves_no_partition_table_and_no_reboot() {
     // The disk: the image's data is there (the failure came after it), but no table at
     // either end, and no seed.
     let bytes = std::fs::read(&nvme).unwrap();
-    assert!(bytes[..MIB as usize].iter().all(|&b| b == 0), "no primary GPT");
+    assert!(
+        bytes[..MIB as usize].iter().all(|&b| b == 0),
+        "no primary GPT"
+    );
     assert!(
         bytes[bytes.len() - MIB as usize..].iter().all(|&b| b == 0),
         "no backup GPT"
     );
     assert!(
-        bytes[(20 * MIB) as usize..(22 * MIB) as usize].iter().all(|&b| b == 0x5A),
+        bytes[(20 * MIB) as usize..(22 * MIB) as usize]
+            .iter()
+            .all(|&b| b == 0x5A),
         "the image's data was written before the seed failed"
     );
     let r = &stick_reports(&stick).unwrap()[0];
@@ -132,7 +150,14 @@ fn a_bare_machine_with_no_nic_and_no_serial_is_named_by_its_seed() {
     let d = t.path();
     let img = small_image(d, "small", 512, None).unwrap();
     // The defaults, but for powering off at the end.
-    let stick = stick_with(d, "bare", &img, Some(&seed(d)), r#"{ "after": "poweroff" }"#).unwrap();
+    let stick = stick_with(
+        d,
+        "bare",
+        &img,
+        Some(&seed(d)),
+        r#"{ "after": "poweroff" }"#,
+    )
+    .unwrap();
     // An empty disk: the default `confirm: if-not-empty` does not ask.
     let nvme = d.join("nvme.img");
     File::create(&nvme).unwrap().set_len(GIB).unwrap();
@@ -154,20 +179,32 @@ fn a_bare_machine_with_no_nic_and_no_serial_is_named_by_its_seed() {
     let r = &stick_reports(&stick).unwrap()[0];
     assert_eq!(r["status"], "installed");
     assert_eq!(r["seed"]["summary"]["hostname"], "bare-metal-7");
-    assert_eq!(r["seed"]["summary"]["hostname_source"]["rule"], "seed-meta-data");
+    assert_eq!(
+        r["seed"]["summary"]["hostname_source"]["rule"],
+        "seed-meta-data"
+    );
     // The CIDATA partition on the disk carries that name.
     let table = GptTable::read(&mut File::open(&nvme).unwrap(), 512).unwrap();
     let (_, p) = table.find_by_name("CIDATA").expect("a CIDATA partition");
     let meta = fat_file(&nvme, p.first_lba * 512, "meta-data");
     let meta: serde_json::Value = serde_json::from_str(&meta).unwrap();
     assert_eq!(meta["local-hostname"], "bare-metal-7");
-    assert!(meta["instance-id"].as_str().unwrap().starts_with("imprint-"));
+    assert!(meta["instance-id"]
+        .as_str()
+        .unwrap()
+        .starts_with("imprint-"));
     no_secrets(&log, &stick);
 }
 
 /// One power-on of the handover scenario: runs until qemu exits (a reboot) or the appliance
 /// stops; returns the console log.
-fn power_on(d: &Path, name: &str, stick: &Path, nvme: &Path, vars: Option<&Path>) -> (String, PathBuf) {
+fn power_on(
+    d: &Path,
+    name: &str,
+    stick: &Path,
+    nvme: &Path,
+    vars: Option<&Path>,
+) -> (String, PathBuf) {
     let mut b = VmBuilder::new(d.join(name), Firmware::NoSecureBoot)
         .stick(stick)
         .nic(NIC)
@@ -178,7 +215,8 @@ fn power_on(d: &Path, name: &str, stick: &Path, nvme: &Path, vars: Option<&Path>
         b = b.vars_from(v);
     }
     let mut v = b.start().unwrap();
-    v.wait_for("IMPRINT-DONE", Duration::from_secs(400)).unwrap();
+    v.wait_for("IMPRINT-DONE", Duration::from_secs(400))
+        .unwrap();
     let _ = v.wait_exit(Duration::from_secs(20));
     v.kill();
     let saved = d.join(format!("vars-{name}.fd"));
@@ -205,22 +243,33 @@ fn a_machine_that_comes_back_after_the_handover_stops_instead_of_looping() {
 
     // 1: installs, records the install for the stick's GRUB, reboots.
     let (log1, vars1) = power_on(d, "p1", &stick, &nvme, None);
-    assert!(log1.contains("rebooting into the installed system"), "{log1}");
+    assert!(
+        log1.contains("rebooting into the installed system"),
+        "{log1}"
+    );
     assert!(log1.contains("recorded on the stick"), "{log1}");
     let installed = sha(&nvme);
     let esp = format!("{}@@{STICK_ESP_OFFSET}", stick.display());
-    let provisioned = run(Command::new("mtype")
-        .env("MTOOLS_SKIP_CHECK", "1")
-        .args(["-i", &esp, "::imprint/provisioned.cfg"]))
+    let provisioned = run(Command::new("mtype").env("MTOOLS_SKIP_CHECK", "1").args([
+        "-i",
+        &esp,
+        "::imprint/provisioned.cfg",
+    ]))
     .unwrap();
-    assert!(provisioned.contains("search --no-floppy --fs-uuid"), "{provisioned}");
+    assert!(
+        provisioned.contains("search --no-floppy --fs-uuid"),
+        "{provisioned}"
+    );
 
     // 2: the firmware pruned the disk's entry; the stick's GRUB finds the disk but cannot
     // boot it (no loader) and falls back to the appliance, which sees the install, does not
     // rewrite it and hands over once more.
     let (log2, vars2) = power_on(d, "p2", &stick, &nvme, Some(&vars1));
     assert!(log2.contains("already holds small"), "{log2}");
-    assert!(log2.contains("rebooting into the installed system"), "{log2}");
+    assert!(
+        log2.contains("rebooting into the installed system"),
+        "{log2}"
+    );
     assert_eq!(sha(&nvme), installed, "not rewritten");
 
     // 3: back again: stop, do not reboot a third time.
@@ -236,5 +285,8 @@ fn a_machine_that_comes_back_after_the_handover_stops_instead_of_looping() {
         .iter()
         .map(|r| r["status"].as_str().unwrap_or_default().to_string())
         .collect();
-    assert_eq!(statuses, ["installed", "already-installed", "already-installed"]);
+    assert_eq!(
+        statuses,
+        ["installed", "already-installed", "already-installed"]
+    );
 }
