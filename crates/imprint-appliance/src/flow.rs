@@ -989,6 +989,63 @@ impl Progress for ConsoleProgress {
 mod tests {
     use super::*;
 
+    fn report(dir: &Path, id: &str, status: Status, serial: &str) {
+        let mut r = Report::new(id);
+        r.status = status;
+        r.selection = json!({ "chosen": "nvme0n1" });
+        r.disks = json!([{ "name": "nvme0n1", "serial": serial }]);
+        r.save(&dir.join(REPORTS_DIR)).unwrap();
+    }
+
+    #[test]
+    fn a_second_pass_after_a_handover_is_the_last() {
+        let t = tempfile::tempdir().unwrap();
+        let stick = t.path();
+        assert!(!handed_over_before(stick, Some("S1")), "no reports at all");
+        report(stick, "20261201-100000-aaaa", Status::Installed, "S1");
+        assert!(
+            !handed_over_before(stick, Some("S1")),
+            "installed: hand over once"
+        );
+        report(
+            stick,
+            "20261201-100100-bbbb",
+            Status::AlreadyInstalled,
+            "S1",
+        );
+        assert!(
+            handed_over_before(stick, Some("S1")),
+            "handed over once: stop now"
+        );
+        // Another machine's disk, and a disk without a serial, never count.
+        assert!(!handed_over_before(stick, Some("S2")));
+        assert!(!handed_over_before(stick, None));
+        // A reinstall after that starts over.
+        report(stick, "20261201-100200-cccc", Status::Installed, "S1");
+        assert!(!handed_over_before(stick, Some("S1")));
+    }
+
+    #[test]
+    fn the_stick_records_each_install_once_for_its_grub() {
+        let t = tempfile::tempdir().unwrap();
+        let stick = t.path();
+        std::fs::create_dir_all(stick.join("imprint")).unwrap();
+        let b = record_provisioned(stick, "1A2B-3C4D", 1, "nuc-01 (debian \"12\"; rm)").unwrap();
+        record_provisioned(stick, "1A2B-3C4D", 1, "nuc-01 (debian \"12\"; rm)").unwrap();
+        record_provisioned(stick, "5E6F-7A8B", 2, "nuc-02").unwrap();
+        let text = std::fs::read_to_string(stick.join(PROVISIONED_CFG)).unwrap();
+        assert_eq!(
+            text.matches(&b).count(),
+            1,
+            "the same install is recorded once"
+        );
+        assert!(text.contains("search --no-floppy --fs-uuid --set=imprint_seed 1A2B-3C4D"));
+        assert!(text.contains("($imprint_disk,gpt2)/EFI/BOOT/BOOTX64.EFI"));
+        // The label cannot break out of GRUB's quoting.
+        assert!(text.contains("set imprint_installed_name=\"nuc-01 (debian _12__ rm)\""));
+        assert!(!stick.join("imprint/provisioned.cfg.new").exists());
+    }
+
     #[test]
     fn keyboards_are_told_from_buttons() {
         let t = tempfile::tempdir().unwrap();

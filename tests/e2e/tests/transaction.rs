@@ -290,3 +290,106 @@ fn a_machine_that_comes_back_after_the_handover_stops_instead_of_looping() {
         ["installed", "already-installed", "already-installed"]
     );
 }
+
+/// A 64 MiB GPT image whose partition 2 (17 MiB .. end) holds an ext4 root filesystem.
+fn ext4_image(d: &Path) -> PathBuf {
+    let raw = d.join("ext4.raw");
+    File::create(&raw).unwrap().set_len(64 * MIB).unwrap();
+    run(Command::new("sgdisk")
+        .args(["-n1:0:+16M", "-t1:ef00", "-n2:0:0", "-t2:8304", "-c2:root"])
+        .arg(&raw))
+    .unwrap();
+    let table = GptTable::read(&mut File::open(&raw).unwrap(), 512).unwrap();
+    let p = &table.partitions()[&2];
+    let blocks = (p.last_lba + 1 - p.first_lba) * 512 / 4096;
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-b", "4096", "-L", "root"])
+        .arg("-E")
+        .arg(format!("offset={}", p.first_lba * 512))
+        .arg(&raw)
+        .arg(blocks.to_string()))
+    .unwrap();
+    let img = d.join("ext4.img.zst");
+    run(Command::new(imprint_e2e::imprint_bin().unwrap())
+        .arg("prepare")
+        .arg(&raw)
+        .arg("-o")
+        .arg(&img))
+    .unwrap();
+    img
+}
+
+#[test]
+fn root_filesystem_placement_lands_inside_the_transaction() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let img = ext4_image(d);
+    let stick = stick_with(
+        d,
+        "rootfs",
+        &img,
+        Some(&seed(d)),
+        r#"{ "confirm": "never", "after": "poweroff",
+             "seed": { "placement": "root-filesystem" } }"#,
+    )
+    .unwrap();
+    let nvme = old_disk(&d.join("nvme.img"), GIB).unwrap();
+    let mut v = VmBuilder::new(d.join("vm"), Firmware::NoSecureBoot)
+        .stick(&stick)
+        .nic(NIC)
+        .nvme(&nvme, "NVME-ROOT-1")
+        .timeout(Duration::from_secs(600))
+        .start()
+        .unwrap();
+    v.wait_exit(Duration::from_secs(500)).unwrap();
+    let log = v.log();
+    assert!(
+        log.contains("seed written and read back: hostname bare-metal-7"),
+        "{log}"
+    );
+    let r = &stick_reports(&stick).unwrap()[0];
+    assert_eq!(r["status"], "installed");
+    assert_eq!(r["seed"]["placement"]["placement"], "directory", "{r}");
+    // The seed files inside the installed root filesystem, read with debugfs through a loop
+    // device over the partition (the disk's table is the image's, plus nothing).
+    let table = GptTable::read(&mut File::open(&nvme).unwrap(), 512).unwrap();
+    assert!(
+        table.find_by_name("CIDATA").is_none(),
+        "no seed partition with this placement"
+    );
+    let p = &table.partitions()[&2];
+    let lo = imprint_core::loopdev::LoopDevice::attach(
+        Path::new("/dev"),
+        &nvme,
+        p.first_lba * 512,
+        (p.last_lba + 1 - p.first_lba) * 512,
+        true,
+    )
+    .unwrap();
+    let meta = run(Command::new("debugfs")
+        .arg("-R")
+        .arg("cat /var/lib/cloud/seed/nocloud/meta-data")
+        .arg(lo.path()))
+    .unwrap();
+    let meta: serde_json::Value = serde_json::from_str(&meta).unwrap();
+    assert_eq!(meta["local-hostname"], "bare-metal-7");
+    let ud = run(Command::new("debugfs")
+        .arg("-R")
+        .arg("cat /var/lib/cloud/seed/nocloud/user-data")
+        .arg(lo.path()))
+    .unwrap();
+    assert!(ud.starts_with("#cloud-config\nusers:"), "{ud}");
+    drop(lo);
+    // And the committed table is clean: both headers, backup at the disk's end.
+    let g = Command::new("sgdisk")
+        .arg("-v")
+        .arg(&nvme)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&g.stdout).contains("No problems found"),
+        "{}",
+        String::from_utf8_lossy(&g.stdout)
+    );
+    no_secrets(&log, &stick);
+}
