@@ -192,6 +192,8 @@ struct Drive {
     attach: Attach,
     /// A qemu `blkdebug` rules file: I/O errors injected where it says.
     faults: Option<PathBuf>,
+    /// A write throttle in bytes per second (qemu `throttling.bps-write`).
+    write_bps: Option<u64>,
 }
 
 /// Describes a virtual machine; [`VmBuilder::start`] runs it.
@@ -234,6 +236,7 @@ impl VmBuilder {
             path: path.into(),
             attach: Attach::Stick,
             faults: None,
+            write_bps: None,
         });
         self
     }
@@ -247,6 +250,7 @@ impl VmBuilder {
                 four_k: false,
             },
             faults: None,
+            write_bps: None,
         });
         self
     }
@@ -260,6 +264,22 @@ impl VmBuilder {
                 four_k: true,
             },
             faults: None,
+            write_bps: None,
+        });
+        self
+    }
+
+    /// An NVMe disk (512-byte sectors) that takes writes at `bps` bytes per second at most, so
+    /// that a test can cut the power at a measured point of the stream.
+    pub fn nvme_throttled(mut self, path: impl Into<PathBuf>, serial: &str, bps: u64) -> Self {
+        self.drives.push(Drive {
+            path: path.into(),
+            attach: Attach::Nvme {
+                serial: serial.into(),
+                four_k: false,
+            },
+            faults: None,
+            write_bps: Some(bps),
         });
         self
     }
@@ -279,6 +299,7 @@ impl VmBuilder {
                 four_k: false,
             },
             faults: Some(rules.into()),
+            write_bps: None,
         });
         self
     }
@@ -291,6 +312,7 @@ impl VmBuilder {
                 serial: serial.into(),
             },
             faults: None,
+            write_bps: None,
         });
         self
     }
@@ -303,6 +325,7 @@ impl VmBuilder {
                 serial: serial.into(),
             },
             faults: None,
+            write_bps: None,
         });
         self
     }
@@ -396,7 +419,7 @@ impl VmBuilder {
         let mut sata_port = 0;
         for (i, d) in self.drives.iter().enumerate() {
             let id = format!("drive{i}");
-            let drive = match &d.faults {
+            let mut drive = match &d.faults {
                 None => format!("if=none,id={id},format=raw,file={}", d.path.display()),
                 Some(rules) => format!(
                     "if=none,id={id},driver=raw,file.driver=blkdebug,file.config={},file.image.driver=file,file.image.filename={}",
@@ -404,6 +427,9 @@ impl VmBuilder {
                     d.path.display()
                 ),
             };
+            if let Some(bps) = d.write_bps {
+                drive.push_str(&format!(",throttling.bps-write={bps}"));
+            }
             push(&["-drive", &drive]);
             let device = match &d.attach {
                 Attach::Stick => format!("usb-storage,bus=xhci.0,drive={id},bootindex=1"),

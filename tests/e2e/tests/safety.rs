@@ -168,6 +168,7 @@ fn no_internal_disk_stops_with_a_clear_message() {
     let r = &reports(&stick)[0];
     assert_eq!(r["status"], "failed");
     assert!(r["error"].as_str().unwrap().contains("no target disk"));
+    no_secrets(&log, &stick);
 }
 
 #[test]
@@ -187,6 +188,7 @@ fn usb_ssd_next_to_the_internal_disk_is_never_chosen() {
     assert!(log.contains("imprint: target nvme0n1"), "{log}");
     assert_eq!(sha(&usb), su, "the USB SSD is untouched");
     assert_eq!(reports(&stick)[0]["status"], "installed");
+    no_secrets(&log, &stick);
 }
 
 #[test]
@@ -205,6 +207,7 @@ fn too_small_disk_and_4kn_mismatch_are_refused_untouched() {
     assert!(log.contains("too small"), "{log}");
     assert!(log.contains("4096-byte"), "{log}");
     assert_eq!((sha(&tiny), sha(&k4)), (st, sk));
+    no_secrets(&log, &stick);
 }
 
 #[test]
@@ -219,6 +222,25 @@ fn a_4096_byte_image_installs_on_a_4kn_disk() {
     let r = &reports(&stick)[0];
     assert_eq!(r["status"], "installed");
     assert_eq!(r["seed"]["placement"]["sector_size"], 4096);
+    // The disk itself: verifies against the image, and its table (4096-byte sectors) has the
+    // seed partition and the backup header at the disk's last sector.
+    let verify = Command::new(imprint_bin().unwrap())
+        .arg("verify")
+        .arg(&img)
+        .arg(&k4)
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    let table =
+        imprint_core::gpt_table::GptTable::read(&mut std::fs::File::open(&k4).unwrap(), 4096)
+            .unwrap();
+    assert_eq!(table.header().backup_lba, GIB / 4096 - 1);
+    assert!(table.find_by_name("CIDATA").is_some());
+    no_secrets(&log, &stick);
 }
 
 #[test]
@@ -241,6 +263,7 @@ fn a_pinned_serial_that_is_absent_stops_without_writing() {
         "the message names the pin: {log}"
     );
     assert_eq!(sha(&nvme), sn);
+    no_secrets(&log, &stick);
 }
 
 #[test]
@@ -264,6 +287,7 @@ fn declining_the_confirmation_writes_nothing() {
     assert!(v.log().contains("declined; nothing was written"));
     assert_eq!(sha(&nvme), sn);
     assert_eq!(reports(&stick)[0]["status"], "declined");
+    no_secrets(&v.log(), &stick);
 }
 
 #[test]
@@ -320,22 +344,92 @@ fn a_corrupted_payload_leaves_no_partition_table_and_is_reported() {
     no_secrets(&log, &stick);
 }
 
+/// A 64 MiB GPT image whose partition 2 holds 40 MiB of a non-zero pattern (at 20..60 MiB),
+/// prepared; returns the image and the pattern.
+fn dense_image(d: &Path) -> (PathBuf, Vec<u8>) {
+    let raw = d.join("dense.raw");
+    std::fs::File::create(&raw)
+        .unwrap()
+        .set_len(64 * MIB)
+        .unwrap();
+    let ok = Command::new("sgdisk")
+        .args(["-n1:0:+16M", "-t1:ef00", "-n2:0:0", "-t2:8300"])
+        .arg(&raw)
+        .output()
+        .unwrap();
+    assert!(ok.status.success());
+    let pattern: Vec<u8> = (0..40 * MIB).map(|i| (i % 251) as u8 + 1).collect();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&raw).unwrap();
+        f.write_all_at(&pattern, 20 * MIB).unwrap();
+    }
+    let img = d.join("dense.img.zst");
+    let ok = Command::new(imprint_bin().unwrap())
+        .arg("prepare")
+        .arg(&raw)
+        .arg("-o")
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    (img, pattern)
+}
+
+/// MiB of `pattern` (compared MiB by MiB) that the disk file holds at 20 MiB.
+fn payload_mib_on_disk(disk: &Path, pattern: &[u8]) -> usize {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(disk).unwrap();
+    let mut buf = vec![0u8; pattern.len()];
+    f.read_exact_at(&mut buf, 20 * MIB).unwrap();
+    buf.chunks(MIB as usize)
+        .zip(pattern.chunks(MIB as usize))
+        .filter(|(a, b)| a == b)
+        .count()
+}
+
 #[test]
 fn a_power_cut_mid_write_leaves_no_partition_table_and_the_next_boot_installs() {
     let t = tempfile::tempdir().unwrap();
     let d = t.path();
-    let img = small_os(d, 512);
+    let (img, pattern) = dense_image(d);
     let stick = stick(d, "cut", &img, DEFAULT);
     let nvme = disk(d, "nvme.img", GIB);
+    // Writes at 2 MB/s: the 40 MiB payload takes about 20 s to reach the disk.
     let mut v = nuc(d, "vm1", &stick)
-        .nvme(&nvme, "NVME0001")
+        .nvme_throttled(&nvme, "NVME0001", 2_000_000)
         .timeout(Duration::from_secs(600))
         .start()
         .unwrap();
-    // The wipe is done and the stream has started: pull the plug.
     v.wait_for("imprint: wipe done", Duration::from_secs(300))
         .unwrap();
+    // Pull the plug once at least a quarter of the payload is on the disk, and before all of it.
+    let total = pattern.len() / MIB as usize;
+    let start = std::time::Instant::now();
+    let mut seen = 0;
+    while seen < total / 4 {
+        assert!(
+            start.elapsed() < Duration::from_secs(240),
+            "the payload never reached the disk"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        seen = payload_mib_on_disk(&nvme, &pattern);
+    }
     v.kill();
+    let at_cut = payload_mib_on_disk(&nvme, &pattern);
+    eprintln!("power cut with {at_cut} of {total} MiB of the payload on the disk");
+    assert!(
+        at_cut >= total / 4 && at_cut < total,
+        "the cut must land mid-write: {at_cut} of {total} MiB written"
+    );
+    assert!(
+        !v.log().contains("verify done"),
+        "cut before the read-back finished"
+    );
     let vars = d.join("vars-after-cut.fd");
     std::fs::copy(v.vars_path(), &vars).unwrap();
     drop(v);
@@ -353,6 +447,7 @@ fn a_power_cut_mid_write_leaves_no_partition_table_and_the_next_boot_installs() 
             .vars_from(&vars),
     );
     assert!(log.contains("seed written and read back"), "{log}");
+    assert_eq!(payload_mib_on_disk(&nvme, &pattern), total);
     let verify = Command::new(imprint_bin().unwrap())
         .arg("verify")
         .arg(&img)
@@ -364,6 +459,8 @@ fn a_power_cut_mid_write_leaves_no_partition_table_and_the_next_boot_installs() 
         "{}",
         String::from_utf8_lossy(&verify.stderr)
     );
+    assert_eq!(reports(&stick).last().unwrap()["status"], "installed");
+    no_secrets(&log, &stick);
 }
 
 /// A blkdebug rules file failing every `iotype` I/O that touches the sector at 20 MiB (inside
@@ -378,6 +475,34 @@ fn faults(d: &Path, iotype: &str) -> PathBuf {
     p
 }
 
+/// Runs until `IMPRINT-DONE`, then checks the machine neither reboots nor powers off (the
+/// config says power off after an install: a failure must wait for the operator instead).
+fn run_until_done_and_still_up(vm: VmBuilder) -> String {
+    let mut v = vm.timeout(Duration::from_secs(600)).start().unwrap();
+    v.wait_for("IMPRINT-DONE", Duration::from_secs(400))
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(
+        v.is_running(),
+        "the machine rebooted or powered off after a failure"
+    );
+    v.kill();
+    v.log()
+}
+
+/// The disk after a failed install: no table at either end.
+fn no_partition_table(disk: &Path) {
+    let bytes = std::fs::read(disk).unwrap();
+    assert!(
+        bytes[..MIB as usize].iter().all(|&b| b == 0),
+        "no primary GPT"
+    );
+    assert!(
+        bytes[bytes.len() - MIB as usize..].iter().all(|&b| b == 0),
+        "no backup GPT"
+    );
+}
+
 #[test]
 fn a_write_error_names_the_offset_and_leaves_no_partition_table() {
     let t = tempfile::tempdir().unwrap();
@@ -385,23 +510,26 @@ fn a_write_error_names_the_offset_and_leaves_no_partition_table() {
     let img = small_os(d, 512);
     let stick = stick(d, "wio", &img, DEFAULT);
     let nvme = disk(d, "nvme.img", GIB);
-    let (_v, log) = run_until_done(nuc(d, "vm", &stick).nvme_with_faults(
+    let log = run_until_done_and_still_up(nuc(d, "vm", &stick).nvme_with_faults(
         &nvme,
         "NVME0001",
         faults(d, "write"),
     ));
     assert!(log.contains("FAILED"), "{log}");
-    assert!(log.contains("at offset"), "the error names where: {log}");
     assert!(
-        !log.contains("rebooting into the installed system"),
-        "no reboot after a failure"
+        log.contains(&format!("writing 1048576 bytes at offset {}", 20 * MIB))
+            || log.contains(&format!("at offset {}", 20 * MIB)),
+        "the error names where: {log}"
     );
-    let bytes = std::fs::read(&nvme).unwrap();
     assert!(
-        bytes[..MIB as usize].iter().all(|&b| b == 0),
-        "no partition table"
+        log.contains("target disk: the disk has no partition table at either end"),
+        "{log}"
     );
-    assert_eq!(reports(&stick)[0]["status"], "failed");
+    no_partition_table(&nvme);
+    let r = &reports(&stick)[0];
+    assert_eq!(r["status"], "failed");
+    assert!(r["error"].as_str().unwrap().contains("writing"), "{r}");
+    no_secrets(&log, &stick);
 }
 
 #[test]
@@ -411,21 +539,21 @@ fn a_read_back_error_names_the_offset_and_leaves_no_partition_table() {
     let img = small_os(d, 512);
     let stick = stick(d, "rio", &img, DEFAULT);
     let nvme = disk(d, "nvme.img", GIB);
-    let (_v, log) =
-        run_until_done(nuc(d, "vm", &stick).nvme_with_faults(&nvme, "NVME0001", faults(d, "read")));
+    let log = run_until_done_and_still_up(nuc(d, "vm", &stick).nvme_with_faults(
+        &nvme,
+        "NVME0001",
+        faults(d, "read"),
+    ));
     assert!(log.contains("FAILED"), "{log}");
     assert!(log.contains("reading back /dev/nvme0n1 at offset"), "{log}");
-    let bytes = std::fs::read(&nvme).unwrap();
     assert!(
-        bytes[..MIB as usize].iter().all(|&b| b == 0),
-        "no partition table"
+        log.contains("target disk: the disk has no partition table at either end"),
+        "{log}"
     );
-    assert!(
-        bytes[bytes.len() - MIB as usize..].iter().all(|&b| b == 0),
-        "no backup GPT"
-    );
+    no_partition_table(&nvme);
     let r = &reports(&stick)[0];
     assert!(r["error"].as_str().unwrap().contains("reading back"), "{r}");
+    no_secrets(&log, &stick);
 }
 
 #[test]
@@ -448,6 +576,7 @@ fn a_sata_only_machine_installs_on_the_sata_disk() {
         "{}",
         String::from_utf8_lossy(&verify.stderr)
     );
+    no_secrets(&log, &stick);
 }
 
 /// Byte offset of partition `n` in an image file.
@@ -500,6 +629,7 @@ fn a_truncated_payload_leaves_no_partition_table() {
         bytes[..MIB as usize].iter().all(|&b| b == 0),
         "no partition table"
     );
+    no_secrets(&log, &stick);
 }
 
 #[test]
@@ -526,4 +656,5 @@ fn a_corrupted_manifest_is_refused_before_any_write() {
     let (_v, log) = run_until_done(nuc(d, "vm", &stick).nvme(&nvme, "NVME0001"));
     assert!(log.contains("FAILED") && log.contains("manifest"), "{log}");
     assert_eq!(sha(&nvme), before, "refused before any write");
+    no_secrets(&log, &stick);
 }
