@@ -2,9 +2,9 @@
 //! every file of boot/ (kernel, shim, GRUB, grub.cfg template, the zstd cpio with
 //! its modules and PID 1, MANIFEST).
 //!
-//! Both builds share the cargo target directory, so this checks the packaging (apt cache,
-//! depmod, the cpio writer, zstd); image-build/check-reproducible also rebuilds PID 1 from a
-//! clean target directory.
+//! Each build compiles PID 1 and the archive writer from its own, empty cargo target directory
+//! (and its own build directory), so this checks the compiled binaries as well as the packaging
+//! (apt cache, depmod, the cpio writer, zstd). Only the downloaded .deb cache is shared.
 
 #![allow(clippy::unwrap_used)]
 
@@ -36,13 +36,14 @@ fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     out
 }
 
-/// One image-build/build run into `<dir>/boot`, sharing the package cache and the cargo
-/// target directory with the normal build.
+/// One image-build/build run into `<dir>/boot`, compiling in the clean target directory
+/// `<dir>/target`; only the downloaded packages are shared with the normal build.
 fn build_into(dir: &Path) {
     let root = workspace_root();
     run(Command::new(root.join("image-build/build"))
         .current_dir(&root)
         .env("IMPRINT_BUILD_DIR", dir)
+        .env("CARGO_TARGET_DIR", dir.join("target"))
         .env("IMPRINT_DEB_CACHE", root.join("build/cache/debs")))
     .unwrap();
 }
