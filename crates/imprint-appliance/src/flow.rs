@@ -695,8 +695,12 @@ fn record_provisioned(
             }
         })
         .collect();
+    // Every step that can fail is an `if` condition: GRUB prints no error for those, and an
+    // error printed while a menu entry runs makes it wait for a key — on a NUC without one,
+    // forever.
+    let loader = format!("($imprint_disk,gpt{esp_partition})/EFI/BOOT/BOOTX64.EFI");
     let block = format!(
-        "if [ -z \"$imprint_installed\" ]; then\n  if search --no-floppy --fs-uuid --set=imprint_seed {seed_serial}; then\n    regexp --set=1:imprint_disk '^([^,]+),' \"$imprint_seed\"\n    set imprint_installed=\"($imprint_disk,gpt{esp_partition})/EFI/BOOT/BOOTX64.EFI\"\n    set imprint_installed_name=\"{label}\"\n  fi\nfi\n"
+        "if [ -z \"$imprint_installed\" ]; then\n  if search --no-floppy --fs-uuid --set=imprint_seed {seed_serial}; then\n    if regexp --set=1:imprint_disk '^([^,]+),' \"$imprint_seed\"; then\n      if [ -f \"{loader}\" ]; then\n        set imprint_installed=\"{loader}\"\n        set imprint_installed_name=\"{label}\"\n      fi\n    fi\n  fi\nfi\n"
     );
     if old.contains(&block) {
         return Ok(block);
