@@ -279,8 +279,16 @@ pub enum WriteError {
         /// Why.
         reason: String,
     },
+    /// Writing or reading back an addition (the seed partition) failed.
+    #[error("{what}")]
+    Addition {
+        /// What.
+        what: String,
+        /// The failure.
+        source: Box<WriteError>,
+    },
     /// The caller's work before the commit failed.
-    #[error("before the commit: {source}")]
+    #[error("before the commit")]
     BeforeCommit {
         /// What failed.
         source: Box<dyn std::error::Error + Send + Sync>,
@@ -781,7 +789,12 @@ pub fn write_planned(
     // --- Additions (the seed partition): written and read back; nothing refers to them yet.
     for a in additions {
         let offset = a.entry.first_lba * ss;
-        put_verified(target, &report.target, offset, &a.content)?;
+        put_verified(target, &report.target, offset, &a.content).map_err(|source| {
+            WriteError::Addition {
+                what: a.what.clone(),
+                source: Box::new(source),
+            }
+        })?;
         done += a.content.len() as u64;
         progress.advance(done);
     }

@@ -319,6 +319,22 @@ fn ext4_image(d: &Path) -> PathBuf {
     img
 }
 
+/// A file of the ext4 filesystem on `dev`, read with debugfs (its standard output only).
+fn debugfs_cat(dev: &Path, file: &str) -> String {
+    let out = Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("cat {file}"))
+        .arg(dev)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "debugfs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 #[test]
 fn root_filesystem_placement_lands_inside_the_transaction() {
     let t = tempfile::tempdir().unwrap();
@@ -366,18 +382,10 @@ fn root_filesystem_placement_lands_inside_the_transaction() {
         true,
     )
     .unwrap();
-    let meta = run(Command::new("debugfs")
-        .arg("-R")
-        .arg("cat /var/lib/cloud/seed/nocloud/meta-data")
-        .arg(lo.path()))
-    .unwrap();
+    let meta = debugfs_cat(lo.path(), "/var/lib/cloud/seed/nocloud/meta-data");
     let meta: serde_json::Value = serde_json::from_str(&meta).unwrap();
     assert_eq!(meta["local-hostname"], "bare-metal-7");
-    let ud = run(Command::new("debugfs")
-        .arg("-R")
-        .arg("cat /var/lib/cloud/seed/nocloud/user-data")
-        .arg(lo.path()))
-    .unwrap();
+    let ud = debugfs_cat(lo.path(), "/var/lib/cloud/seed/nocloud/user-data");
     assert!(ud.starts_with("#cloud-config\nusers:"), "{ud}");
     drop(lo);
     // And the committed table is clean: both headers, backup at the disk's end.
