@@ -63,3 +63,53 @@ impl Drop for Mount {
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn mounted(target: &Path) -> bool {
+        let target = target.to_string_lossy().into_owned();
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .any(|l| l.split(' ').nth(4) == Some(target.as_str()))
+    }
+
+    #[test]
+    fn a_mount_is_gone_when_its_guard_drops_or_is_unmounted() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: mounting needs root");
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let target = t.path().join("mnt");
+        {
+            let m = Mount::new(
+                Path::new("tmpfs"),
+                &target,
+                "tmpfs",
+                MsFlags::empty(),
+                Some("size=1m"),
+            )
+            .unwrap();
+            std::fs::write(m.path().join("f"), b"x").unwrap();
+            assert!(mounted(&target));
+        }
+        assert!(!mounted(&target), "dropped: unmounted");
+        assert!(!target.join("f").exists());
+        let m = Mount::new(Path::new("tmpfs"), &target, "tmpfs", MsFlags::empty(), None).unwrap();
+        m.unmount().unwrap();
+        assert!(!mounted(&target), "unmounted explicitly");
+        let err = Mount::new(
+            Path::new("/nonexistent-dev"),
+            &target,
+            "ext4",
+            MsFlags::empty(),
+            None,
+        )
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("/nonexistent-dev"), "{err:#}");
+    }
+}
