@@ -4,7 +4,7 @@
 //! console ([`disks`], from core discovery) and the marker line `IMPRINT-BOOT-OK`, then the
 //! install flow ([`flow::run`]), which never returns.
 //!
-//! Rooms: [`boot`] (mounts, command line, settle), [`modules`] (kernel modules), [`esp`] (which
+//! Rooms: [`boot`] (mounts, command line, settle), [`modules`] (kernel modules, [`fnmatch`]), [`esp`] (which
 //! partition is the stick), [`console`] (every line on every console, progress bars),
 //! [`prompt`] (questions on every console with a person), [`power`], [`mount`] (mounts as
 //! guards), [`efi`] (boot variables, next boot) and [`flow`] (the install). The report is
@@ -17,6 +17,7 @@ mod disks;
 mod efi;
 mod esp;
 mod flow;
+mod fnmatch;
 mod modules;
 mod mount;
 mod power;
