@@ -15,7 +15,7 @@
 //! into another install attempt.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -27,26 +27,31 @@ use imprint_core::gpt_table::GptTable;
 use imprint_core::loopdev::LoopDevice;
 use imprint_core::machine::MachineIdentity;
 use imprint_core::manifest::{Image, PartitionTable};
-use imprint_core::progress::{Phase, Progress};
 use imprint_core::seed;
 use imprint_core::select::{self, Selection};
 use imprint_core::signature;
 use imprint_core::stick::{CONFIG_PATH, PAYLOAD_TYPE_GUID, REPORTS_DIR, SEED_DIR};
 use imprint_core::write::{self, WriteOptions};
-use nix::mount::{mount, umount, MsFlags};
-use serde_json::json;
+use nix::mount::MsFlags;
 
-use crate::boot::{self, BootEnv, Consoles};
-use crate::report::{self, Report, Status};
+use crate::boot::BootEnv;
+use crate::console::{ConsoleProgress, Consoles};
+use crate::mount::Mount;
+use crate::power;
+use crate::prompt::{ask_choice, confirm};
+use imprint_core::report::{
+    self, BootInfo, Hardware, ImageInfo, NextBoot, Rejected, Report, SeedInfo, SelectionInfo,
+    Status,
+};
 
 /// GPT type of an EFI System Partition.
 const ESP_TYPE: &str = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b";
+/// The stick's record of the machines it provisioned, read by its GRUB (grub.cfg.in).
+const PROVISIONED_CFG: &str = "imprint/provisioned.cfg";
 /// Where the stick's ESP is mounted.
 const STICK_MNT: &str = "/run/imprint/stick";
 /// Where the target's root filesystem is mounted for root-filesystem seed placement.
 const ROOT_MNT: &str = "/run/imprint/root";
-/// The stick's record of the machines it provisioned, read by its GRUB (grub.cfg.in).
-const PROVISIONED_CFG: &str = "imprint/provisioned.cfg";
 /// Printed when the flow ends, for the end-to-end tests.
 pub const DONE_MARKER: &str = "IMPRINT-DONE";
 
@@ -62,13 +67,13 @@ enum Ending {
 pub fn run(env: &BootEnv, consoles: &mut Consoles) -> ! {
     let install_id = report::new_install_id();
     let mut rep = Report::new(&install_id);
-    rep.boot = json!({
-        "kernel": env.kernel_release,
-        "modules_loaded": env.modules_loaded.len(),
-        "module_failures": env.module_failures,
-        "efi": env.efivars,
-        "settled": env.settled,
-        "seconds": env.elapsed.as_secs_f64(),
+    rep.boot = Some(BootInfo {
+        kernel: env.kernel_release.clone(),
+        modules_loaded: env.modules_loaded.len(),
+        module_failures: env.module_failures.clone(),
+        efi: env.efivars,
+        settled: env.settled,
+        seconds: env.elapsed.as_secs_f64(),
     });
     consoles.line(&format!("imprint: install {install_id}"));
     let stick = match mount_stick(env) {
@@ -78,9 +83,9 @@ pub fn run(env: &BootEnv, consoles: &mut Consoles) -> ! {
             fail(consoles, &mut rep, None, &e, None);
         }
     };
-    let config = match Config::load(&stick.join(CONFIG_PATH)) {
+    let config = match Config::load(&stick.path().join(CONFIG_PATH)) {
         Ok(c) => c,
-        Err(e) if !stick.join(CONFIG_PATH).exists() => {
+        Err(e) if !stick.path().join(CONFIG_PATH).exists() => {
             consoles.line(&format!(
                 "imprint: no {CONFIG_PATH} on the stick; using the defaults ({e})"
             ));
@@ -89,28 +94,28 @@ pub fn run(env: &BootEnv, consoles: &mut Consoles) -> ! {
         Err(e) => fail(
             consoles,
             &mut rep,
-            Some(&stick),
+            Some(stick),
             &anyhow!(e).context("reading the stick's config"),
             None,
         ),
     };
-    match install(env, consoles, &stick, &config, &mut rep) {
+    match install(env, consoles, stick.path(), &config, &mut rep) {
         Ok(Ending::Provisioned) => {
-            save_report(consoles, &rep, &stick);
+            save_report(consoles, &rep, stick.path());
             consoles.line(DONE_MARKER);
-            finish(consoles, config.after, &stick)
+            finish(consoles, config.after, stick)
         }
         Ok(Ending::Stopped) => {
-            save_report(consoles, &rep, &stick);
+            save_report(consoles, &rep, stick.path());
             consoles.line(DONE_MARKER);
             consoles.line("imprint: nothing was written; power the machine off when you are done");
-            unmount(&stick);
+            unmount(consoles, stick);
             wait_or_poweroff(consoles, config.fatal_poweroff_after_secs)
         }
         Err(e) => fail(
             consoles,
             &mut rep,
-            Some(&stick),
+            Some(stick),
             &e,
             config.fatal_poweroff_after_secs,
         ),
@@ -132,7 +137,7 @@ fn save_report(consoles: &mut Consoles, rep: &Report, stick: &Path) {
 fn fail(
     consoles: &mut Consoles,
     rep: &mut Report,
-    stick: Option<&Path>,
+    stick: Option<Mount>,
     e: &anyhow::Error,
     poweroff_after: Option<u64>,
 ) -> ! {
@@ -143,8 +148,8 @@ fn fail(
     consoles.line(&format!("imprint: FAILED: {chain}"));
     consoles.line(&format!("imprint: {}", disk_state_after(e)));
     if let Some(stick) = stick {
-        save_report(consoles, rep, stick);
-        unmount(stick);
+        save_report(consoles, rep, stick.path());
+        unmount(consoles, stick);
     }
     consoles.line(DONE_MARKER);
     wait_or_poweroff(consoles, poweroff_after)
@@ -171,56 +176,54 @@ fn wait_or_poweroff(consoles: &mut Consoles, after: Option<u64>) -> ! {
         Some(secs) => {
             consoles.line(&format!("imprint: powering off in {secs} s"));
             std::thread::sleep(Duration::from_secs(secs));
-            boot::power_off(consoles)
+            power::power_off(consoles)
         }
         None => {
             consoles.line("imprint: waiting; power the machine off to stop");
-            boot::halt_forever()
+            power::halt_forever()
         }
     }
 }
 
-fn finish(consoles: &mut Consoles, after: After, stick: &Path) -> ! {
-    unmount(stick);
-    nix::unistd::sync();
+fn finish(consoles: &mut Consoles, after: After, stick: Mount) -> ! {
+    unmount(consoles, stick);
     match after {
         After::Reboot => {
             consoles.line("imprint: rebooting into the installed system");
-            boot::reboot(consoles)
+            power::reboot(consoles)
         }
         After::Poweroff => {
             consoles.line("imprint: powering off");
-            boot::power_off(consoles)
+            power::power_off(consoles)
         }
         After::Wait => {
             consoles.line("imprint: done; waiting (config `after: wait`)");
-            boot::halt_forever()
+            power::halt_forever()
         }
     }
 }
 
-fn unmount(stick: &Path) {
-    nix::unistd::sync();
-    let _ = umount(stick);
+/// Unmounts the stick before PID 1 stops, reboots or powers off (none of which returns).
+fn unmount(consoles: &mut Consoles, stick: Mount) {
+    if let Err(e) = stick.unmount() {
+        consoles.line(&format!("imprint: {e:#}"));
+    }
 }
 
 /// Mounts the stick's ESP read-write (reports go there).
-fn mount_stick(env: &BootEnv) -> Result<PathBuf> {
+fn mount_stick(env: &BootEnv) -> Result<Mount> {
     let esp = env.esp.as_ref().ok_or_else(|| {
         anyhow!("the stick's own partition was not found (kernel parameter imprint.esp missing or its disk never appeared); is this the imprint stick?")
     })?;
-    let dir = PathBuf::from(STICK_MNT);
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let dev = Path::new("/dev").join(&esp.partition);
-    mount(
-        Some(&dev),
-        &dir,
-        Some("vfat"),
+    let dev = env.roots.dev.join(&esp.partition);
+    Mount::new(
+        &dev,
+        Path::new(STICK_MNT),
+        "vfat",
         MsFlags::MS_NOATIME,
         Some("iocharset=utf8,shortname=mixed"),
     )
-    .with_context(|| format!("mounting the stick's ESP {}", dev.display()))?;
-    Ok(dir)
+    .context("mounting the stick's ESP")
 }
 
 /// Reads the GPT of `dev` with `sector_size`-byte logical sectors (through core's one GPT
@@ -274,8 +277,14 @@ fn install(
     let image = Image::open(&payload)
         .with_context(|| format!("opening the image on the stick ({})", payload.display()))?;
     let m = image.manifest().clone();
-    rep.image = json!({ "name": m.name, "sha256": m.sha256, "raw_size": m.raw_size, "sector_size": m.sector_size,
-                        "compressed_size": m.compressed_size });
+    rep.image = Some(ImageInfo {
+        name: m.name.clone(),
+        sha256: m.sha256.clone(),
+        raw_size: m.raw_size,
+        sector_size: m.sector_size,
+        compressed_size: Some(m.compressed_size),
+        signature: None,
+    });
     consoles.line(&format!(
         "imprint: image {} ({}), sha256 {}",
         m.name,
@@ -287,14 +296,14 @@ fn install(
 
     let sys = Path::new("/sys");
     let identity = MachineIdentity::read(sys).context("reading the machine's identity")?;
-    rep.machine = serde_json::to_value(&identity).unwrap_or_default();
+    rep.machine = Some(identity.clone());
     rep.hardware = hardware_summary();
     // Rendered before any disk is chosen or touched: a seed that cannot be made for this
     // machine (no table entry and no serial or MAC for the hostname pattern) stops here.
     let rendered = seed::render(&templates, &config.seed, &identity, &rep.install_id)
         .context("rendering the cloud-init seed")?;
     let disks = discover::scan(sys).context("scanning the disks")?;
-    rep.disks = serde_json::to_value(&disks).unwrap_or_default();
+    rep.disks = Some(disks.clone());
     // main.rs printed the disk table already (IMPRINT-BOOT-OK); the decision follows it.
 
     let selection = select::choose(
@@ -304,10 +313,17 @@ fn install(
         m.sector_size,
         Some(&esp.disk),
     );
-    rep.selection = json!({
-        "chosen": selection.chosen().map(|d| &d.name),
-        "reason": selection.reason(),
-        "rejected": selection.rejected().iter().map(|r| json!({"disk": r.disk.name, "why": r.why})).collect::<Vec<_>>(),
+    rep.selection = Some(SelectionInfo {
+        chosen: selection.chosen().map(|d| d.name.clone()),
+        reason: selection.reason().to_string(),
+        rejected: selection
+            .rejected()
+            .iter()
+            .map(|r| Rejected {
+                disk: r.disk.name.clone(),
+                why: r.why.to_string(),
+            })
+            .collect(),
     });
     for r in selection.rejected() {
         consoles.line(&format!("  not {}: {}", r.disk.name, r.why));
@@ -334,7 +350,9 @@ fn install(
         }
         Selection::NoCandidate { .. } => bail!("no target disk: {}", selection.reason()),
     };
-    rep.selection["chosen"] = json!(target_disk.name);
+    if let Some(s) = rep.selection.as_mut() {
+        s.chosen = Some(target_disk.name.clone());
+    }
     // The last-resort hostname comes from the target disk's serial, known only now.
     let rendered = if matches!(
         rendered.hostname_source,
@@ -354,7 +372,7 @@ fn install(
     rep.timing("discover", t0.elapsed().as_secs_f64());
 
     let dev = Path::new("/dev").join(&target_disk.name);
-    if !config.reinstall && already_installed(&image, &dev, &target_disk, stick) {
+    if !config.reinstall && already_installed(consoles, &image, &dev, &target_disk, stick) {
         consoles.line(&format!(
             "imprint: {} already holds {} from an earlier successful install; not reinstalling (config: reinstall=false)",
             target_disk.name, m.name
@@ -363,12 +381,21 @@ fn install(
         if handed_over_before(stick, target_disk.serial.as_deref()) {
             // We handed this machine to its disk once already and are back: the firmware
             // ignores BootNext or pruned the entry, and the stick's GRUB found no installed
-            // disk. One extra pass at most — stop instead of looping.
-            rep.next_boot = json!({ "set": false, "why": "handed over once already; not looping" });
+            // disk to boot. One extra pass at most — stop instead of looping.
+            rep.next_boot = Some(NextBoot {
+                why: Some("handed over once already; not looping".into()),
+                ..Default::default()
+            });
             consoles.line("imprint: this machine came back to the stick after being handed to its disk; stopping instead of rebooting again. Remove the stick (or put the internal disk first in the firmware's boot order) and power-cycle.");
             return Ok(Ending::Stopped);
         }
         rep.next_boot = next_boot(consoles, env, &dev, &target_disk);
+        if rep.next_boot.as_ref().is_some_and(|n| n.ignored_before) {
+            // We set BootNext last time and the firmware booted the stick anyway: rebooting
+            // again would loop. Stop here and let the operator act.
+            consoles.line("imprint: this firmware ignored BootNext last time; remove the stick (or put the internal disk first in the boot order once) and power-cycle");
+            return Ok(Ending::Stopped);
+        }
         return Ok(Ending::Provisioned);
     }
 
@@ -461,7 +488,10 @@ fn install(
         summary.hostname,
         rendered.hostname_source.describe()
     ));
-    rep.seed = json!({ "summary": summary, "placement": placement });
+    rep.seed = Some(SeedInfo {
+        summary: serde_json::to_value(&summary).unwrap_or_default(),
+        placement: serde_json::to_value(&placement).unwrap_or_default(),
+    });
     rep.timing("seed", t.elapsed().as_secs_f64());
     rep.status = Status::Installed;
     rep.next_boot = next_boot(consoles, env, &dev, &target_disk);
@@ -479,7 +509,9 @@ fn install(
                 match record_provisioned(stick, &serial, esp, &label) {
                     Ok(_) => {
                         consoles.line(&format!("imprint: recorded on the stick: with the stick left in, it boots this disk (seed volume {serial})"));
-                        rep.next_boot["stick_handover"] = json!(serial);
+                        if let Some(n) = rep.next_boot.as_mut() {
+                            n.stick_handover = Some(serial.clone());
+                        }
                     }
                     Err(e) => consoles.line(&format!(
                         "imprint: could not record the install on the stick ({e:#}); remove the stick before the next power-on"
@@ -503,11 +535,13 @@ fn check_signature(
     rep: &mut Report,
 ) -> Result<bool> {
     let info = signature::signature_info(image).ok().flatten();
-    rep.image["signature"] = json!({
-        "signed": image.signature().is_some(),
-        "key_id": info.as_ref().map(|i| i.key_id.to_string()),
-        "verified": false,
-    });
+    if let Some(i) = rep.image.as_mut() {
+        i.signature = Some(signature::SignatureCheck {
+            signed: image.signature().is_some(),
+            key_id: info.as_ref().map(|i| i.key_id.to_string()),
+            verified: false,
+        });
+    }
     let check = signature::trusted_keys(&config.trusted_keys, Path::new(signature::BAKED_KEY_DIR))
         .and_then(|keys| signature::check_policy(image, config.require_signature, &keys))
         .context("checking the image's signature")?;
@@ -518,7 +552,9 @@ fn check_signature(
         }
         (None, _) => "imprint: image is not signed (no signature required)".to_string(),
     });
-    rep.image["signature"] = serde_json::to_value(&check).unwrap_or_default();
+    if let Some(i) = rep.image.as_mut() {
+        i.signature = Some(check.clone());
+    }
     Ok(check.verified)
 }
 
@@ -534,54 +570,30 @@ fn seed_into_root(
     let dir = Path::new(ROOT_MNT).join(seed::ROOTFS_SEED_DIR);
     let placement = {
         let lo = LoopDevice::attach(Path::new("/dev"), disk, offset, len, false)?;
-        let m = Mounted::new(lo.path(), Path::new(ROOT_MNT), MsFlags::MS_NOATIME)?;
+        let m = Mount::new(
+            lo.path(),
+            Path::new(ROOT_MNT),
+            "ext4",
+            MsFlags::MS_NOATIME,
+            None,
+        )
+        .context("mounting the image's root filesystem")?;
         let placed = seed::inject_into_dir(&dir, rendered)?;
         m.unmount()?;
         placed
     };
     let lo = LoopDevice::attach(Path::new("/dev"), disk, offset, len, true)?;
-    let m = Mounted::new(lo.path(), Path::new(ROOT_MNT), MsFlags::MS_RDONLY)?;
+    let m = Mount::new(
+        lo.path(),
+        Path::new(ROOT_MNT),
+        "ext4",
+        MsFlags::MS_RDONLY,
+        None,
+    )
+    .context("mounting the image's root filesystem read-only")?;
     seed::verify_dir(&dir, rendered).context("reading the seed back from the root filesystem")?;
     m.unmount()?;
     Ok(placement)
-}
-
-/// An ext4 filesystem mounted at a directory; unmounted on drop.
-struct Mounted {
-    at: PathBuf,
-    mounted: bool,
-}
-
-impl Mounted {
-    fn new(dev: &Path, at: &Path, flags: MsFlags) -> Result<Mounted> {
-        std::fs::create_dir_all(at).with_context(|| format!("creating {}", at.display()))?;
-        mount(Some(dev), at, Some("ext4"), flags, None::<&str>).with_context(|| {
-            format!(
-                "mounting the installed root filesystem ({}) at {}",
-                dev.display(),
-                at.display()
-            )
-        })?;
-        Ok(Mounted {
-            at: at.to_path_buf(),
-            mounted: true,
-        })
-    }
-
-    /// Unmounts now, reporting a failure (a drop can only try).
-    fn unmount(mut self) -> Result<()> {
-        self.mounted = false;
-        nix::unistd::sync();
-        umount(&self.at).with_context(|| format!("unmounting {}", self.at.display()))
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        if self.mounted {
-            let _ = umount(&self.at);
-        }
-    }
 }
 
 /// The device of partition `num` of `disk`. Partition devices are named by the kernel (sda2,
@@ -605,19 +617,29 @@ fn partition_device(disk: &str, num: u32) -> Result<PathBuf> {
 /// Whether `dev` already holds this image from a successful install recorded on this stick:
 /// both the stick's report (same disk serial, same image digest, installed) and the disk's own
 /// GPT (the image's disk GUID and partitions) must say so.
-fn already_installed(image: &Image, dev: &Path, disk: &Disk, stick: &Path) -> bool {
+fn already_installed(
+    consoles: &mut Consoles,
+    image: &Image,
+    dev: &Path,
+    disk: &Disk,
+    stick: &Path,
+) -> bool {
     let m = image.manifest();
     let Some(serial) = disk.serial.as_deref().filter(|s| !s.is_empty()) else {
         return false;
     };
-    let recorded = Report::load_all(&stick.join(REPORTS_DIR)).iter().any(|r| {
-        r.status == Status::Installed
-            && r.image["sha256"] == m.sha256.as_str()
-            && r.disks.as_array().is_some_and(|ds| {
-                ds.iter()
-                    .any(|d| d["name"] == r.selection["chosen"] && d["serial"] == serial)
-            })
-    });
+    let loaded = report::load_all(&stick.join(REPORTS_DIR));
+    for s in &loaded.skipped {
+        consoles.line(&format!(
+            "imprint: skipping the unreadable report {}: {}",
+            s.path.strip_prefix(stick).unwrap_or(&s.path).display(),
+            s.why
+        ));
+    }
+    let recorded = loaded
+        .reports
+        .iter()
+        .any(|r| r.records_install_of(serial, &m.sha256));
     if !recorded || m.partition_table != PartitionTable::Gpt {
         return false;
     }
@@ -656,13 +678,13 @@ fn handed_over_before(stick: &Path, serial: Option<&str>) -> bool {
     let Some(serial) = serial.filter(|s| !s.is_empty()) else {
         return false;
     };
-    let mut reports: Vec<Report> = Report::load_all(&stick.join(REPORTS_DIR))
+    let mut reports: Vec<Report> = report::load_all(&stick.join(REPORTS_DIR))
+        .reports
         .into_iter()
         .filter(|r| {
-            r.disks.as_array().is_some_and(|ds| {
-                ds.iter()
-                    .any(|d| d["name"] == r.selection["chosen"] && d["serial"] == serial)
-            })
+            r.chosen_disk()
+                .and_then(|d| d.serial.as_deref())
+                .is_some_and(|s| s == serial)
         })
         .collect();
     reports.sort_by(|a, b| a.install_id.cmp(&b.install_id));
@@ -729,275 +751,67 @@ fn first_mib_is_zero(dev: &Path) -> bool {
 }
 
 /// Makes the next boot the installed disk's ESP (UEFI `BootNext`).
-fn next_boot(consoles: &mut Consoles, env: &BootEnv, dev: &Path, disk: &Disk) -> serde_json::Value {
+fn next_boot(consoles: &mut Consoles, env: &BootEnv, dev: &Path, disk: &Disk) -> Option<NextBoot> {
     if !env.efivars {
         consoles.line("imprint: not booted with UEFI variables; the firmware's boot order decides the next boot");
-        return json!({ "set": false, "why": "no efivarfs" });
+        return Some(NextBoot {
+            why: Some("no efivarfs".into()),
+            ..Default::default()
+        });
     }
-    match crate::efi_next_boot::set_next_boot_to_disk(dev, disk) {
+    match crate::efi::next_boot::set_next_boot_to_disk(dev, disk) {
         Ok(v) => {
             consoles.line(&format!(
                 "imprint: next boot: {}",
-                v["description"].as_str().unwrap_or("installed disk")
+                v.description.as_deref().unwrap_or("installed disk")
             ));
-            v
+            Some(v)
         }
         Err(e) => {
             consoles.line(&format!("imprint: could not set the next boot ({e:#}); remove the stick before the next power-on"));
-            json!({ "set": false, "why": format!("{e:#}") })
+            Some(NextBoot {
+                why: Some(format!("{e:#}")),
+                ..Default::default()
+            })
         }
     }
 }
 
-/// Asks on the prompt console which of the equally good disks to use; `None` when declined or
-/// when nobody can answer.
-fn ask_choice(consoles: &mut Consoles, candidates: &[Disk]) -> Result<Option<Disk>> {
-    let Some(term) = prompt_term() else {
-        consoles.line("imprint: no keyboard or serial console to ask on");
-        return Ok(None);
-    };
-    let mut items: Vec<String> = candidates
-        .iter()
-        .map(|d| {
-            format!(
-                "{} {} {} serial {}",
-                d.name,
-                discover::human_bytes(d.size),
-                d.model.as_deref().unwrap_or("?"),
-                d.serial.as_deref().unwrap_or("?")
-            )
-        })
-        .collect();
-    items.push("none: stop without writing".into());
-    let pick = dialoguer::Select::new()
-        .with_prompt("Which disk should imprint overwrite?")
-        .items(&items)
-        .default(items.len() - 1)
-        .interact_on_opt(&term)
-        .context("asking which disk to use")?;
-    Ok(pick.and_then(|i| candidates.get(i).cloned()))
-}
-
-fn confirm(consoles: &mut Consoles, disk: &Disk, image: &str, size: u64) -> Result<bool> {
-    let parts: Vec<String> = disk
-        .partitions
-        .iter()
-        .map(|p| format!("{} ({})", p.name, discover::human_bytes(p.size)))
-        .collect();
-    consoles.line(&format!(
-        "imprint: {} {} serial {} {} — partitions: {} — will be overwritten with {} ({})",
-        disk.name,
-        disk.model.as_deref().unwrap_or("?"),
-        disk.serial.as_deref().unwrap_or("?"),
-        discover::human_bytes(disk.size),
-        if parts.is_empty() {
-            "none".into()
-        } else {
-            parts.join(", ")
-        },
-        image,
-        discover::human_bytes(size)
-    ));
-    let Some(term) = prompt_term() else {
-        consoles.line("imprint: confirmation required (config `confirm`) but no keyboard or serial console to ask on; set `confirm: never` and pin the target to install unattended");
-        return Ok(false);
-    };
-    let ok = dialoguer::Confirm::new()
-        .with_prompt(format!("Erase {} and install {image}?", disk.name))
-        .default(false)
-        .interact_on_opt(&term)
-        .context("asking for confirmation")?;
-    Ok(ok == Some(true))
-}
-
-/// The terminal prompts go to: `imprint.prompt=ttyS0` / `tty0` on the kernel command line, else
-/// `/dev/console` (the last `console=`). `None` when nobody could answer there: a screen
-/// console (tty0) with no keyboard attached. A serial console counts as answerable — that is
-/// how a remote operator (or the test harness) reaches the machine.
-fn prompt_term() -> Option<console::Term> {
-    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    let mut name = cmdline
-        .split_whitespace()
-        .find_map(|p| p.strip_prefix("imprint.prompt="))
-        .unwrap_or("console")
-        .to_string();
-    if name == "console" {
-        // /dev/console is the last console= of the command line.
-        let active = std::fs::read_to_string("/sys/class/tty/console/active").unwrap_or_default();
-        if let Some(last) = active.split_whitespace().last() {
-            name = last.to_string();
-        }
-    }
-    let serial =
-        name.starts_with("ttyS") || name.starts_with("ttyUSB") || name.starts_with("ttyAMA");
-    if !serial && !keyboard_present(Path::new("/proc/bus/input/devices")) {
-        return None;
-    }
-    let path = Path::new("/dev").join(name);
-    let r = std::fs::OpenOptions::new().read(true).open(&path).ok()?;
-    let w = std::fs::OpenOptions::new().write(true).open(&path).ok()?;
-    Some(console::Term::read_write_pair(r, w))
-}
-
-/// Whether an input device with a keyboard's event mask (EV_SYN|EV_KEY|EV_MSC|EV_LED|EV_REP,
-/// `EV=120013`) is attached: AT and USB keyboards have it; power buttons and mice do not.
-fn keyboard_present(devices: &Path) -> bool {
-    std::fs::read_to_string(devices)
-        .map(|t| t.lines().any(|l| l.trim() == "B: EV=120013"))
-        .unwrap_or(false)
-}
-
-fn hardware_summary() -> serde_json::Value {
+fn hardware_summary() -> Option<Hardware> {
     let mut sys = sysinfo::System::new();
     sys.refresh_memory();
     sys.refresh_cpu_all();
-    json!({
-        "cpu": sys.cpus().first().map(|c| c.brand().to_string()),
-        "cpus": sys.cpus().len(),
-        "memory_bytes": sys.total_memory(),
-        "kernel": sysinfo::System::kernel_version(),
+    Some(Hardware {
+        cpu: sys.cpus().first().map(|c| c.brand().to_string()),
+        cpus: sys.cpus().len(),
+        memory_bytes: sys.total_memory(),
+        kernel: sysinfo::System::kernel_version(),
     })
-}
-
-/// Progress bars for the write engine on every console (`indicatif` drawing to a terminal that
-/// writes to all consoles), at 2 redraws a second so a serial console keeps up.
-struct ConsoleProgress {
-    bar: std::sync::Mutex<Option<(indicatif::ProgressBar, Phase)>>,
-}
-
-impl ConsoleProgress {
-    fn new() -> Self {
-        ConsoleProgress {
-            bar: std::sync::Mutex::new(None),
-        }
-    }
-}
-
-#[derive(Debug)]
-struct AllConsoles {
-    files: Vec<std::sync::Mutex<File>>,
-}
-
-impl AllConsoles {
-    fn open() -> Self {
-        let names = Consoles::names(Path::new("/sys"));
-        let mut files = Vec::new();
-        for n in names {
-            if let Ok(f) = std::fs::OpenOptions::new()
-                .write(true)
-                .open(Path::new("/dev").join(&n))
-            {
-                files.push(std::sync::Mutex::new(f));
-            }
-        }
-        AllConsoles { files }
-    }
-    fn put(&self, s: &str) -> std::io::Result<()> {
-        for f in &self.files {
-            if let Ok(mut f) = f.lock() {
-                let _ = f.write_all(s.as_bytes());
-            }
-        }
-        Ok(())
-    }
-}
-
-impl indicatif::TermLike for AllConsoles {
-    fn width(&self) -> u16 {
-        80
-    }
-    fn move_cursor_up(&self, n: usize) -> std::io::Result<()> {
-        if n > 0 {
-            self.put(&format!("\x1b[{n}A"))
-        } else {
-            Ok(())
-        }
-    }
-    fn move_cursor_down(&self, n: usize) -> std::io::Result<()> {
-        if n > 0 {
-            self.put(&format!("\x1b[{n}B"))
-        } else {
-            Ok(())
-        }
-    }
-    fn move_cursor_right(&self, n: usize) -> std::io::Result<()> {
-        if n > 0 {
-            self.put(&format!("\x1b[{n}C"))
-        } else {
-            Ok(())
-        }
-    }
-    fn move_cursor_left(&self, n: usize) -> std::io::Result<()> {
-        if n > 0 {
-            self.put(&format!("\x1b[{n}D"))
-        } else {
-            Ok(())
-        }
-    }
-    fn write_line(&self, s: &str) -> std::io::Result<()> {
-        self.put(&format!("{s}\r\n"))
-    }
-    fn write_str(&self, s: &str) -> std::io::Result<()> {
-        self.put(s)
-    }
-    fn clear_line(&self) -> std::io::Result<()> {
-        self.put("\r\x1b[2K")
-    }
-    fn flush(&self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Progress for ConsoleProgress {
-    fn begin(&self, phase: Phase, total: u64) {
-        let target =
-            indicatif::ProgressDrawTarget::term_like_with_hz(Box::new(AllConsoles::open()), 2);
-        let bar = indicatif::ProgressBar::with_draw_target(Some(total), target);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{prefix:>7} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> "),
-        );
-        bar.set_prefix(phase.name());
-        if let Ok(mut b) = self.bar.lock() {
-            *b = Some((bar, phase));
-        }
-    }
-    fn advance(&self, done: u64) {
-        if let Ok(b) = self.bar.lock() {
-            if let Some((bar, _)) = b.as_ref() {
-                bar.set_position(done);
-            }
-        }
-    }
-    fn end(&self, phase: Phase, bytes: u64, secs: f64) {
-        if let Ok(mut b) = self.bar.lock() {
-            if let Some((bar, _)) = b.take() {
-                bar.finish_and_clear();
-            }
-        }
-        let _ = AllConsoles::open().put(&format!(
-            "imprint: {} done: {} in {:.1} s ({:.0} MB/s)\r\n",
-            phase.name(),
-            discover::human_bytes(bytes),
-            secs,
-            bytes as f64 / secs.max(1e-3) / 1e6
-        ));
-    }
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use imprint_core::discover::Disk;
+    use imprint_core::report::SelectionInfo;
 
     fn report(dir: &Path, id: &str, status: Status, serial: &str) {
         let mut r = Report::new(id);
         r.status = status;
-        r.selection = json!({ "chosen": "nvme0n1" });
-        r.disks = json!([{ "name": "nvme0n1", "serial": serial }]);
+        r.selection = Some(SelectionInfo {
+            chosen: Some("nvme0n1".into()),
+            ..Default::default()
+        });
+        let disk: Disk = serde_json::from_value(serde_json::json!({
+            "name": "nvme0n1", "dev_path": "/dev/nvme0n1", "major": 259, "minor": 0,
+            "transport": "nvme", "sys_path": "/sys/block/nvme0n1", "size": 1,
+            "logical_block_size": 512, "physical_block_size": 512, "model": null,
+            "serial": serial, "wwid": null, "removable": false, "external": false,
+            "read_only": false, "rotational": false, "partitions": [], "holders": []
+        }))
+        .unwrap();
+        r.disks = Some(vec![disk]);
         r.save(&dir.join(REPORTS_DIR)).unwrap();
     }
 
@@ -1043,23 +857,10 @@ mod tests {
             1,
             "the same install is recorded once"
         );
-        assert!(text.contains("search --no-floppy --fs-uuid --set=imprint_seed 1A2B-3C4D"));
-        assert!(text.contains("($imprint_disk,gpt2)/EFI/BOOT/BOOTX64.EFI"));
+        assert!(text.contains("if search --no-floppy --fs-uuid --set=imprint_seed 1A2B-3C4D"));
+        assert!(text.contains("if [ -f \"($imprint_disk,gpt2)/EFI/BOOT/BOOTX64.EFI\" ]"));
         // The label cannot break out of GRUB's quoting.
         assert!(text.contains("set imprint_installed_name=\"nuc-01 (debian _12__ rm)\""));
         assert!(!stick.join("imprint/provisioned.cfg.new").exists());
-    }
-
-    #[test]
-    fn keyboards_are_told_from_buttons() {
-        let t = tempfile::tempdir().unwrap();
-        let p = t.path().join("devices");
-        let button = "I: Bus=0019 Vendor=0000 Product=0001 Version=0000\nN: Name=\"Power Button\"\nH: Handlers=kbd event0\nB: PROP=0\nB: EV=3\nB: KEY=10000000000000 0\n\n";
-        std::fs::write(&p, button).unwrap();
-        assert!(!keyboard_present(&p));
-        let kbd = "I: Bus=0011 Vendor=0001 Product=0001 Version=ab41\nN: Name=\"AT Translated Set 2 keyboard\"\nH: Handlers=sysrq kbd event1\nB: PROP=0\nB: EV=120013\nB: KEY=402000000 3803078f800d001 feffffdfffefffff fffffffffffffffe\n";
-        std::fs::write(&p, format!("{button}{kbd}")).unwrap();
-        assert!(keyboard_present(&p));
-        assert!(!keyboard_present(&t.path().join("missing")));
     }
 }

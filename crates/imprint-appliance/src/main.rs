@@ -1,27 +1,38 @@
 //! imprint-appliance: PID 1 of the imprint live image.
 //!
 //! Early boot ([`boot::init`]: mounts, modules, consoles), a table of the disks on every
-//! console and the marker line `IMPRINT-BOOT-OK`, then the install flow ([`flow::run`]), which
-//! never returns. With `imprint.probe` on the kernel command line it powers off after the table
+//! console ([`disks`], from core discovery) and the marker line `IMPRINT-BOOT-OK`, then the
+//! install flow ([`flow::run`]), which never returns.
+//!
+//! Rooms: [`boot`] (mounts, command line, settle), [`modules`] (kernel modules, [`fnmatch`]), [`esp`] (which
+//! partition is the stick), [`console`] (every line on every console, progress bars),
+//! [`prompt`] (questions on every console with a person), [`power`], [`mount`] (mounts as
+//! guards), [`efi`] (boot variables, next boot) and [`flow`] (the install). The report is
+//! `imprint_core::report`. With `imprint.probe` on the kernel command line it powers off after the table
 //! instead (hardware checks, live-image tests): nothing is written.
 
-// The install flow (flow.rs, next) uses more of boot's API than this placeholder does.
-#[allow(dead_code)]
 mod boot;
+mod console;
+mod disks;
 mod efi;
-mod efi_next_boot;
+mod esp;
 mod flow;
-mod ovmf_vars;
-mod report;
+mod fnmatch;
+mod modules;
+mod mount;
+mod power;
+mod prompt;
 
 use std::path::Path;
+
+use console::Consoles;
 
 /// The line the end-to-end tests wait for on the serial console.
 const BOOT_OK_MARKER: &str = "IMPRINT-BOOT-OK";
 
 fn main() {
     // Before /dev is a devtmpfs only the archive's /dev/console exists; init() reopens.
-    let mut consoles = boot::Consoles::open(Path::new("/sys"), Path::new("/dev"));
+    let mut consoles = Consoles::open(Path::new("/sys"), Path::new("/dev"));
     if std::process::id() != 1 {
         // It mounts filesystems and loads modules: never on a workstation by accident.
         consoles.line("imprint-appliance is the live image's init (PID 1); refusing to run as a normal process");
@@ -33,10 +44,10 @@ fn main() {
         Err(e) => {
             consoles.line(&format!(
                 "imprint: early boot failed: {}",
-                boot::error_chain(&e)
+                console::error_chain(&e)
             ));
             consoles.line("imprint: nothing was written; power the machine off to retry");
-            boot::halt_forever();
+            power::halt_forever();
         }
     };
     consoles.line(&format!(
@@ -50,10 +61,18 @@ fn main() {
         },
         env.elapsed.as_secs_f64()
     ));
-    let disks = boot::block_devices(Path::new("/sys"));
-    consoles.line("imprint: disks:");
-    for line in boot::format_disk_table(&disks, env.esp.as_ref()) {
-        consoles.line(&format!("  {line}"));
+    match imprint_core::discover::scan(&env.roots.sys) {
+        Ok(found) => {
+            consoles.line("imprint: disks:");
+            let stick = env.esp.as_ref().map(|e| e.disk.as_str());
+            for line in disks::table(&found, stick, &env.roots.dev) {
+                consoles.line(&format!("  {line}"));
+            }
+        }
+        Err(e) => consoles.line(&format!(
+            "imprint: could not list the disks: {}",
+            console::error_chain(&e)
+        )),
     }
     if env.esp.is_none() {
         consoles.line("imprint: the stick's own partition was not found");
@@ -61,7 +80,7 @@ fn main() {
     consoles.line(BOOT_OK_MARKER);
     if env.cmdline.has("imprint.probe") {
         // Probe mode (live-image tests, hardware checks): report what was found, touch nothing.
-        boot::power_off(&mut consoles);
+        power::power_off(&mut consoles);
     }
     flow::run(&env, &mut consoles)
 }
@@ -70,9 +89,9 @@ fn main() {
 /// init", losing the message: show it on every console and wait instead.
 fn install_panic_hook() {
     std::panic::set_hook(Box::new(|info| {
-        let mut consoles = boot::Consoles::open(Path::new("/sys"), Path::new("/dev"));
+        let mut consoles = Consoles::open(Path::new("/sys"), Path::new("/dev"));
         consoles.line(&format!("imprint: internal error: {info}"));
         consoles.line("imprint: please report this; power the machine off to retry");
-        boot::halt_forever();
+        power::halt_forever();
     }));
 }

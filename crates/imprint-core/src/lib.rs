@@ -10,6 +10,7 @@
 //! - [`verify`]: reading a target back and proving it holds an image.
 //! - [`gpt_table`]: the one GPT reader and layout (guarded, entries kept verbatim).
 //! - [`progress`]: progress events for terminals, logs and the appliance (`--json`).
+//! - [`report`]: the typed install report the appliance writes to the stick.
 //! - [`discover`], [`select`], [`config`], [`seed`]: what the appliance needs to find the
 //!   internal disk, decide on it, and render the cloud-init NoCloud seed.
 //!
@@ -24,6 +25,7 @@ pub mod loopdev;
 pub mod machine;
 pub mod manifest;
 pub mod progress;
+pub mod report;
 pub mod seed;
 pub mod select;
 pub mod signature;

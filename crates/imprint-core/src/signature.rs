@@ -13,7 +13,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::manifest::Image;
 
@@ -136,7 +136,7 @@ pub fn trusted_keys(
 }
 
 /// What the install policy found out about an image's signature; goes into the report.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SignatureCheck {
     /// The image has a signature frame.
     pub signed: bool,

@@ -20,6 +20,7 @@
 //! `timeout`, because a refused Secure Boot image waits forever at a firmware prompt.
 
 pub mod fixtures;
+pub mod ovmf_vars;
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -836,7 +837,7 @@ mod tests {
 
     #[test]
     fn disk_table_is_parsed_from_the_console() {
-        let log = "noise\r\nimprint: disks:\r\n  NAME             SIZE  TRANSPORT MODEL   SERIAL   ROLE\r\n  nvme0n1       1.0 GiB  nvme      QEMU NVMe Ctrl           NVME0001\r\n  sdb          47.0 MiB  usb       QEMU HARDDISK            1-0000:00:02.0-1     imprint stick\r\nIMPRINT-BOOT-OK\r\n";
+        let log = "noise\r\nimprint: disks:\r\n  NAME          SIZE BUS    MODEL            SERIAL               DATA\r\n  nvme0n1    1.0 GiB nvme   QEMU NVMe Ctrl   NVME0001             no\r\n  sdb       47.0 MiB usb    QEMU HARDDISK    1-0000:00:02.0-1     imprint stick\r\nIMPRINT-BOOT-OK\r\n";
         let rows = parse_disk_table(log);
         assert_eq!(rows.len(), 2);
         assert_eq!(

@@ -136,7 +136,7 @@ fn whole_story(fw: Firmware, prune: bool) {
     assert!(v1
         .log()
         .contains("partitions: none — will be overwritten with debian-bookworm-cloud"));
-    v1.send("y").unwrap();
+    v1.send("y\r").unwrap();
     v1.wait_for(
         "imprint: rebooting into the installed system",
         Duration::from_secs(600),

@@ -125,10 +125,8 @@ fn choosing_among_ambiguous_disks_installs_on_the_chosen_one_only() {
         Duration::from_secs(300),
     )
     .unwrap();
-    // Items: nvme0n1, nvme1n1, none (default). Up once: nvme1n1 (the second NVMe, disk b).
-    v.send("\x1b[A").unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-    v.send("\r").unwrap();
+    // Choices: 1) nvme0n1, 2) nvme1n1, 0) none (default). 2: the second NVMe, disk b.
+    v.send("2\r").unwrap();
     v.wait_for("IMPRINT-DONE", Duration::from_secs(300))
         .unwrap();
     v.kill();
@@ -281,7 +279,7 @@ fn declining_the_confirmation_writes_nothing() {
         .unwrap();
     v.wait_for("Erase nvme0n1 and install", Duration::from_secs(300))
         .unwrap();
-    v.send("n").unwrap();
+    v.send("n\r").unwrap();
     v.wait_for("IMPRINT-DONE", Duration::from_secs(60)).unwrap();
     v.kill();
     assert!(v.log().contains("declined; nothing was written"));

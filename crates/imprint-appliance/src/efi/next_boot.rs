@@ -1,11 +1,11 @@
-//! Glue between the installed disk and [`crate::efi`]: finds the EFI System Partition in the
+//! Glue between the installed disk and the boot variables: finds the EFI System Partition in the
 //! installed disk's GPT and makes it the firmware's next boot (`BootNext`).
 
 use std::path::Path;
 
 use anyhow::{anyhow, Context, Result};
 use imprint_core::discover::Disk;
-use serde_json::{json, Value};
+use imprint_core::report::NextBoot;
 
 use crate::efi;
 use crate::flow::{find_partition_by_type, read_gpt};
@@ -21,7 +21,7 @@ const EFIVARS: &str = "/sys/firmware/efi/efivars";
 /// it is in `BootOrder` (right after the stick, so the disk boots once the stick is out).
 /// `ignored_before` in the result is true when a `BootNext` we set on an earlier run was still
 /// pending: the firmware ignores `BootNext`, and rebooting would only boot the stick again.
-pub fn set_next_boot_to_disk(dev: &Path, disk: &Disk) -> Result<Value> {
+pub fn set_next_boot_to_disk(dev: &Path, disk: &Disk) -> Result<NextBoot> {
     let g = read_gpt(dev, disk.logical_block_size)?;
     let (num, part) = find_partition_by_type(&g, ESP_TYPE).ok_or_else(|| {
         anyhow!(
@@ -48,14 +48,16 @@ pub fn set_next_boot_to_disk(dev: &Path, disk: &Disk) -> Result<Value> {
     let ignored_before = efi::boot_next_was_ignored(efivars, entry).context("reading BootNext")?;
     efi::set_boot_next(efivars, entry).context("setting BootNext")?;
     let order = efi::add_to_boot_order(efivars, entry).context("updating BootOrder")?;
-    Ok(json!({
-        "set": true,
-        "boot_entry": format!("Boot{entry:04X}"),
-        "description": description,
-        "esp_partition": num,
-        "esp_partuuid": part.part_guid.to_string(),
-        "loader": LOADER,
-        "boot_order": format!("{order:?}"),
-        "ignored_before": ignored_before,
-    }))
+    Ok(NextBoot {
+        set: true,
+        why: None,
+        boot_entry: Some(efi::boot_entry_name(entry)),
+        description: Some(description),
+        esp_partition: Some(num),
+        esp_partuuid: Some(part.part_guid.to_string()),
+        loader: Some(LOADER.to_string()),
+        boot_order: Some(format!("{order:?}")),
+        ignored_before,
+        stick_handover: None,
+    })
 }

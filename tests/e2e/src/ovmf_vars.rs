@@ -4,12 +4,8 @@
 //!
 //! It owns the on-flash layout only: the firmware volume header, the (authenticated or plain)
 //! variable store header, and the variable records (`StartId` 0x55AA, `State`, attributes,
-//! name, vendor GUID, data, each record 4-byte aligned). It depends on nothing but std and
-//! thiserror, so an end-to-end harness outside this crate can include the file with
-//! `#[path = …] mod ovmf_vars;`. Decoding `Boot####` data is `efi::LoadOption::parse`.
-
-// Used by tests and the end-to-end harness, not by the appliance itself.
-#![allow(dead_code)]
+//! name, vendor GUID, data, each record 4-byte aligned). It lives with the harness, not in
+//! the appliance: nothing on the stick reads OVMF's files.
 
 use std::io;
 use std::path::{Path, PathBuf};
