@@ -28,8 +28,23 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
                 _ => 5,
             };
         }
-        if cause.downcast_ref::<ImageError>().is_some() {
-            return 3;
+        if let Some(i) = cause.downcast_ref::<ImageError>() {
+            return match i {
+                // The file could not be opened at all (missing, no permission, a FIFO): that
+                // says nothing about the image, which was never read.
+                ImageError::Io { source, .. }
+                    if matches!(
+                        source.kind(),
+                        std::io::ErrorKind::NotFound
+                            | std::io::ErrorKind::PermissionDenied
+                            | std::io::ErrorKind::IsADirectory
+                            | std::io::ErrorKind::InvalidInput
+                    ) =>
+                {
+                    1
+                }
+                _ => 3,
+            };
         }
         if let Some(s) = cause.downcast_ref::<SignatureError>() {
             return match s {
@@ -44,7 +59,8 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
             return match v {
                 VerifyError::Image(_) => 3,
                 VerifyError::Target(t) => target_code(t),
-                _ => 5,
+                VerifyError::ReadIo { .. } => 5,
+                _ => 6,
             };
         }
         if cause.downcast_ref::<Refused>().is_some() {
@@ -55,9 +71,10 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
 }
 
 fn target_code(t: &TargetError) -> u8 {
-    match t {
-        TargetError::Io { .. } => 5,
-        _ => 4,
+    if t.is_refusal() {
+        4
+    } else {
+        5
     }
 }
 
@@ -201,8 +218,9 @@ pub fn inspect(image: &Path, json: bool, check: bool, trust: &[std::path::PathBu
     let keys = trust
         .iter()
         .map(|p| {
-            let text = std::fs::read_to_string(p)
-                .with_context(|| format!("reading the public key {}", p.display()))?;
+            let text =
+                imprint_core::input::read_bounded_string(p, imprint_core::input::limits::KEY)
+                    .with_context(|| format!("reading the public key {}", p.display()))?;
             Ok(TrustedKey::from_pub_file_text(
                 &text,
                 &p.display().to_string(),
@@ -294,6 +312,7 @@ pub fn confirm_overwrite(what: &str, prompt: &str) -> Result<()> {
 }
 
 /// `imprint write`.
+#[allow(clippy::too_many_arguments)]
 pub fn write(
     image: &Path,
     target: &Path,
@@ -301,16 +320,58 @@ pub fn write(
     precheck: bool,
     yes: bool,
     json: bool,
+    to_file: bool,
 ) -> Result<()> {
     let img = Image::open(image)?;
     let m = img.manifest();
+    // A regular file only when asked for: a mistyped disk name must not "succeed" as a new
+    // file, nor an image file be overwritten by a slip of the argument order.
+    if !to_file {
+        if let Ok(meta) = std::fs::metadata(target) {
+            if meta.is_file() {
+                return Err(Refused(format!(
+                    "{} is a regular file, not a disk; pass --to-file to write the image into a file",
+                    target.display()
+                ))
+                .into());
+            }
+        } else if !target.starts_with("/dev") && target.symlink_metadata().is_err() {
+            return Err(Refused(format!(
+                "{} does not exist; give an existing whole-disk block device (see `lsblk`), \
+                 or pass --to-file to write the image into a new file",
+                target.display()
+            ))
+            .into());
+        }
+    }
     let opts = OpenOptionsTarget {
-        file_size_if_new: Some(m.raw_size),
+        file_size_if_new: to_file.then_some(m.raw_size),
         file_sector_size: m.sector_size.unwrap_or(512),
         ..Default::default()
     };
     let tgt = Target::open(target, &opts)?;
-    write::preflight(m, &tgt)?;
+    let result = write_opened(&img, image, target, &tgt, verify, precheck, yes, json);
+    if result.is_err() && tgt.created() {
+        // Nothing of value is in a file this run created: leave no half-written file behind.
+        let _ = std::fs::remove_file(target);
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_opened(
+    img: &Image,
+    image: &Path,
+    target: &Path,
+    tgt: &Target,
+    verify: bool,
+    precheck: bool,
+    yes: bool,
+    json: bool,
+) -> Result<()> {
+    let m = img.manifest();
+    tgt.check_not_image(image, Path::new("/sys"))?;
+    write::preflight(m, tgt)?;
     if tgt.kind() == TargetKind::BlockDevice && !yes {
         let what = format!(
             "{} ({}, {}) will be overwritten with {} ({}). Everything on it will be lost.",
@@ -328,7 +389,7 @@ pub fn write(
         precheck_payload: precheck,
         ..Default::default()
     };
-    let report = write::write_image(&img, &tgt, &wopts, progress.as_ref())
+    let report = write::write_image(img, tgt, &wopts, progress.as_ref())
         .with_context(|| format!("writing {} to {}", image.display(), target.display()))?;
     drop(progress);
     if json {

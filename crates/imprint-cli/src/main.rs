@@ -17,10 +17,11 @@ mod stick;
 #[derive(Debug, Parser)]
 #[command(name = "imprint", version, about, long_about = None)]
 #[command(
-    after_help = "Exit status: 0 success; 1 other error; 2 usage; 3 the image is bad \
+    after_help = "Exit status: 0 success; 1 other error (including an input file that is missing, \
+unreadable or not a regular file); 2 usage; 3 the image is bad \
 (corrupt, truncated, not an imprint image, or its signature does not check out with --trust); 4 the target was refused before anything was written \
-(too small, in use, wrong sector size, not confirmed); 5 the target failed (I/O error, \
-read-back mismatch)."
+(missing, a file without --to-file, too small, in use, busy, permission denied, wrong sector size, not confirmed); 5 the target failed (I/O error, \
+read-back mismatch while writing); 6 `verify`: the target does not hold the image."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -53,8 +54,11 @@ enum Command {
     Write {
         /// The imprint image (.img.zst).
         image: PathBuf,
-        /// Whole-disk block device or regular file.
+        /// Whole-disk block device (or, with --to-file, a regular file).
         target: PathBuf,
+        /// Allow TARGET to be a regular file, created if missing (never under /dev).
+        #[arg(long)]
+        to_file: bool,
         /// Skip reading the target back (the stream is still checked against the manifest).
         #[arg(long)]
         no_verify: bool,
@@ -183,7 +187,8 @@ fn main() -> ExitCode {
             precheck,
             yes,
             json,
-        } => commands::write(&image, &target, !no_verify, precheck, yes, json),
+            to_file,
+        } => commands::write(&image, &target, !no_verify, precheck, yes, json, to_file),
         Command::Verify {
             image,
             target,

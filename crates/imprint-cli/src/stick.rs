@@ -156,9 +156,14 @@ fn gather(opts: &BuildOptions) -> Result<Inputs> {
         seed::validate_seed_dir(dir)?;
         for name in [USER_DATA, META_DATA, NETWORK_CONFIG] {
             let path = dir.join(name);
-            if path.exists() {
-                let data =
-                    fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            if path.symlink_metadata().is_ok() {
+                // Checked by validate_seed_dir; read again the same way (no symbolic link,
+                // bounded), so a file swapped in meanwhile is not followed either.
+                let data = imprint_core::input::read_bounded_no_symlink(
+                    &path,
+                    imprint_core::input::limits::SEED_FILE,
+                )
+                .with_context(|| format!("reading {}", path.display()))?;
                 esp_files.insert(format!("{SEED_DIR}/{name}"), data);
             }
         }

@@ -9,7 +9,6 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::fs;
 use std::io;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -404,6 +403,24 @@ pub enum ConfigError {
 impl Config {
     /// Parses and validates a configuration.
     pub fn from_json(text: &str) -> Result<Config, ConfigError> {
+        // Editors on Windows save UTF-8 with a byte-order mark; JSON parsers do not expect one.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+        // serde maps a JSON array onto a struct's fields by position: `[]` or `[true]` would be
+        // taken as a configuration. Only an object is one.
+        if let Some((i, _)) = text
+            .char_indices()
+            .find(|(_, c)| !c.is_ascii_whitespace())
+            .filter(|(_, c)| *c == '[')
+        {
+            let line = text[..i].matches('\n').count() + 1;
+            let column = i - text[..i].rfind('\n').map_or(0, |n| n + 1) + 1;
+            return Err(ConfigError::Parse {
+                line,
+                column,
+                field: ".".to_string(),
+                message: "the configuration must be a JSON object ({ ... }), not an array".into(),
+            });
+        }
         let mut de = serde_json::Deserializer::from_str(text);
         let config: Config = serde_path_to_error::deserialize(&mut de).map_err(|e| {
             let field = e.path().to_string();
@@ -428,10 +445,12 @@ impl Config {
 
     /// Reads, parses and validates `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = crate::input::read_bounded_string(path, crate::input::limits::CONFIG).map_err(
+            |source| ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            },
+        )?;
         Config::from_json(&text).map_err(|e| ConfigError::InFile {
             path: path.to_path_buf(),
             error: Box::new(e),
@@ -722,6 +741,7 @@ pub fn check_hostname_pattern(p: &str) -> Result<(), String> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use std::fs;
 
     #[test]
     fn empty_object_is_the_default() {
@@ -904,7 +924,13 @@ mod tests {
         ));
         assert_eq!(got.len(), 2, "{got:#?}");
         assert_eq!(got[0].field, "trusted_keys[1]");
-        assert!(got[0].message.contains("RWQ-not-a-key"), "{}", got[0]);
+        // Named by position, never echoed: a pasted secret key must not reach a log.
+        assert!(!got[0].message.contains("RWQ-not-a-key"), "{}", got[0]);
+        assert!(
+            got[0].message.contains("not a minisign public key"),
+            "{}",
+            got[0]
+        );
         assert_eq!(got[1].field, "trusted_keys[2]");
         assert!(got[1].message.contains(&key.id().to_string()), "{}", got[1]);
         // Not a typo-tolerant field either.
@@ -960,5 +986,38 @@ mod tests {
         );
         // A broken file is still an error, not silently the default.
         assert!(Config::load_or_default(&p).is_err());
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_accepted_and_an_array_is_not_a_config() {
+        let c = Config::from_json("\u{feff}{\"require_signature\": true}").unwrap();
+        assert!(c.require_signature);
+        for text in ["[]", "  \n [true]"] {
+            let e = Config::from_json(text).unwrap_err();
+            assert!(
+                e.to_string()
+                    .contains("the configuration must be a JSON object ({ ... }), not an array"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_fifo_or_huge_config_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let fifo = t.path().join("fifo.json");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let e = Config::load(&fifo).unwrap_err();
+        let chain = format!("{e}: {}", std::error::Error::source(&e).unwrap());
+        assert!(chain.contains("FIFO"), "{chain}");
+        let big = t.path().join("big.json");
+        fs::write(
+            &big,
+            vec![b' '; (crate::input::limits::CONFIG + 1) as usize],
+        )
+        .unwrap();
+        let e = Config::load(&big).unwrap_err();
+        let chain = format!("{e}: {}", std::error::Error::source(&e).unwrap());
+        assert!(chain.contains("limit"), "{chain}");
     }
 }

@@ -9,6 +9,7 @@
 //!   last, move the backup GPT.
 //! - [`verify`]: reading a target back and proving it holds an image.
 //! - [`gpt_fixup`]: moving the backup GPT header to the end of a larger disk.
+//! - [`input`]: opening user-given files: non-regular files refused, small files size-capped.
 //! - [`progress`]: progress events for terminals, logs and the appliance (`--json`).
 //! - [`discover`], [`select`], [`config`], [`seed`]: what the appliance needs to find the
 //!   internal disk, decide on it, and render the cloud-init NoCloud seed.
@@ -20,6 +21,7 @@ pub mod blockdev;
 pub mod config;
 pub mod discover;
 pub mod gpt_fixup;
+pub mod input;
 pub mod machine;
 pub mod manifest;
 pub mod progress;

@@ -356,7 +356,8 @@ impl Image {
             path: path.to_owned(),
             source,
         };
-        let mut file = File::open(path).map_err(io_err)?;
+        // A FIFO or character device would hang or never end: refused before reading.
+        let mut file = crate::input::open_regular(path, true).map_err(io_err)?;
         // A block device (the stick's payload partition) reports length 0 in its metadata and
         // is usually larger than the image it holds: measure it by seeking, allow slack after.
         let is_block = {
