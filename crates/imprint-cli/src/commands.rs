@@ -15,6 +15,55 @@ use imprint_core::write::{self, WriteError, WriteOptions};
 
 use crate::prepare::{self, PrepareArgs};
 
+/// `println!` that does not panic when standard output is gone (`imprint write --json | head
+/// -c 10`): the work is done by then, and a closed pipe is the reader's choice, not a failure.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+pub(crate) use outln;
+
+/// Makes text from an untrusted file (an image's name, a signature's comment) safe to show on
+/// a terminal: control characters, including the escape that starts terminal sequences, and
+/// bidirectional overrides are shown escaped (`\u{1b}`) instead of acting on the terminal.
+pub fn untrusted(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}') {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Prints `e` with its chain on standard error: plain lines, or with `json` one JSON object
+/// (`{"event":"error","ok":false,"exit_code":…,"error":…,"causes":[…]}`) on one line. Error text
+/// can quote untrusted files, so control characters are escaped (line breaks of our own kept).
+pub fn print_error(e: &anyhow::Error, code: u8, json: bool) {
+    use std::io::Write as _;
+    let safe = |s: String| s.split('\n').map(untrusted).collect::<Vec<_>>().join("\n");
+    let mut err = std::io::stderr().lock();
+    if json {
+        let v = serde_json::json!({
+            "event": "error",
+            "ok": false,
+            "exit_code": code,
+            "error": safe(e.to_string()),
+            "causes": e.chain().skip(1).map(|c| safe(c.to_string())).collect::<Vec<_>>(),
+        });
+        let _ = writeln!(err, "{v}");
+    } else {
+        let _ = writeln!(err, "imprint: error: {}", safe(e.to_string()));
+        for cause in e.chain().skip(1) {
+            let _ = writeln!(err, "  caused by: {}", safe(cause.to_string()));
+        }
+    }
+}
+
 /// Exit status for an error (documented in `imprint --help`).
 pub fn exit_code(e: &anyhow::Error) -> u8 {
     for cause in e.chain() {
@@ -129,18 +178,19 @@ pub fn prepare(args: &PrepareArgs) -> Result<()> {
         b.finish_and_clear();
     }
     eprintln!("read {} ({})", args.input.display(), kind.name());
-    println!("{}", out.display());
+    outln!("{}", out.display());
     print_manifest(&m, out.as_path());
     let img = Image::open(&out)?;
-    print_signature(&img)?;
+    // Signed with the key just loaded, and checked against its public half (sign.rs).
+    print_signature(&img, true)?;
     Ok(())
 }
 
 /// `imprint keygen`.
 pub fn keygen(name: &Path, password_file: Option<&Path>) -> Result<()> {
     let k = crate::sign::keygen(name, password_file)?;
-    println!("key id:      {}", k.id);
-    println!(
+    outln!("key id:      {}", k.id);
+    outln!(
         "secret key:  {} ({})",
         k.secret.display(),
         if k.encrypted {
@@ -149,27 +199,35 @@ pub fn keygen(name: &Path, password_file: Option<&Path>) -> Result<()> {
             "NOT password-protected; keep it private"
         }
     );
-    println!("public key:  {}", k.public.display());
-    println!(
+    outln!("public key:  {}", k.public.display());
+    outln!(
         "trust it with \"trusted_keys\": [\"{}\"] in the stick's config.json,",
         k.public_base64
     );
-    println!(
+    outln!(
         "or bake {} into the live image (docs/signing.md)",
         k.public.display()
     );
     Ok(())
 }
 
-/// Shows whether `img` is signed and by which key.
-fn print_signature(img: &Image) -> Result<()> {
+/// Shows whether `img` is signed and by which key. Unless `checked`, a signature is shown as
+/// not verified: anyone can sign with a key of their own, and the comment is the signer's text.
+fn print_signature(img: &Image, checked: bool) -> Result<()> {
     match signature::signature_info(img)? {
-        Some(info) => println!(
-            "  signature:    key {} ({})",
-            info.key_id,
-            info.trusted_comment.replace('\t', ", ")
-        ),
-        None => println!("  signature:    none (unsigned)"),
+        Some(info) => {
+            outln!(
+                "  signature:    key {} ({})",
+                info.key_id,
+                untrusted(&info.trusted_comment.replace('\t', ", "))
+            );
+            if !checked {
+                outln!(
+                    "  verified:     no: signature not verified (pass --trust KEY.pub to check it)"
+                );
+            }
+        }
+        None => outln!("  signature:    none (unsigned)"),
     }
     Ok(())
 }
@@ -180,33 +238,33 @@ fn print_manifest(m: &Manifest, path: &Path) {
     } else {
         0.0
     };
-    println!("  image:        {}", path.display());
-    println!("  name:         {}", m.name);
-    println!("  format:       {} v{}", m.format, m.version);
-    println!(
+    outln!("  image:        {}", path.display());
+    outln!("  name:         {}", untrusted(&m.name));
+    outln!("  format:       {} v{}", untrusted(&m.format), m.version);
+    outln!(
         "  raw size:     {} ({} bytes)",
         human_bytes(m.raw_size),
         m.raw_size
     );
-    println!(
+    outln!(
         "  compressed:   {} ({} bytes, {ratio:.1}x)",
         human_bytes(m.compressed_size),
         m.compressed_size
     );
-    println!(
+    outln!(
         "  partitions:   {:?}{}",
         m.partition_table,
         m.sector_size
             .map(|s| format!(", {s}-byte sectors"))
             .unwrap_or_default()
     );
-    println!("  sha256:       {}", m.sha256);
-    println!(
+    outln!("  sha256:       {}", m.sha256);
+    outln!(
         "  chunks:       {} of {}",
         m.chunks.len(),
         human_bytes(m.chunk_size)
     );
-    println!("  created by:   {}", m.created_by);
+    outln!("  created by:   {}", untrusted(&m.created_by));
 }
 
 /// `imprint inspect`.
@@ -233,15 +291,15 @@ pub fn inspect(image: &Path, json: bool, check: bool, trust: &[std::path::PathBu
         Some(signature::verify_image_signature(&img, &keys)?)
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(img.manifest())?);
+        outln!("{}", serde_json::to_string_pretty(img.manifest())?);
     } else {
         print_manifest(img.manifest(), image);
-        print_signature(&img)?;
+        print_signature(&img, verified.is_some())?;
         if let Some(id) = verified {
-            println!("  verified:     signature by trusted key {id} matches the manifest");
+            outln!("  verified:     signature by trusted key {id} matches the manifest");
         }
         if check {
-            println!("  payload:      sha256 matches the manifest");
+            outln!("  payload:      sha256 matches the manifest");
         }
     }
     Ok(())
@@ -378,10 +436,13 @@ fn write_opened(
             target.display(),
             human_bytes(tgt.size()),
             describe_block_device(target),
-            m.name,
+            untrusted(&m.name),
             human_bytes(m.raw_size)
         );
-        confirm_overwrite(&what, &format!("Write {} to {}?", m.name, target.display()))?;
+        confirm_overwrite(
+            &what,
+            &format!("Write {} to {}?", untrusted(&m.name), target.display()),
+        )?;
     }
     let progress = progress_for(json);
     let wopts = WriteOptions {
@@ -393,7 +454,7 @@ fn write_opened(
         .with_context(|| format!("writing {} to {}", image.display(), target.display()))?;
     drop(progress);
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string(
                 &serde_json::json!({ "event": "result", "ok": true, "report": report })
@@ -407,9 +468,9 @@ fn write_opened(
                 0.0
             }
         };
-        println!(
+        outln!(
             "wrote {} ({}) to {} in {:.1} s ({:.0} MB/s){}",
-            report.image_name,
+            untrusted(&report.image_name),
             human_bytes(report.raw_size),
             report.target,
             report.write_seconds,
@@ -421,22 +482,23 @@ fn write_opened(
             }
         );
         if report.verified {
-            println!(
+            outln!(
                 "verified: read back in {:.1} s ({:.0} MB/s), sha256 {}",
                 report.verify_seconds,
                 mbps(report.raw_size, report.verify_seconds),
                 report.image_sha256
             );
         } else {
-            println!(
+            outln!(
                 "not read back (--no-verify); the decoded stream matched sha256 {}",
                 report.image_sha256
             );
         }
         if let Some(f) = &report.gpt_fixup {
-            println!(
+            outln!(
                 "moved the backup GPT from LBA {} to the disk's end, LBA {}",
-                f.old_backup_lba, f.new_backup_lba
+                f.old_backup_lba,
+                f.new_backup_lba
             );
         }
     }
@@ -461,26 +523,26 @@ pub fn verify(image: &Path, target: &Path, json: bool) -> Result<()> {
         .with_context(|| format!("verifying {} against {}", target.display(), image.display()))?;
     drop(progress);
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string(
                 &serde_json::json!({ "event": "result", "ok": true, "outcome": outcome })
             )?
         );
     } else {
-        println!(
+        outln!(
             "{} holds {} (sha256 {})",
             target.display(),
-            m.name,
+            untrusted(&m.name),
             m.sha256
         );
         if outcome.gpt_backup_at_end {
-            println!("  backup GPT at the disk's end");
+            outln!("  backup GPT at the disk's end");
         }
         if !outcome.extra_partitions.is_empty() {
-            println!(
+            outln!(
                 "  extra partitions beyond the image: {}",
-                outcome.extra_partitions.join(", ")
+                untrusted(&outcome.extra_partitions.join(", "))
             );
         }
     }
@@ -507,7 +569,7 @@ pub fn disks(config: Option<&Path>, image: Option<&Path>, json: bool) -> Result<
     let root = root_disk();
     let sel = select::choose(&disks, &cfg.target, size, sector, root.as_deref());
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({ "disks": disks, "selection": sel }))?
         );
@@ -515,14 +577,14 @@ pub fn disks(config: Option<&Path>, image: Option<&Path>, json: bool) -> Result<
     }
     print!("{}", DiskTable(&disks));
     if let Some(r) = &root {
-        println!("({r} holds this system's root filesystem: it is treated like the appliance's own stick)");
+        outln!("({r} holds this system's root filesystem: it is treated like the appliance's own stick)");
     }
     for r in sel.rejected() {
-        println!("not {}: {}", r.disk.name, r.why);
+        outln!("not {}: {}", r.disk.name, r.why);
     }
     match sel.chosen() {
-        Some(d) => println!("would choose {}: {}", d.name, sel.reason()),
-        None => println!("would not install: {}", sel.reason()),
+        Some(d) => outln!("would choose {}: {}", d.name, sel.reason()),
+        None => outln!("would not install: {}", sel.reason()),
     }
     Ok(())
 }

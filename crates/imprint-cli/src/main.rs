@@ -174,6 +174,13 @@ impl StickArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let json = matches!(
+        cli.command,
+        Command::Write { json: true, .. }
+            | Command::Verify { json: true, .. }
+            | Command::Disks { json: true, .. }
+            | Command::Inspect { json: true, .. }
+    );
     let result = match cli.command {
         Command::Prepare(args) => commands::prepare(&args),
         Command::Keygen {
@@ -221,11 +228,9 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("imprint: error: {e}");
-            for cause in e.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
-            }
-            ExitCode::from(commands::exit_code(&e))
+            let code = commands::exit_code(&e);
+            commands::print_error(&e, code, json);
+            ExitCode::from(code)
         }
     }
 }

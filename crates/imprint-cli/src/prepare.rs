@@ -5,7 +5,6 @@
 //! streaming reader of the subset cloud images use (v2/v3, zlib or zstd compressed clusters, no
 //! backing file, no encryption); anything else it refuses by name.
 
-use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -136,7 +135,10 @@ pub fn prepare(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(PathBuf, Manifest, InputKind)> {
     let input = &args.input;
-    let mut file = File::open(input).with_context(|| format!("opening {}", input.display()))?;
+    // A FIFO or a character device (`/dev/zero`) would hang or never end: refused at once. A
+    // block device is a disk image too (its size is known).
+    let mut file = imprint_core::input::open_regular(input, true)
+        .with_context(|| format!("opening {}", input.display()))?;
     let input_size = file
         .metadata()
         .with_context(|| format!("reading {}", input.display()))?
@@ -161,8 +163,14 @@ pub fn prepare(
             .unwrap_or_else(|| Path::new("."))
             .join(format!("{name}.img.zst"))
     });
-    if output == *input {
-        bail!("the output {} would overwrite the input", output.display());
+    // Compared by identity, not by path text: `./in.raw`, a hard link or a symbolic link to
+    // the input are the input.
+    if output == *input || imprint_core::input::same_file(&output, input) {
+        bail!(
+            "the output {} is the input {}: it would be destroyed; choose another output file",
+            output.display(),
+            input.display()
+        );
     }
     // Load the key before the long compression, so a wrong password fails at once.
     let signer = args

@@ -324,3 +324,389 @@ fn a_fifo_is_refused_at_once_wherever_a_file_is_expected() {
         assert!(!out.exists());
     }
 }
+
+/// A boot folder shaped like image-build/build's output (contents do not matter to `build`).
+fn fake_boot_dir(dir: &Path) -> PathBuf {
+    let boot = dir.join("boot");
+    for f in [
+        "EFI/BOOT/BOOTX64.EFI",
+        "EFI/BOOT/grubx64.efi",
+        "vmlinuz",
+        "initrd.img",
+    ] {
+        let p = boot.join(f);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, noise(4096, 3)).unwrap();
+    }
+    std::fs::create_dir_all(boot.join("EFI/debian")).unwrap();
+    std::fs::write(
+        boot.join("EFI/debian/grub.cfg"),
+        "linux /vmlinuz imprint.esp=@ESP_PARTUUID@\ninitrd /initrd.img\n",
+    )
+    .unwrap();
+    boot
+}
+
+/// Files in `dir` whose names end in `.partial` (temporary files left behind).
+fn partials(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".partial"))
+        .collect()
+}
+
+#[test]
+fn prepare_refuses_an_output_that_is_its_input_by_identity() {
+    let t = tempfile::tempdir().unwrap();
+    let raw = t.path().join("in.raw");
+    std::fs::write(&raw, noise(MIB, 8)).unwrap();
+    let before = sha(&raw);
+    let link = t.path().join("link.raw");
+    std::fs::hard_link(&raw, &link).unwrap();
+    let sym = t.path().join("sym.img.zst");
+    std::os::unix::fs::symlink(&raw, &sym).unwrap();
+    for out in [PathBuf::from("./in.raw"), link, sym] {
+        let o = run(imprint()
+            .current_dir(t.path())
+            .arg("prepare")
+            .arg("in.raw")
+            .arg("-o")
+            .arg(&out));
+        assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+        assert!(
+            stderr(&o).contains("is the input in.raw: it would be destroyed"),
+            "{}",
+            stderr(&o)
+        );
+        assert_eq!(sha(&raw), before);
+    }
+    assert!(partials(t.path()).is_empty());
+}
+
+#[test]
+fn prepare_never_follows_a_symlink_planted_at_the_partial_name() {
+    let t = tempfile::tempdir().unwrap();
+    let raw = t.path().join("in.raw");
+    std::fs::write(&raw, noise(MIB, 9)).unwrap();
+    let victim = t.path().join("victim");
+    std::fs::write(&victim, b"precious").unwrap();
+    let out = t.path().join("out.img.zst");
+    // The names 0.1.0 used: a local attacker could point them at any file root can write.
+    for name in ["out.img.zst.partial", "out.img.zst.payload.partial"] {
+        std::os::unix::fs::symlink(&victim, t.path().join(name)).unwrap();
+    }
+    let o = run(imprint().arg("prepare").arg(&raw).arg("-o").arg(&out));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    let o = run(imprint().arg("inspect").arg(&out));
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Only the planted links remain; no temporary file of ours.
+    let mut left = partials(t.path());
+    left.sort();
+    assert_eq!(left, ["out.img.zst.partial", "out.img.zst.payload.partial"]);
+}
+
+#[test]
+fn build_refuses_an_output_that_is_one_of_its_inputs() {
+    let t = tempfile::tempdir().unwrap();
+    let (_, img) = image(t.path(), 10);
+    let boot = fake_boot_dir(t.path());
+    let seed = t.path().join("seed");
+    std::fs::create_dir(&seed).unwrap();
+    std::fs::write(seed.join("user-data"), "#cloud-config\n{}\n").unwrap();
+    let config = t.path().join("config.json");
+    std::fs::write(&config, "{}\n").unwrap();
+    let sums: Vec<String> = [&img, &config, &seed.join("user-data")]
+        .iter()
+        .map(|p| sha(p))
+        .collect();
+    let sub = t.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    for out in [
+        sub.join("..").join(img.file_name().unwrap()),
+        config.clone(),
+        seed.join("user-data"),
+    ] {
+        let o = run(imprint()
+            .arg("build")
+            .arg("--image")
+            .arg(&img)
+            .arg("--boot")
+            .arg(&boot)
+            .arg("--seed")
+            .arg(&seed)
+            .arg("--config")
+            .arg(&config)
+            .arg("-o")
+            .arg(&out));
+        assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+        assert!(
+            stderr(&o).contains(": it would be destroyed; choose another output file"),
+            "{}",
+            stderr(&o)
+        );
+    }
+    let after: Vec<String> = [&img, &config, &seed.join("user-data")]
+        .iter()
+        .map(|p| sha(p))
+        .collect();
+    assert_eq!(sums, after);
+}
+
+#[test]
+fn build_refuses_seed_symlinks_and_never_prints_the_file() {
+    let t = tempfile::tempdir().unwrap();
+    let (_, img) = image(t.path(), 11);
+    let boot = fake_boot_dir(t.path());
+    let secret = t.path().join("shadow");
+    std::fs::write(&secret, "root:$6$SECRETHASH:19000:0:99999:7:::\n").unwrap();
+    let out = t.path().join("stick.img");
+    let build = |seed: &Path| {
+        run(imprint()
+            .arg("build")
+            .arg("--image")
+            .arg(&img)
+            .arg("--boot")
+            .arg(&boot)
+            .arg("--seed")
+            .arg(seed)
+            .arg("-o")
+            .arg(&out))
+    };
+    // A link in the seed folder: refused, whatever it points to.
+    let seed = t.path().join("seed");
+    std::fs::create_dir(&seed).unwrap();
+    std::os::unix::fs::symlink(&secret, seed.join("meta-data")).unwrap();
+    let o = build(&seed);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("symbolic link"), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("SECRETHASH"), "{}", stderr(&o));
+    assert!(!out.exists());
+    // The same file copied in as user-data: refused as not cloud-init, its line not shown.
+    let seed2 = t.path().join("seed2");
+    std::fs::create_dir(&seed2).unwrap();
+    std::fs::copy(&secret, seed2.join("user-data")).unwrap();
+    let o = build(&seed2);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("its first line is not a kind cloud-init runs"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!stderr(&o).contains("SECRETHASH"), "{}", stderr(&o));
+    assert!(!out.exists());
+    assert!(partials(t.path()).is_empty());
+}
+
+#[test]
+fn build_refuses_a_seed_larger_than_the_seed_partition() {
+    let t = tempfile::tempdir().unwrap();
+    let (_, img) = image(t.path(), 12);
+    let boot = fake_boot_dir(t.path());
+    let seed = t.path().join("seed");
+    std::fs::create_dir(&seed).unwrap();
+    let mut ud = b"#cloud-config\n# ".to_vec();
+    ud.resize(7 * MIB, b'x');
+    ud.push(b'\n');
+    std::fs::write(seed.join("user-data"), &ud).unwrap();
+    let out = t.path().join("stick.img");
+    let o = run(imprint()
+        .arg("build")
+        .arg("--image")
+        .arg(&img)
+        .arg("--boot")
+        .arg(&boot)
+        .arg("--seed")
+        .arg(&seed)
+        .arg("-o")
+        .arg(&out));
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&format!(
+            "the seed is {} bytes; the 7274496-byte CIDATA partition cannot hold it",
+            ud.len()
+        )),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!out.exists());
+    // A 1 GiB user-data (sparse) is refused by its size, without reading it into memory.
+    let f = std::fs::File::create(seed.join("user-data")).unwrap();
+    f.set_len(1 << 30).unwrap();
+    drop(f);
+    let start = Instant::now();
+    let o = run(imprint()
+        .arg("build")
+        .arg("--image")
+        .arg(&img)
+        .arg("--boot")
+        .arg(&boot)
+        .arg("--seed")
+        .arg(&seed)
+        .arg("-o")
+        .arg(&out));
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("it is 1073741824 bytes, more than the 8388608-byte limit"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(start.elapsed() < Duration::from_secs(10));
+    assert!(!out.exists());
+}
+
+#[test]
+fn terminal_escapes_in_an_image_name_are_shown_escaped() {
+    let t = tempfile::tempdir().unwrap();
+    let raw = t.path().join("in.raw");
+    std::fs::write(&raw, noise(MIB, 13)).unwrap();
+    let img = t.path().join("evil.img.zst");
+    // Erase the line and pretend to be another device.
+    let name = "\u{1b}[2K\rdebian\u{202e}";
+    let o = run(imprint()
+        .arg("prepare")
+        .arg(&raw)
+        .arg("-o")
+        .arg(&img)
+        .arg("--name")
+        .arg(name));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stdout(&o).contains('\u{1b}'), "{:?}", stdout(&o));
+    let o = run(imprint().arg("inspect").arg(&img));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(!out.contains('\u{1b}') && !out.contains('\r') && !out.contains('\u{202e}'));
+    assert!(
+        out.contains("name:         \\u{1b}[2K\\u{d}debian\\u{202e}"),
+        "{out}"
+    );
+    let disk = t.path().join("disk.bin");
+    let o = run(imprint()
+        .arg("write")
+        .arg(&img)
+        .arg(&disk)
+        .args(["--yes", "--to-file"]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).starts_with("wrote \\u{1b}[2K\\u{d}debian\\u{202e} "),
+        "{}",
+        stdout(&o)
+    );
+    assert_eq!(sha(&disk), sha(&raw));
+}
+
+#[test]
+fn inspect_says_a_signature_is_not_verified_unless_checked() {
+    let t = tempfile::tempdir().unwrap();
+    let key = t.path().join("k");
+    let o = run(imprint().arg("keygen").arg("-o").arg(&key));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let raw = t.path().join("in.raw");
+    std::fs::write(&raw, noise(MIB, 14)).unwrap();
+    let img = t.path().join("s.img.zst");
+    let o = run(imprint()
+        .arg("prepare")
+        .arg(&raw)
+        .arg("-o")
+        .arg(&img)
+        .arg("--sign")
+        .arg(t.path().join("k.key")));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(imprint().arg("inspect").arg(&img));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("verified:     no: signature not verified (pass --trust KEY.pub"),
+        "{}",
+        stdout(&o)
+    );
+    let o = run(imprint()
+        .arg("inspect")
+        .arg(&img)
+        .arg("--trust")
+        .arg(t.path().join("k.pub")));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stdout(&o).contains("not verified"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("matches the manifest"),
+        "{}",
+        stdout(&o)
+    );
+    // The secret key given as a trusted key: refused (exit 1), and none of it is printed.
+    let secret = std::fs::read_to_string(t.path().join("k.key")).unwrap();
+    let o = run(imprint()
+        .arg("inspect")
+        .arg(&img)
+        .arg("--trust")
+        .arg(t.path().join("k.key")));
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("SECRET key"), "{}", stderr(&o));
+    let b64 = secret.lines().nth(1).unwrap();
+    for window in b64.as_bytes().windows(12) {
+        let w = std::str::from_utf8(window).unwrap();
+        assert!(
+            !stderr(&o).contains(w),
+            "secret key text in: {}",
+            stderr(&o)
+        );
+    }
+}
+
+#[test]
+fn a_closed_stdout_does_not_make_write_panic() {
+    let t = tempfile::tempdir().unwrap();
+    let (raw, img) = image(t.path(), 15);
+    let disk = t.path().join("disk.bin");
+    let mut child = imprint()
+        .arg("write")
+        .arg(&img)
+        .arg(&disk)
+        .args(["--yes", "--to-file", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // `| head -c 0`: the reader is gone before the first line.
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+    assert_eq!(sha(&disk), sha(&raw));
+}
+
+#[test]
+fn json_errors_are_one_object_on_stderr_with_the_documented_exit_code() {
+    let t = tempfile::tempdir().unwrap();
+    let (_, img) = image(t.path(), 16);
+    // A missing image file: 1 (the image was never read, so it is not "bad").
+    let o = run(imprint()
+        .arg("write")
+        .arg(t.path().join("nope.img.zst"))
+        .arg(t.path().join("d"))
+        .args(["--to-file", "--json"]));
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let lines: Vec<&str> = std::str::from_utf8(&o.stderr).unwrap().lines().collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let v: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    assert_eq!(v["event"], "error");
+    assert_eq!(v["ok"], false);
+    assert_eq!(v["exit_code"], 1);
+    assert!(v["error"].as_str().unwrap().contains("nope.img.zst"), "{v}");
+    assert_eq!(v["causes"][0], "No such file or directory (os error 2)");
+    // verify against another image: 6, "does not hold the image".
+    let disk = t.path().join("disk.bin");
+    let o = run(imprint()
+        .arg("write")
+        .arg(&img)
+        .arg(&disk)
+        .args(["--yes", "--to-file"]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (_, other) = image(t.path(), 21);
+    let o = run(imprint().arg("verify").arg(&other).arg(&disk).arg("--json"));
+    assert_eq!(o.status.code(), Some(6), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(stderr(&o).trim()).unwrap();
+    assert_eq!(v["exit_code"], 6);
+    let o = run(imprint().arg("verify").arg(&img).arg(&disk));
+    assert!(o.status.success(), "{}", stderr(&o));
+}

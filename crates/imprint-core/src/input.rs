@@ -8,6 +8,54 @@ use std::io::{self, Read};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
+/// Creates a new file next to `out` (same folder, so a rename onto `out` is atomic), named
+/// `.OUTNAME.<pid>-<n>.TAG` — with `O_CREAT | O_EXCL`, so an existing file or a planted symbolic
+/// link at that name is never opened or followed: another name is tried instead.
+pub fn create_beside(out: &Path, tag: &str) -> io::Result<(std::path::PathBuf, File)> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    let dir = match out.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "output".into());
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let mut last = None;
+    for _ in 0..100 {
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        let path = dir.join(format!(
+            ".{name}.{}-{nanos:x}-{n}.{tag}",
+            std::process::id()
+        ));
+        match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+        {
+            Ok(f) => return Ok((path, f)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::other("no free temporary name")))
+}
+
+/// Whether `a` and `b` are the same file (device and inode), however they are named: a hard
+/// link, a symbolic link, `dir/../file`. False when either does not exist.
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => (x.dev(), x.ino()) == (y.dev(), y.ino()),
+        _ => false,
+    }
+}
+
 /// Size caps for the small files imprint reads whole.
 pub mod limits {
     /// A minisign key file (public or secret) is a few hundred bytes.
@@ -163,6 +211,25 @@ mod tests {
             "it is a symbolic link, which is never followed here; copy the file itself"
         );
         assert_eq!(read_bounded(&link, 100).unwrap(), b"root:$6$hash");
+    }
+
+    #[test]
+    fn create_beside_never_follows_a_planted_symlink() {
+        let t = tempfile::tempdir().unwrap();
+        let victim = t.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let out = t.path().join("out.img");
+        // Plant links at every name the next few calls could pick: they are skipped, not used.
+        let (p, _f) = create_beside(&out, "partial").unwrap();
+        assert!(p.starts_with(t.path()));
+        std::fs::remove_file(&p).unwrap();
+        std::os::unix::fs::symlink(&victim, &p).unwrap();
+        let (q, mut f) = create_beside(&out, "partial").unwrap();
+        assert_ne!(p, q);
+        std::io::Write::write_all(&mut f, b"new").unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        assert!(same_file(&p, &victim));
+        assert!(!same_file(&q, &victim));
     }
 
     #[test]

@@ -708,8 +708,8 @@ impl<W: Write> Write for HashingWriter<W> {
 
 /// Compresses a raw disk image into an imprint image at `out`, returning its manifest.
 ///
-/// The payload is compressed into `OUT.payload.partial` first (the manifest needs its size and
-/// digests), then `OUT.partial` gets the manifest frame and the payload, and is renamed to `OUT`
+/// The payload is compressed into a fresh `.OUT.…payload.partial` beside it first (the manifest needs its size and
+/// digests), then a fresh `.OUT.…partial` gets the manifest frame and the payload, and is renamed to `OUT`
 /// only when complete: an interrupted run never leaves a file that looks like a finished image.
 /// `on_progress` is called with the raw bytes consumed so far.
 pub fn pack(
@@ -722,7 +722,7 @@ pub fn pack(
 }
 
 /// Like [`pack`], and with a `signer` the manifest JSON is signed and the signature frame
-/// written right after the manifest frame, before `OUT.partial` is renamed: a signed image
+/// written right after the manifest frame, before the partial file is renamed: a signed image
 /// never exists unsigned under its final name.
 pub fn pack_signed(
     raw: &mut dyn Read,
@@ -731,13 +731,26 @@ pub fn pack_signed(
     signer: Option<Signer<'_>>,
     on_progress: &mut dyn FnMut(u64),
 ) -> Result<Manifest, PackError> {
-    let payload_path = with_suffix(out, ".payload.partial");
-    let partial_path = with_suffix(out, ".partial");
+    // Fresh, exclusively created names in the output's folder: a file or a symbolic link
+    // someone put at `OUT.partial` is never opened, let alone followed.
+    let werr = |source| PackError::Write {
+        path: out.to_owned(),
+        source,
+    };
+    let (payload_path, payload_file) =
+        crate::input::create_beside(out, "payload.partial").map_err(werr)?;
+    let (partial_path, partial_file) = match crate::input::create_beside(out, "partial") {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = std::fs::remove_file(&payload_path);
+            return Err(werr(e));
+        }
+    };
     let result = pack_inner(
         raw,
         out,
-        &payload_path,
-        &partial_path,
+        (&payload_path, payload_file),
+        (&partial_path, partial_file),
         opts,
         signer,
         on_progress,
@@ -749,17 +762,11 @@ pub fn pack_signed(
     result
 }
 
-fn with_suffix(p: &Path, suffix: &str) -> PathBuf {
-    let mut s = p.as_os_str().to_owned();
-    s.push(suffix);
-    PathBuf::from(s)
-}
-
 fn pack_inner(
     raw: &mut dyn Read,
     out: &Path,
-    payload_path: &Path,
-    partial_path: &Path,
+    (payload_path, payload_file): (&Path, File),
+    (partial_path, mut outf): (&Path, File),
     opts: &PackOptions,
     signer: Option<Signer<'_>>,
     on_progress: &mut dyn FnMut(u64),
@@ -768,7 +775,6 @@ fn pack_inner(
         let path = path.to_owned();
         move |source| PackError::Write { path, source }
     };
-    let payload_file = File::create(payload_path).map_err(werr(payload_path))?;
     let hw = HashingWriter {
         inner: io::BufWriter::with_capacity(1 << 20, payload_file),
         hasher: Sha256::new(),
@@ -852,7 +858,6 @@ fn pack_inner(
         None => None,
     };
 
-    let mut outf = File::create(partial_path).map_err(werr(partial_path))?;
     outf.write_all(&skippable_frame(MANIFEST_FRAME_MAGIC, MANIFEST_TAG, &json))
         .map_err(werr(partial_path))?;
     if let Some(frame) = &sig_frame {
@@ -1005,7 +1010,8 @@ pub(crate) mod tests {
         let out = dir.path().join("f.img.zst");
         let e = pack(&mut &raw[..], &out, &opts, &mut |_| {}).unwrap_err();
         assert!(e.to_string().contains("multiple"), "{e}");
-        assert!(!out.exists());
-        assert!(!with_suffix(&out, ".partial").exists());
+        // Nothing left behind: no image, no temporary file.
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 }
