@@ -710,3 +710,36 @@ fn json_errors_are_one_object_on_stderr_with_the_documented_exit_code() {
     let o = run(imprint().arg("verify").arg(&img).arg(&disk));
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+#[test]
+fn an_xz_input_asking_for_a_huge_dictionary_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let raw = t.path().join("in.raw");
+    std::fs::write(&raw, noise(MIB, 22)).unwrap();
+    let xz = t.path().join("in.raw.xz");
+    let o = run(Command::new("sh").arg("-c").arg(format!(
+        "xz -T1 --lzma2=dict=1GiB -c {} > {}",
+        raw.display(),
+        xz.display()
+    )));
+    assert!(o.status.success(), "xz: {}", stderr(&o));
+    let out = t.path().join("out.img.zst");
+    let o = run(imprint().arg("prepare").arg(&xz).arg("-o").arg(&out));
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("the xz stream needs more than 320 MiB of memory to decode"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!out.exists());
+    assert!(partials(t.path()).is_empty(), "{:?}", partials(t.path()));
+    // An ordinary xz -9 stream still works.
+    let o = run(Command::new("sh").arg("-c").arg(format!(
+        "xz -T1 -9 -c {} > {}",
+        raw.display(),
+        xz.display()
+    )));
+    assert!(o.status.success());
+    let o = run(imprint().arg("prepare").arg(&xz).arg("-o").arg(&out));
+    assert!(o.status.success(), "{}", stderr(&o));
+}
