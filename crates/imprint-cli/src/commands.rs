@@ -568,12 +568,22 @@ pub fn disks(config: Option<&Path>, image: Option<&Path>, json: bool) -> Result<
     // The disk this system runs from is never a candidate, like the stick on the appliance.
     let root = root_disk();
     let sel = select::choose(&disks, &cfg.target, size, sector, root.as_deref());
+    // Like the appliance, which stops without writing: no candidate is exit 4 (a script
+    // checking a machine before the visit sees it without parsing the text).
+    let would_not = || -> Result<()> {
+        match &sel {
+            select::Selection::NoCandidate { reason, .. } => {
+                Err(Refused(format!("would not install: {reason}")).into())
+            }
+            _ => Ok(()),
+        }
+    };
     if json {
         outln!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({ "disks": disks, "selection": sel }))?
         );
-        return Ok(());
+        return would_not();
     }
     print!("{}", DiskTable(&disks));
     if let Some(r) = &root {
@@ -586,7 +596,7 @@ pub fn disks(config: Option<&Path>, image: Option<&Path>, json: bool) -> Result<
         Some(d) => outln!("would choose {}: {}", d.name, sel.reason()),
         None => outln!("would not install: {}", sel.reason()),
     }
-    Ok(())
+    would_not()
 }
 
 /// The whole disk holding `/` (from /proc/self/mountinfo and /sys), if any.

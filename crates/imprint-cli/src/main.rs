@@ -115,6 +115,7 @@ enum Command {
     ///
     /// Runs the appliance's discovery and target policy (from --config, or the defaults) on
     /// this machine without touching anything: a dry run for a NUC booted into any Linux.
+    /// Exits with 4 when no disk qualifies (the appliance would not install).
     Disks {
         /// Appliance configuration (JSON) whose `target` policy to apply [default: defaults].
         #[arg(long)]

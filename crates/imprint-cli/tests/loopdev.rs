@@ -456,8 +456,14 @@ fn flash_writes_a_verified_stick_and_refuses_non_usb_without_force() {
 #[test]
 fn disks_lists_this_machine_and_never_chooses_the_running_system() {
     let o = run(imprint().args(["disks", "--json"]));
-    assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    // Exit 4 exactly when the appliance would not install here (no candidate), else 0.
+    let expected = if v["selection"]["outcome"] == "no-candidate" {
+        4
+    } else {
+        0
+    };
+    assert_eq!(o.status.code(), Some(expected), "{}", stderr(&o));
     let disks = v["disks"].as_array().unwrap();
     assert!(!disks.is_empty(), "this machine has at least its root disk");
     assert!(disks
