@@ -408,10 +408,17 @@ pub fn write(
         ..Default::default()
     };
     let tgt = Target::open(target, &opts)?;
+    if tgt.created() {
+        // Interrupted, the new file goes too (see main.rs).
+        imprint_core::input::register_temporary(target);
+    }
     let result = write_opened(&img, image, target, &tgt, verify, precheck, yes, json);
-    if result.is_err() && tgt.created() {
-        // Nothing of value is in a file this run created: leave no half-written file behind.
-        let _ = std::fs::remove_file(target);
+    if tgt.created() {
+        imprint_core::input::unregister_temporary(target);
+        if result.is_err() {
+            // Nothing of value is in a file this run created: leave no half-written file.
+            let _ = std::fs::remove_file(target);
+        }
     }
     result
 }
@@ -613,4 +620,68 @@ fn root_disk() -> Option<String> {
         sys.as_path()
     };
     disk.file_name().map(|n| n.to_string_lossy().into_owned())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::io;
+
+    fn io_err(kind: io::ErrorKind) -> io::Error {
+        io::Error::new(kind, "x")
+    }
+
+    #[test]
+    fn exit_codes_say_whose_fault_it_is() {
+        let target = |step, kind| -> anyhow::Error {
+            TargetError::Io {
+                step,
+                path: "/dev/sdz".into(),
+                source: io_err(kind),
+            }
+            .into()
+        };
+        // Refused while opening (nothing written): 4, permission denied included.
+        assert_eq!(
+            exit_code(&target("opening", io::ErrorKind::PermissionDenied)),
+            4
+        );
+        assert_eq!(exit_code(&target("locking", io::ErrorKind::Other)), 4);
+        // Failed while writing: 5.
+        assert_eq!(
+            exit_code(&target("syncing data to", io::ErrorKind::Other)),
+            5
+        );
+        // The image file could not be opened: 1, not "the image is bad".
+        for kind in [
+            io::ErrorKind::NotFound,
+            io::ErrorKind::PermissionDenied,
+            io::ErrorKind::InvalidInput,
+        ] {
+            let e: anyhow::Error = ImageError::Io {
+                path: "x.img.zst".into(),
+                source: io_err(kind),
+            }
+            .into();
+            assert_eq!(exit_code(&e), 1, "{kind:?}");
+        }
+        let e: anyhow::Error = ImageError::NotAnImage { path: "x".into() }.into();
+        assert_eq!(exit_code(&e), 3);
+        let e: anyhow::Error = TargetError::Missing {
+            path: "/dev/sdz".into(),
+            hint: "h",
+        }
+        .into();
+        assert_eq!(exit_code(&e), 4);
+    }
+
+    #[test]
+    fn untrusted_text_loses_its_control_characters() {
+        assert_eq!(untrusted("debian 12"), "debian 12");
+        assert_eq!(
+            untrusted("a\u{1b}[2K\r\nb\u{7}\u{9b}\u{202e}"),
+            "a\\u{1b}[2K\\u{d}\\u{a}b\\u{7}\\u{9b}\\u{202e}"
+        );
+    }
 }

@@ -92,6 +92,7 @@ pub fn flash(opts: &FlashOptions) -> Result<()> {
     }
 
     let tmp = tempdir_for_stick()?;
+    imprint_core::input::register_temporary(tmp.path());
     let stick_file = tmp.path().join("stick.img");
     let mut build = opts.build.clone();
     build.output = stick_file.clone();
@@ -120,6 +121,7 @@ pub fn flash(opts: &FlashOptions) -> Result<()> {
         );
         Ok(())
     })();
+    imprint_core::input::unregister_temporary(tmp.path());
     drop(tmp); // removes the folder and the stick image
     result
 }
@@ -137,6 +139,8 @@ fn tempdir_for_stick() -> Result<tempfile::TempDir> {
 fn tempdir_in(base: &std::path::Path) -> Result<tempfile::TempDir> {
     tempfile::Builder::new()
         .prefix("imprint-flash-")
+        // Explicit: tempfile makes folders with the umask's mode (0755) unless told.
+        .permissions(<std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o700))
         .tempdir_in(base)
         .with_context(|| format!("creating a private folder in {}", base.display()))
 }

@@ -125,20 +125,19 @@ pub fn build(opts: &BuildOptions) -> Result<StickLayout> {
 
     let (partial, file) = imprint_core::input::create_beside(&opts.output, "partial")
         .with_context(|| format!("creating a temporary file beside {}", opts.output.display()))?;
-    let result = write_stick(&partial, file, opts, &inputs, &layout);
-    if let Err(e) = result {
-        let _ = fs::remove_file(&partial);
-        return Err(e);
-    }
-    if let Err(e) = fs::rename(&partial, &opts.output) {
-        let _ = fs::remove_file(&partial);
-        return Err(e).with_context(|| {
+    let result = write_stick(&partial, file, opts, &inputs, &layout).and_then(|()| {
+        fs::rename(&partial, &opts.output).with_context(|| {
             format!(
                 "renaming {} to {}",
                 partial.display(),
                 opts.output.display()
             )
-        });
+        })
+    });
+    imprint_core::input::unregister_temporary(&partial);
+    if let Err(e) = result {
+        let _ = fs::remove_file(&partial);
+        return Err(e);
     }
     eprintln!(
         "imprint: {} ({}): ESP {} MiB PARTUUID {}, payload {} ({} bytes)",

@@ -743,3 +743,47 @@ fn an_xz_input_asking_for_a_huge_dictionary_is_refused() {
     let o = run(imprint().arg("prepare").arg(&xz).arg("-o").arg(&out));
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+#[test]
+fn an_interrupted_prepare_leaves_no_temporary_files() {
+    let t = tempfile::tempdir().unwrap();
+    // 8 GiB of (sparse) zeros: long enough to be caught mid-way.
+    let raw = t.path().join("big.raw");
+    let f = std::fs::File::create(&raw).unwrap();
+    f.set_len(8 << 30).unwrap();
+    drop(f);
+    let out = t.path().join("big.img.zst");
+    let child = imprint()
+        .arg("prepare")
+        .arg(&raw)
+        .arg("-o")
+        .arg(&out)
+        .args(["--level", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while partials(t.path()).len() < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no temporary file"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("interrupted (SIGINT); temporary files removed"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(partials(t.path()).is_empty(), "{:?}", partials(t.path()));
+    assert!(!out.exists());
+}

@@ -8,9 +8,46 @@ use std::io::{self, Read};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
+/// Temporary files and folders of this process, removed by [`remove_temporaries`] when the
+/// process is interrupted (the `imprint` binary calls it from its signal thread).
+static TEMPORARIES: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// Records `path` as a temporary to remove if the process is interrupted.
+pub fn register_temporary(path: &Path) {
+    if let Ok(mut t) = TEMPORARIES.lock() {
+        t.push(path.to_owned());
+    }
+}
+
+/// Forgets `path` (renamed into place, or already removed).
+pub fn unregister_temporary(path: &Path) {
+    if let Ok(mut t) = TEMPORARIES.lock() {
+        t.retain(|p| p != path);
+    }
+}
+
+/// Removes every registered temporary file or folder. Called on SIGINT/SIGTERM/SIGHUP, from
+/// an ordinary thread (not a signal handler), so taking the lock is safe.
+pub fn remove_temporaries() {
+    if let Ok(mut t) = TEMPORARIES.lock() {
+        for p in t.drain(..) {
+            match std::fs::symlink_metadata(&p) {
+                Ok(m) if m.is_dir() => {
+                    let _ = std::fs::remove_dir_all(&p);
+                }
+                Ok(_) => {
+                    let _ = std::fs::remove_file(&p);
+                }
+                Err(_) => {}
+            }
+        }
+    }
+}
+
 /// Creates a new file next to `out` (same folder, so a rename onto `out` is atomic), named
 /// `.OUTNAME.<pid>-<n>.TAG` — with `O_CREAT | O_EXCL`, so an existing file or a planted symbolic
-/// link at that name is never opened or followed: another name is tried instead.
+/// link at that name is never opened or followed: another name is tried instead. The file is
+/// registered with [`register_temporary`]; the caller unregisters it once renamed or removed.
 pub fn create_beside(out: &Path, tag: &str) -> io::Result<(std::path::PathBuf, File)> {
     use std::sync::atomic::{AtomicU32, Ordering};
     static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -38,7 +75,10 @@ pub fn create_beside(out: &Path, tag: &str) -> io::Result<(std::path::PathBuf, F
             .create_new(true)
             .open(&path)
         {
-            Ok(f) => return Ok((path, f)),
+            Ok(f) => {
+                register_temporary(&path);
+                return Ok((path, f));
+            }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = Some(e),
             Err(e) => return Err(e),
         }

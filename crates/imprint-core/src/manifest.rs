@@ -743,6 +743,7 @@ pub fn pack_signed(
         Ok(x) => x,
         Err(e) => {
             let _ = std::fs::remove_file(&payload_path);
+            crate::input::unregister_temporary(&payload_path);
             return Err(werr(e));
         }
     };
@@ -759,6 +760,8 @@ pub fn pack_signed(
     if result.is_err() {
         let _ = std::fs::remove_file(&partial_path);
     }
+    crate::input::unregister_temporary(&payload_path);
+    crate::input::unregister_temporary(&partial_path);
     result
 }
 
