@@ -109,6 +109,28 @@ pub struct PrepareArgs {
     pub password_file: Option<PathBuf>,
 }
 
+/// Memory the xz decoder may use: `xz -9` needs 65 MiB, a 256 MiB dictionary about 260 MiB.
+pub const XZ_MEMLIMIT: u64 = 320 << 20;
+
+/// The xz decoder, with its memory-limit error explained.
+struct XzBounded<R>(R);
+
+impl<R: Read> Read for XzBounded<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf).map_err(|e| {
+            if e.to_string() == "memory limit reached" {
+                std::io::Error::other(format!(
+                    "the xz stream needs more than {} MiB of memory to decode (a very large \
+                     dictionary); recompress it with `xz -9` or a smaller --lzma2=dict",
+                    XZ_MEMLIMIT >> 20
+                ))
+            } else {
+                e
+            }
+        })
+    }
+}
+
 /// The default image name: the file name without its image/compression extensions.
 pub fn default_name(input: &Path) -> String {
     let mut name = input
@@ -189,8 +211,12 @@ pub fn prepare(
             zstd::stream::read::Decoder::new(counted)
                 .with_context(|| format!("decoding {}", input.display()))?,
         ),
-        InputKind::Xz => Box::new(liblzma::read::XzDecoder::new_multi_decoder(BufReader::new(
-            counted,
+        // Bounded: an xz header may ask for a dictionary of up to 1.5 GiB; past the limit the
+        // decoder stops with a clear error instead of taking the memory.
+        InputKind::Xz => Box::new(XzBounded(liblzma::read::XzDecoder::new_stream(
+            BufReader::new(counted),
+            liblzma::stream::Stream::new_stream_decoder(XZ_MEMLIMIT, liblzma::stream::CONCATENATED)
+                .context("setting up the xz decoder")?,
         ))),
         InputKind::Gzip => Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(counted))),
         InputKind::Qcow2 => Box::new(
