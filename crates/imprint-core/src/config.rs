@@ -1021,3 +1021,32 @@ mod tests {
         assert!(chain.contains("limit"), "{chain}");
     }
 }
+
+/// Property tests: any text is parsed into a valid configuration or refused with an error
+/// carrying a position; never a panic. `PROPTEST_CASES=100000` runs them longer.
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_text_never_panics(text in any::<String>()) {
+            if let Ok(c) = Config::from_json(&text) {
+                prop_assert!(c.validate().is_ok());
+            }
+        }
+
+        #[test]
+        fn json_shaped_text_never_panics(
+            text in r#"\u{feff}?[ \n]*[\[{]("[a-z_]{0,12}"|[:,\[\]{} 0-9.-]|true|false|null){0,40}"#,
+        ) {
+            match Config::from_json(&text) {
+                Ok(c) => prop_assert!(c.validate().is_ok()),
+                Err(e) => prop_assert!(!e.to_string().is_empty()),
+            }
+        }
+    }
+}

@@ -1018,3 +1018,72 @@ pub(crate) mod tests {
         assert!(left.is_empty(), "{left:?}");
     }
 }
+
+/// Property tests: whatever bytes an image file holds, opening it never panics, never
+/// allocates more than the format allows, and anything it accepts is a consistent manifest.
+/// `PROPTEST_CASES=100000 cargo test -p imprint-core proptests` runs them longer.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod proptests {
+    use super::tests::{fake_gpt_raw, pack_bytes};
+    use super::*;
+    use proptest::prelude::*;
+
+    fn valid_image() -> Vec<u8> {
+        static IMAGE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+        IMAGE
+            .get_or_init(|| {
+                let dir = tempfile::tempdir().unwrap();
+                let out = dir.path().join("p.img.zst");
+                pack_bytes(&fake_gpt_raw(1 << 20, 512), &out);
+                std::fs::read(&out).unwrap()
+            })
+            .clone()
+    }
+
+    fn open_bytes(bytes: &[u8]) -> Result<Image, ImageError> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.img.zst");
+        std::fs::write(&p, bytes).unwrap();
+        Image::open(&p)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            let _ = open_bytes(&bytes);
+        }
+
+        #[test]
+        fn arbitrary_manifest_frames_are_refused_or_consistent(
+            len in 0u32..u32::MAX,
+            json in proptest::collection::vec(any::<u8>(), 0..512),
+        ) {
+            let mut b = MANIFEST_FRAME_MAGIC.to_le_bytes().to_vec();
+            b.extend_from_slice(&len.to_le_bytes());
+            b.extend_from_slice(MANIFEST_TAG);
+            b.extend_from_slice(&json);
+            if let Ok(img) = open_bytes(&b) {
+                prop_assert!(img.manifest().validate().is_ok());
+            }
+        }
+
+        #[test]
+        fn corrupted_valid_images_are_refused_or_consistent(
+            flips in proptest::collection::vec((0usize..2048, any::<u8>()), 1..8),
+        ) {
+            let mut b = valid_image();
+            for (at, x) in flips {
+                let i = at % b.len();
+                b[i] ^= x | 1;
+            }
+            if let Ok(img) = open_bytes(&b) {
+                prop_assert!(img.manifest().validate().is_ok());
+                // The payload digest then decides; it must not panic either.
+                let _ = img.check_payload_digest();
+            }
+        }
+    }
+}

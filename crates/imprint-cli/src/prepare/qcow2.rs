@@ -450,4 +450,35 @@ mod tests {
         let e = Qcow2Reader::new(std::fs::File::open(&over).unwrap()).unwrap_err();
         assert!(e.to_string().contains("backing file"), "{e}");
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 512,
+            ..proptest::prelude::ProptestConfig::default()
+        })]
+
+        /// Any header fields and table contents: refused with an error, or read (the first
+        /// MiB at most) without panicking and without allocating what the header claims.
+        #[test]
+        fn arbitrary_headers_and_tables_never_panic(
+            version in 2u32..=3,
+            cluster_bits in 0u32..40,
+            size in proptest::prop_oneof![proptest::prelude::any::<u64>(), 0u64..(1 << 30)],
+            l1_size in proptest::prop_oneof![proptest::prelude::any::<u32>(), 0u32..64],
+            l1_off in 0u64..(1 << 17),
+            incompatible in proptest::prelude::any::<u64>(),
+            tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..65536),
+        ) {
+            let mut f = header(size, l1_size, l1_off, 112);
+            f[4..8].copy_from_slice(&version.to_be_bytes());
+            f[20..24].copy_from_slice(&cluster_bits.to_be_bytes());
+            f[72..80].copy_from_slice(&incompatible.to_be_bytes());
+            f[100..104].copy_from_slice(&104u32.to_be_bytes());
+            f.extend_from_slice(&tail);
+            if let Ok(r) = Qcow2Reader::new(io::Cursor::new(f)) {
+                let mut sink = Vec::new();
+                let _ = r.take(1 << 20).read_to_end(&mut sink);
+            }
+        }
+    }
 }
