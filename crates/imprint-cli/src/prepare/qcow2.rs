@@ -462,11 +462,11 @@ mod tests {
         #[test]
         fn arbitrary_headers_and_tables_never_panic(
             version in 2u32..=3,
-            cluster_bits in 0u32..40,
+            cluster_bits in proptest::prop_oneof![0u32..40, 9u32..=21],
             size in proptest::prop_oneof![proptest::prelude::any::<u64>(), 0u64..(1 << 30)],
-            l1_size in proptest::prop_oneof![proptest::prelude::any::<u32>(), 0u32..64],
+            l1_size in proptest::prop_oneof![proptest::prelude::any::<u32>(), 0u32..4, 0u32..64],
             l1_off in 0u64..(1 << 17),
-            incompatible in proptest::prelude::any::<u64>(),
+            incompatible in proptest::prop_oneof![proptest::prelude::any::<u64>(), 0u64..32],
             tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..65536),
         ) {
             let mut f = header(size, l1_size, l1_off, 112);
