@@ -266,6 +266,36 @@ impl FromStr for Cidr {
     }
 }
 
+/// Whether a machine at `addr` can reach the gateway `gw` directly: in its subnet, an IPv6
+/// link-local router (the usual IPv6 default route), or an on-link gateway with a /31 or /32
+/// (some hosting networks).
+fn gateway_reachable(addr: &Cidr, gw: IpAddr) -> bool {
+    let link_local_v6 = matches!(gw, IpAddr::V6(g) if g.segments()[0] & 0xffc0 == 0xfe80);
+    let point_to_point_v4 = addr.addr.is_ipv4() && addr.prefix >= 31;
+    addr.contains(gw) || link_local_v6 || point_to_point_v4
+}
+
+impl Cidr {
+    /// Whether `ip` is in this address's subnet.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(a), IpAddr::V4(b)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(a) & mask == u32::from(b) & mask
+            }
+            (IpAddr::V6(a), IpAddr::V6(b)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(a) & mask == u128::from(b) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
 impl fmt::Display for Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.addr, self.prefix)
@@ -587,6 +617,22 @@ impl Config {
             if m.mac.is_some_and(|mac| mac.is_zero()) {
                 issue(at("mac"), "00:00:00:00:00:00 identifies no NIC".into());
             }
+            for (field, mac) in [
+                ("mac", m.mac),
+                (
+                    "network.interface",
+                    m.network.as_ref().and_then(|n| n.interface),
+                ),
+            ] {
+                // Bit 0 of the first octet marks group (multicast/broadcast) addresses: no
+                // NIC has one as its own address.
+                if let Some(mac) = mac.filter(|m| m.0[0] & 1 == 1) {
+                    issue(
+                        at(field),
+                        format!("{mac} is a broadcast or multicast address, not a NIC's"),
+                    );
+                }
+            }
             for (k, v) in &keys {
                 if v.is_empty() || (*k != "mac" && crate::machine::is_placeholder_serial(v)) {
                     issue(
@@ -640,6 +686,37 @@ impl Config {
                         issue(
                             at("network.gateway"),
                             format!("{gw} is the machine's own address"),
+                        );
+                    } else if !gateway_reachable(&n.address, gw) {
+                        issue(
+                            at("network.gateway"),
+                            format!(
+                                "{gw} is outside {}'s subnet: the machine could not reach it",
+                                n.address
+                            ),
+                        );
+                    }
+                }
+                if let IpAddr::V4(a) = n.address.addr {
+                    if n.address.prefix <= 30 {
+                        let bits = u32::from(a);
+                        let host = u32::MAX >> n.address.prefix;
+                        if bits & host == 0 || bits & host == host {
+                            issue(
+                                at("network.address"),
+                                format!(
+                                    "{} is the network or broadcast address of its subnet",
+                                    n.address
+                                ),
+                            );
+                        }
+                    }
+                }
+                for (j, d) in n.search.iter().enumerate() {
+                    if let Err(msg) = check_hostname(d.trim_end_matches('.')) {
+                        issue(
+                            at(&format!("network.search[{j}]")),
+                            format!("not a DNS domain: {msg}"),
                         );
                     }
                 }
@@ -986,6 +1063,53 @@ mod tests {
         );
         // A broken file is still an error, not silently the default.
         assert!(Config::load_or_default(&p).is_err());
+    }
+
+    #[test]
+    fn weak_network_entries_are_refused() {
+        let cfg = |mac: &str, network: &str| {
+            format!(
+                r#"{{"seed": {{"machines": [{{"mac": "{mac}", "hostname": "n1", "network": {network}}}]}}}}"#
+            )
+        };
+        let got = issues(&cfg(
+            "ff:ff:ff:ff:ff:ff",
+            r#"{"address": "192.168.1.54/24", "gateway": "10.0.0.1", "search": ["lab", "bad_domain!"]}"#,
+        ));
+        let text: Vec<String> = got.iter().map(|i| i.to_string()).collect();
+        assert!(
+            text.iter().any(|t| t.contains("seed.machines[0].mac")
+                && t.contains("ff:ff:ff:ff:ff:ff is a broadcast or multicast address")),
+            "{text:#?}"
+        );
+        assert!(
+            text.iter()
+                .any(|t| t.contains("10.0.0.1 is outside 192.168.1.54/24's subnet")),
+            "{text:#?}"
+        );
+        assert!(
+            text.iter().any(|t| t.contains("network.search[1]")),
+            "{text:#?}"
+        );
+        assert!(
+            !text.iter().any(|t| t.contains("network.search[0]")),
+            "{text:#?}"
+        );
+        assert_eq!(got.len(), 3, "{text:#?}");
+        let got = issues(&cfg(
+            "01:00:5e:00:00:01",
+            r#"{"address": "192.168.1.255/24", "interface": "33:33:00:00:00:01"}"#,
+        ));
+        assert_eq!(got.len(), 3, "{got:#?}");
+        // Good entries pass: an IPv6 link-local gateway, a /32 with an on-link gateway.
+        for network in [
+            r#"{"address": "2001:db8::54/64", "gateway": "fe80::1"}"#,
+            r#"{"address": "203.0.113.9/32", "gateway": "172.31.1.1"}"#,
+            r#"{"address": "192.168.1.54/24", "gateway": "192.168.1.1", "search": ["lab.example.com."]}"#,
+        ] {
+            let c = Config::from_json(&cfg("aa:bb:cc:00:00:01", network));
+            assert!(c.is_ok(), "{network}: {c:?}");
+        }
     }
 
     #[test]
