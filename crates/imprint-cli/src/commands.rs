@@ -267,11 +267,11 @@ fn print_manifest(m: &Manifest, path: &Path) {
     outln!("  created by:   {}", untrusted(&m.created_by));
 }
 
-/// `imprint inspect`.
-pub fn inspect(image: &Path, json: bool, check: bool, trust: &[std::path::PathBuf]) -> Result<()> {
-    let img = Image::open(image)?;
-    if check {
-        img.check_payload_digest()?;
+/// Checks `img`'s signature against the public key files `trust`: `None` when none are given,
+/// the signer's key id when one matches, an error (exit 3) otherwise.
+fn check_trust(img: &Image, trust: &[std::path::PathBuf]) -> Result<Option<signature::KeyId>> {
+    if trust.is_empty() {
+        return Ok(None);
     }
     let keys = trust
         .iter()
@@ -285,11 +285,16 @@ pub fn inspect(image: &Path, json: bool, check: bool, trust: &[std::path::PathBu
             )?)
         })
         .collect::<Result<Vec<_>>>()?;
-    let verified = if keys.is_empty() {
-        None
-    } else {
-        Some(signature::verify_image_signature(&img, &keys)?)
-    };
+    Ok(Some(signature::verify_image_signature(img, &keys)?))
+}
+
+/// `imprint inspect`.
+pub fn inspect(image: &Path, json: bool, check: bool, trust: &[std::path::PathBuf]) -> Result<()> {
+    let img = Image::open(image)?;
+    if check {
+        img.check_payload_digest()?;
+    }
+    let verified = check_trust(&img, trust)?;
     if json {
         outln!("{}", serde_json::to_string_pretty(img.manifest())?);
     } else {
@@ -379,9 +384,13 @@ pub fn write(
     yes: bool,
     json: bool,
     to_file: bool,
+    trust: &[std::path::PathBuf],
 ) -> Result<()> {
     let img = Image::open(image)?;
     let m = img.manifest();
+    // With --trust, a signature that does not check out stops here, before the target is
+    // even opened.
+    let signer = check_trust(&img, trust)?;
     // A regular file only when asked for: a mistyped disk name must not "succeed" as a new
     // file, nor an image file be overwritten by a slip of the argument order.
     if !to_file {
@@ -413,6 +422,15 @@ pub fn write(
         imprint_core::input::register_temporary(target);
     }
     let result = write_opened(&img, image, target, &tgt, verify, precheck, yes, json);
+    if result.is_ok() && !json {
+        match (signer, img.signature().is_some()) {
+            (Some(id), _) => outln!("signature: verified, by trusted key {id}"),
+            (None, true) => {
+                outln!("signature: not verified (pass --trust KEY.pub to check it before writing)")
+            }
+            (None, false) => {}
+        }
+    }
     if tgt.created() {
         imprint_core::input::unregister_temporary(target);
         if result.is_err() {

@@ -59,6 +59,11 @@ enum Command {
         /// Allow TARGET to be a regular file, created if missing (never under /dev).
         #[arg(long)]
         to_file: bool,
+        /// Check the image's signature against this minisign public key (.pub file) before
+        /// touching the target; may be given more than once. Without it, a signature is not
+        /// checked (the result says so).
+        #[arg(long, value_name = "PUBFILE")]
+        trust: Vec<PathBuf>,
         /// Skip reading the target back (the stream is still checked against the manifest).
         #[arg(long)]
         no_verify: bool,
@@ -219,7 +224,10 @@ fn main() -> ExitCode {
             yes,
             json,
             to_file,
-        } => commands::write(&image, &target, !no_verify, precheck, yes, json, to_file),
+            trust,
+        } => commands::write(
+            &image, &target, !no_verify, precheck, yes, json, to_file, &trust,
+        ),
         Command::Verify {
             image,
             target,

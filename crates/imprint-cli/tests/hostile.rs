@@ -787,3 +787,57 @@ fn an_interrupted_prepare_leaves_no_temporary_files() {
     assert!(partials(t.path()).is_empty(), "{:?}", partials(t.path()));
     assert!(!out.exists());
 }
+
+#[test]
+fn write_checks_the_signature_with_trust_before_touching_the_target() {
+    let t = tempfile::tempdir().unwrap();
+    for k in ["k", "other"] {
+        let o = run(imprint().arg("keygen").arg("-o").arg(t.path().join(k)));
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let raw = t.path().join("in.raw");
+    std::fs::write(&raw, noise(MIB, 23)).unwrap();
+    let img = t.path().join("s.img.zst");
+    let o = run(imprint()
+        .arg("prepare")
+        .arg(&raw)
+        .arg("-o")
+        .arg(&img)
+        .arg("--sign")
+        .arg(t.path().join("k.key")));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let disk = t.path().join("disk.bin");
+    let write = |extra: &[&Path]| {
+        let mut c = imprint();
+        c.arg("write")
+            .arg(&img)
+            .arg(&disk)
+            .args(["--yes", "--to-file"]);
+        for k in extra {
+            c.arg("--trust").arg(k);
+        }
+        run(&mut c)
+    };
+    // Another key: refused as a bad image (3), the target file never created.
+    let o = write(&[&t.path().join("other.pub")]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(!disk.exists());
+    // No --trust: written, and the result says the signature was not checked.
+    let o = write(&[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("signature: not verified (pass --trust KEY.pub"),
+        "{}",
+        stdout(&o)
+    );
+    std::fs::remove_file(&disk).unwrap();
+    // The signer's key: verified and written.
+    let o = write(&[&t.path().join("k.pub")]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("signature: verified, by trusted key"),
+        "{}",
+        stdout(&o)
+    );
+    assert_eq!(sha(&disk), sha(&raw));
+}
