@@ -275,6 +275,10 @@ fn a_fifo_is_refused_at_once_wherever_a_file_is_expected() {
     let fifo = t.path().join("fifo");
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
     let out = t.path().join("x.img.zst");
+    let boot = fake_boot_dir(t.path());
+    let seed = t.path().join("seed");
+    std::fs::create_dir(&seed).unwrap();
+    nix::unistd::mkfifo(&seed.join("user-data"), nix::sys::stat::Mode::S_IRWXU).unwrap();
     let cases: Vec<Vec<std::ffi::OsString>> = vec![
         vec!["inspect".into(), fifo.clone().into()],
         vec![
@@ -292,6 +296,28 @@ fn a_fifo_is_refused_at_once_wherever_a_file_is_expected() {
         vec![
             "prepare".into(),
             fifo.clone().into(),
+            "-o".into(),
+            out.clone().into(),
+        ],
+        vec![
+            "build".into(),
+            "--image".into(),
+            img.clone().into(),
+            "--boot".into(),
+            boot.clone().into(),
+            "--config".into(),
+            fifo.clone().into(),
+            "-o".into(),
+            out.clone().into(),
+        ],
+        vec![
+            "build".into(),
+            "--image".into(),
+            img.clone().into(),
+            "--boot".into(),
+            boot.clone().into(),
+            "--seed".into(),
+            seed.clone().into(),
             "-o".into(),
             out.clone().into(),
         ],
