@@ -159,7 +159,8 @@ fn gather(opts: &BuildOptions) -> Result<Inputs> {
         Some(path) => {
             // Config::load names the file, line and column of a parse error.
             let parsed = Config::load(path)?;
-            let text = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            let text = imprint_core::input::read_bounded(path, imprint_core::input::limits::CONFIG)
+                .with_context(|| format!("reading {}", path.display()))?;
             (text, parsed.require_signature)
         }
         None => {

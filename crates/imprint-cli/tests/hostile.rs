@@ -867,3 +867,33 @@ fn write_checks_the_signature_with_trust_before_touching_the_target() {
     );
     assert_eq!(sha(&disk), sha(&raw));
 }
+
+#[test]
+fn a_failed_write_to_a_new_file_leaves_no_file() {
+    let t = tempfile::tempdir().unwrap();
+    let (_, img) = image(t.path(), 24);
+    // Damage the payload's end: the manifest still opens, the stream fails while writing.
+    let mut bytes = std::fs::read(&img).unwrap();
+    let n = bytes.len();
+    bytes[n - 100] ^= 0xFF;
+    std::fs::write(&img, &bytes).unwrap();
+    let disk = t.path().join("new-disk.bin");
+    let o = run(imprint()
+        .arg("write")
+        .arg(&img)
+        .arg(&disk)
+        .args(["--yes", "--to-file"]));
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(!disk.exists(), "the half-written new file was left behind");
+    // An existing file is not removed (it was the user's): it is left without a partition
+    // table, as a disk would be.
+    std::fs::write(&disk, vec![0x77u8; 4 * MIB]).unwrap();
+    let o = run(imprint()
+        .arg("write")
+        .arg(&img)
+        .arg(&disk)
+        .args(["--yes", "--to-file"]));
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(disk.exists());
+    assert!(std::fs::read(&disk).unwrap()[..MIB].iter().all(|&b| b == 0));
+}
