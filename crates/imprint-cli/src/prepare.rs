@@ -98,7 +98,7 @@ pub struct PrepareArgs {
     /// Image name recorded in the manifest [default: the input's name without extensions].
     #[arg(long)]
     pub name: Option<String>,
-    /// Compression threads [default: all cores].
+    /// Compression threads [default: all cores; never more than the cores].
     #[arg(long, default_value_t = 0)]
     pub threads: u32,
     /// Sign the image with this minisign secret key (made by `imprint keygen`).
@@ -225,12 +225,14 @@ pub fn prepare(
         ),
         InputKind::Imprint => unreachable_imprint()?,
     };
+    // More workers than cores only costs memory (each holds its own window and buffers).
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1);
     let threads = if args.threads == 0 {
-        std::thread::available_parallelism()
-            .map(|n| n.get() as u32)
-            .unwrap_or(1)
+        cores
     } else {
-        args.threads
+        args.threads.min(cores)
     };
     let opts = PackOptions {
         name,
