@@ -897,3 +897,21 @@ fn a_failed_write_to_a_new_file_leaves_no_file() {
     assert!(disk.exists());
     assert!(std::fs::read(&disk).unwrap()[..MIB].iter().all(|&b| b == 0));
 }
+
+#[test]
+fn write_to_file_never_follows_a_dangling_symlink() {
+    let t = tempfile::tempdir().unwrap();
+    let (_, img) = image(t.path(), 25);
+    let victim = t.path().join("victim-not-yet");
+    let link = t.path().join("disk.bin");
+    std::os::unix::fs::symlink(&victim, &link).unwrap();
+    let o = run(imprint()
+        .arg("write")
+        .arg(&img)
+        .arg(&link)
+        .args(["--yes", "--to-file"]));
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    assert!(stderr(&o).contains("creating"), "{}", stderr(&o));
+    assert!(!victim.exists(), "the link was followed");
+    assert!(std::fs::symlink_metadata(&link).unwrap().is_symlink());
+}

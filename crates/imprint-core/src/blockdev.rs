@@ -116,6 +116,7 @@ impl TargetError {
             TargetError::Io { step, .. } => matches!(
                 *step,
                 "looking at"
+                    | "creating"
                     | "opening"
                     | "locking"
                     | "reading the size of"
@@ -249,11 +250,18 @@ impl Target {
         }
         // A regular file: try O_DIRECT (bypasses the page cache like a disk), fall back where the
         // filesystem refuses it (tmpfs answers EINVAL).
+        if meta.is_none() {
+            // Created exclusively (`O_EXCL`): a dangling symbolic link or a file that appeared
+            // meanwhile is never followed or taken over.
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(path)
+                .map_err(io_err("creating"))?;
+        }
         let open = |direct: bool| {
             let mut oo = OpenOptions::new();
-            oo.read(true)
-                .write(!opts.read_only)
-                .create(!opts.read_only && opts.file_size_if_new.is_some());
+            oo.read(true).write(!opts.read_only);
             if direct {
                 oo.custom_flags(nix::libc::O_DIRECT);
             }
