@@ -178,31 +178,9 @@ impl StickArgs {
     }
 }
 
-/// Ctrl-C, `kill` and a closed terminal remove this run's temporary files (`.OUT.….partial`, the
-/// flash folder, a target file `write --to-file` created) before the process ends. The signals
-/// are blocked in every thread and taken by one thread with `sigwait`, where removing files is
-/// safe (a signal handler could deadlock on the list's lock).
-fn remove_temporaries_on_signals() {
-    use nix::sys::signal::{SigSet, Signal};
-    let mut set = SigSet::empty();
-    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-        set.add(s);
-    }
-    if set.thread_block().is_err() {
-        return;
-    }
-    std::thread::spawn(move || {
-        if let Ok(sig) = set.wait() {
-            imprint_core::input::remove_temporaries();
-            eprintln!("imprint: interrupted ({sig}); temporary files removed");
-            std::process::exit(128 + sig as i32);
-        }
-    });
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    remove_temporaries_on_signals();
+    commands::remove_temporaries_on_signals();
     let json = matches!(
         cli.command,
         Command::Write { json: true, .. }
