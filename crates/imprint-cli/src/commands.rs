@@ -15,6 +15,77 @@ use imprint_core::write::{self, WriteError, WriteOptions};
 
 use crate::prepare::{self, PrepareArgs};
 
+/// `println!` that does not panic when standard output is gone (`imprint write --json | head
+/// -c 10`): the work is done by then, and a closed pipe is the reader's choice, not a failure.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+pub(crate) use outln;
+
+/// Makes text from an untrusted file (an image's name, a signature's comment) safe to show on
+/// a terminal: control characters, including the escape that starts terminal sequences, and
+/// bidirectional overrides are shown escaped (`\u{1b}`) instead of acting on the terminal.
+pub fn untrusted(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}') {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Ctrl-C, `kill` and a closed terminal remove this run's temporary files (`.OUT.….partial`, the
+/// flash folder, a target file `write --to-file` created) before the process ends. The signals
+/// are blocked in every thread and taken by one thread with `sigwait`, where removing files is
+/// safe (a signal handler could deadlock on the list's lock).
+pub fn remove_temporaries_on_signals() {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        set.add(s);
+    }
+    if set.thread_block().is_err() {
+        return;
+    }
+    std::thread::spawn(move || {
+        if let Ok(sig) = set.wait() {
+            imprint_core::input::remove_temporaries();
+            eprintln!("imprint: interrupted ({sig}); temporary files removed");
+            std::process::exit(128 + sig as i32);
+        }
+    });
+}
+
+/// Prints `e` with its chain on standard error: plain lines, or with `json` one JSON object
+/// (`{"event":"error","ok":false,"exit_code":…,"error":…,"causes":[…]}`) on one line. Error text
+/// can quote untrusted files, so control characters are escaped (line breaks of our own kept).
+pub fn print_error(e: &anyhow::Error, code: u8, json: bool) {
+    use std::io::Write as _;
+    let safe = |s: String| s.split('\n').map(untrusted).collect::<Vec<_>>().join("\n");
+    let mut err = std::io::stderr().lock();
+    if json {
+        let v = serde_json::json!({
+            "event": "error",
+            "ok": false,
+            "exit_code": code,
+            "error": safe(e.to_string()),
+            "causes": e.chain().skip(1).map(|c| safe(c.to_string())).collect::<Vec<_>>(),
+        });
+        let _ = writeln!(err, "{v}");
+    } else {
+        let _ = writeln!(err, "imprint: error: {}", safe(e.to_string()));
+        for cause in e.chain().skip(1) {
+            let _ = writeln!(err, "  caused by: {}", safe(cause.to_string()));
+        }
+    }
+}
+
 /// Exit status for an error (documented in `imprint --help`).
 pub fn exit_code(e: &anyhow::Error) -> u8 {
     for cause in e.chain() {
@@ -28,8 +99,23 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
                 _ => 5,
             };
         }
-        if cause.downcast_ref::<ImageError>().is_some() {
-            return 3;
+        if let Some(i) = cause.downcast_ref::<ImageError>() {
+            return match i {
+                // The file could not be opened at all (missing, no permission, a FIFO): that
+                // says nothing about the image, which was never read.
+                ImageError::Io { source, .. }
+                    if matches!(
+                        source.kind(),
+                        std::io::ErrorKind::NotFound
+                            | std::io::ErrorKind::PermissionDenied
+                            | std::io::ErrorKind::IsADirectory
+                            | std::io::ErrorKind::InvalidInput
+                    ) =>
+                {
+                    1
+                }
+                _ => 3,
+            };
         }
         if let Some(s) = cause.downcast_ref::<SignatureError>() {
             return match s {
@@ -44,7 +130,8 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
             return match v {
                 VerifyError::Image(_) => 3,
                 VerifyError::Target(t) => target_code(t),
-                _ => 5,
+                VerifyError::ReadIo { .. } => 5,
+                _ => 6,
             };
         }
         if cause.downcast_ref::<Refused>().is_some() {
@@ -55,9 +142,10 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
 }
 
 fn target_code(t: &TargetError) -> u8 {
-    match t {
-        TargetError::Io { .. } => 5,
-        _ => 4,
+    if t.is_refusal() {
+        4
+    } else {
+        5
     }
 }
 
@@ -112,18 +200,19 @@ pub fn prepare(args: &PrepareArgs) -> Result<()> {
         b.finish_and_clear();
     }
     eprintln!("read {} ({})", args.input.display(), kind.name());
-    println!("{}", out.display());
+    outln!("{}", out.display());
     print_manifest(&m, out.as_path());
     let img = Image::open(&out)?;
-    print_signature(&img)?;
+    // Signed with the key just loaded, and checked against its public half (sign.rs).
+    print_signature(&img, true)?;
     Ok(())
 }
 
 /// `imprint keygen`.
 pub fn keygen(name: &Path, password_file: Option<&Path>) -> Result<()> {
     let k = crate::sign::keygen(name, password_file)?;
-    println!("key id:      {}", k.id);
-    println!(
+    outln!("key id:      {}", k.id);
+    outln!(
         "secret key:  {} ({})",
         k.secret.display(),
         if k.encrypted {
@@ -132,27 +221,35 @@ pub fn keygen(name: &Path, password_file: Option<&Path>) -> Result<()> {
             "NOT password-protected; keep it private"
         }
     );
-    println!("public key:  {}", k.public.display());
-    println!(
+    outln!("public key:  {}", k.public.display());
+    outln!(
         "trust it with \"trusted_keys\": [\"{}\"] in the stick's config.json,",
         k.public_base64
     );
-    println!(
+    outln!(
         "or bake {} into the live image (docs/signing.md)",
         k.public.display()
     );
     Ok(())
 }
 
-/// Shows whether `img` is signed and by which key.
-fn print_signature(img: &Image) -> Result<()> {
+/// Shows whether `img` is signed and by which key. Unless `checked`, a signature is shown as
+/// not verified: anyone can sign with a key of their own, and the comment is the signer's text.
+fn print_signature(img: &Image, checked: bool) -> Result<()> {
     match signature::signature_info(img)? {
-        Some(info) => println!(
-            "  signature:    key {} ({})",
-            info.key_id,
-            info.trusted_comment.replace('\t', ", ")
-        ),
-        None => println!("  signature:    none (unsigned)"),
+        Some(info) => {
+            outln!(
+                "  signature:    key {} ({})",
+                info.key_id,
+                untrusted(&info.trusted_comment.replace('\t', ", "))
+            );
+            if !checked {
+                outln!(
+                    "  verified:     no: signature not verified (pass --trust KEY.pub to check it)"
+                );
+            }
+        }
+        None => outln!("  signature:    none (unsigned)"),
     }
     Ok(())
 }
@@ -163,33 +260,54 @@ fn print_manifest(m: &Manifest, path: &Path) {
     } else {
         0.0
     };
-    println!("  image:        {}", path.display());
-    println!("  name:         {}", m.name);
-    println!("  format:       {} v{}", m.format, m.version);
-    println!(
+    outln!("  image:        {}", path.display());
+    outln!("  name:         {}", untrusted(&m.name));
+    outln!("  format:       {} v{}", untrusted(&m.format), m.version);
+    outln!(
         "  raw size:     {} ({} bytes)",
         human_bytes(m.raw_size),
         m.raw_size
     );
-    println!(
+    outln!(
         "  compressed:   {} ({} bytes, {ratio:.1}x)",
         human_bytes(m.compressed_size),
         m.compressed_size
     );
-    println!(
+    outln!(
         "  partitions:   {:?}{}",
         m.partition_table,
         m.sector_size
             .map(|s| format!(", {s}-byte sectors"))
             .unwrap_or_default()
     );
-    println!("  sha256:       {}", m.sha256);
-    println!(
+    outln!("  sha256:       {}", m.sha256);
+    outln!(
         "  chunks:       {} of {}",
         m.chunks.len(),
         human_bytes(m.chunk_size)
     );
-    println!("  created by:   {}", m.created_by);
+    outln!("  created by:   {}", untrusted(&m.created_by));
+}
+
+/// Checks `img`'s signature against the public key files `trust`: `None` when none are given,
+/// the signer's key id when one matches, an error (exit 3) otherwise.
+fn check_trust(img: &Image, trust: &[std::path::PathBuf]) -> Result<Option<signature::KeyId>> {
+    if trust.is_empty() {
+        return Ok(None);
+    }
+    let keys = trust
+        .iter()
+        .map(|p| {
+            let text =
+                imprint_core::input::read_bounded_string(p, imprint_core::input::limits::KEY)
+                    .with_context(|| format!("reading the public key {}", p.display()))?;
+            Ok(TrustedKey::from_pub_file_text(
+                &text,
+                &p.display().to_string(),
+            )?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Some(signature::verify_image_signature(img, &keys)?))
 }
 
 /// `imprint inspect`.
@@ -198,32 +316,17 @@ pub fn inspect(image: &Path, json: bool, check: bool, trust: &[std::path::PathBu
     if check {
         img.check_payload_digest()?;
     }
-    let keys = trust
-        .iter()
-        .map(|p| {
-            let text = std::fs::read_to_string(p)
-                .with_context(|| format!("reading the public key {}", p.display()))?;
-            Ok(TrustedKey::from_pub_file_text(
-                &text,
-                &p.display().to_string(),
-            )?)
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let verified = if keys.is_empty() {
-        None
-    } else {
-        Some(signature::verify_image_signature(&img, &keys)?)
-    };
+    let verified = check_trust(&img, trust)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(img.manifest())?);
+        outln!("{}", serde_json::to_string_pretty(img.manifest())?);
     } else {
         print_manifest(img.manifest(), image);
-        print_signature(&img)?;
+        print_signature(&img, verified.is_some())?;
         if let Some(id) = verified {
-            println!("  verified:     signature by trusted key {id} matches the manifest");
+            outln!("  verified:     signature by trusted key {id} matches the manifest");
         }
         if check {
-            println!("  payload:      sha256 matches the manifest");
+            outln!("  payload:      sha256 matches the manifest");
         }
     }
     Ok(())
@@ -294,6 +397,7 @@ pub fn confirm_overwrite(what: &str, prompt: &str) -> Result<()> {
 }
 
 /// `imprint write`.
+#[allow(clippy::too_many_arguments)]
 pub fn write(
     image: &Path,
     target: &Path,
@@ -301,26 +405,91 @@ pub fn write(
     precheck: bool,
     yes: bool,
     json: bool,
+    to_file: bool,
+    trust: &[std::path::PathBuf],
 ) -> Result<()> {
     let img = Image::open(image)?;
     let m = img.manifest();
+    // With --trust, a signature that does not check out stops here, before the target is
+    // even opened.
+    let signer = check_trust(&img, trust)?;
+    // A regular file only when asked for: a mistyped disk name must not "succeed" as a new
+    // file, nor an image file be overwritten by a slip of the argument order.
+    if !to_file {
+        if let Ok(meta) = std::fs::metadata(target) {
+            if meta.is_file() {
+                return Err(Refused(format!(
+                    "{} is a regular file, not a disk; pass --to-file to write the image into a file",
+                    target.display()
+                ))
+                .into());
+            }
+        } else if !target.starts_with("/dev") && target.symlink_metadata().is_err() {
+            return Err(Refused(format!(
+                "{} does not exist; give an existing whole-disk block device (see `lsblk`), \
+                 or pass --to-file to write the image into a new file",
+                target.display()
+            ))
+            .into());
+        }
+    }
     let opts = OpenOptionsTarget {
-        file_size_if_new: Some(m.raw_size),
+        file_size_if_new: to_file.then_some(m.raw_size),
         file_sector_size: m.sector_size.unwrap_or(512),
         ..Default::default()
     };
     let tgt = Target::open(target, &opts)?;
-    write::preflight(m, &tgt)?;
+    if tgt.created() {
+        // Interrupted, the new file goes too (see main.rs).
+        imprint_core::input::register_temporary(target);
+    }
+    let result = write_opened(&img, image, target, &tgt, verify, precheck, yes, json);
+    if result.is_ok() && !json {
+        match (signer, img.signature().is_some()) {
+            (Some(id), _) => outln!("signature: verified, by trusted key {id}"),
+            (None, true) => {
+                outln!("signature: not verified (pass --trust KEY.pub to check it before writing)")
+            }
+            (None, false) => {}
+        }
+    }
+    if tgt.created() {
+        imprint_core::input::unregister_temporary(target);
+        if result.is_err() {
+            // Nothing of value is in a file this run created: leave no half-written file.
+            let _ = std::fs::remove_file(target);
+        }
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_opened(
+    img: &Image,
+    image: &Path,
+    target: &Path,
+    tgt: &Target,
+    verify: bool,
+    precheck: bool,
+    yes: bool,
+    json: bool,
+) -> Result<()> {
+    let m = img.manifest();
+    tgt.check_not_image(image, Path::new("/sys"))?;
+    write::preflight(m, tgt)?;
     if tgt.kind() == TargetKind::BlockDevice && !yes {
         let what = format!(
             "{} ({}, {}) will be overwritten with {} ({}). Everything on it will be lost.",
             target.display(),
             human_bytes(tgt.size()),
             describe_block_device(target),
-            m.name,
+            untrusted(&m.name),
             human_bytes(m.raw_size)
         );
-        confirm_overwrite(&what, &format!("Write {} to {}?", m.name, target.display()))?;
+        confirm_overwrite(
+            &what,
+            &format!("Write {} to {}?", untrusted(&m.name), target.display()),
+        )?;
     }
     let progress = progress_for(json);
     let wopts = WriteOptions {
@@ -328,11 +497,11 @@ pub fn write(
         precheck_payload: precheck,
         ..Default::default()
     };
-    let report = write::write_image(&img, &tgt, &wopts, progress.as_ref())
+    let report = write::write_image(img, tgt, &wopts, progress.as_ref())
         .with_context(|| format!("writing {} to {}", image.display(), target.display()))?;
     drop(progress);
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string(
                 &serde_json::json!({ "event": "result", "ok": true, "report": report })
@@ -346,9 +515,9 @@ pub fn write(
                 0.0
             }
         };
-        println!(
+        outln!(
             "wrote {} ({}) to {} in {:.1} s ({:.0} MB/s){}",
-            report.image_name,
+            untrusted(&report.image_name),
             human_bytes(report.raw_size),
             report.target,
             report.write_seconds,
@@ -360,21 +529,21 @@ pub fn write(
             }
         );
         if report.verified {
-            println!(
+            outln!(
                 "verified: read back in {:.1} s ({:.0} MB/s), sha256 {}",
                 report.verify_seconds,
                 mbps(report.raw_size, report.verify_seconds),
                 report.image_sha256
             );
         } else {
-            println!(
+            outln!(
                 "not read back (--no-verify); the decoded stream matched sha256 {}",
                 report.image_sha256
             );
         }
         if let Some(t) = &report.partition_table {
             if t.backup_lba != t.image_backup_lba {
-                println!(
+                outln!(
                     "partition table laid out for the disk: backup GPT at its last sector (LBA {}, the image had it at {})",
                     t.backup_lba, t.image_backup_lba
                 );
@@ -402,26 +571,26 @@ pub fn verify(image: &Path, target: &Path, json: bool) -> Result<()> {
         .with_context(|| format!("verifying {} against {}", target.display(), image.display()))?;
     drop(progress);
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string(
                 &serde_json::json!({ "event": "result", "ok": true, "outcome": outcome })
             )?
         );
     } else {
-        println!(
+        outln!(
             "{} holds {} (sha256 {})",
             target.display(),
-            m.name,
+            untrusted(&m.name),
             m.sha256
         );
         if outcome.gpt_backup_at_end {
-            println!("  backup GPT at the disk's end");
+            outln!("  backup GPT at the disk's end");
         }
         if !outcome.extra_partitions.is_empty() {
-            println!(
+            outln!(
                 "  extra partitions beyond the image: {}",
-                outcome.extra_partitions.join(", ")
+                untrusted(&outcome.extra_partitions.join(", "))
             );
         }
     }
@@ -447,25 +616,35 @@ pub fn disks(config: Option<&Path>, image: Option<&Path>, json: bool) -> Result<
     // The disk this system runs from is never a candidate, like the stick on the appliance.
     let root = root_disk();
     let sel = select::choose(&disks, &cfg.target, size, sector, root.as_deref());
+    // Like the appliance, which stops without writing: no candidate is exit 4 (a script
+    // checking a machine before the visit sees it without parsing the text).
+    let would_not = || -> Result<()> {
+        match &sel {
+            select::Selection::NoCandidate { reason, .. } => {
+                Err(Refused(format!("would not install: {reason}")).into())
+            }
+            _ => Ok(()),
+        }
+    };
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({ "disks": disks, "selection": sel }))?
         );
-        return Ok(());
+        return would_not();
     }
     print!("{}", DiskTable(&disks));
     if let Some(r) = &root {
-        println!("({r} holds this system's root filesystem: it is treated like the appliance's own stick)");
+        outln!("({r} holds this system's root filesystem: it is treated like the appliance's own stick)");
     }
     for r in sel.rejected() {
-        println!("not {}: {}", r.disk.name, r.why);
+        outln!("not {}: {}", r.disk.name, r.why);
     }
     match sel.chosen() {
-        Some(d) => println!("would choose {}: {}", d.name, sel.reason()),
-        None => println!("would not install: {}", sel.reason()),
+        Some(d) => outln!("would choose {}: {}", d.name, sel.reason()),
+        None => outln!("would not install: {}", sel.reason()),
     }
-    Ok(())
+    would_not()
 }
 
 /// The whole disk holding `/` (from /proc/self/mountinfo and /sys), if any.
@@ -482,4 +661,68 @@ fn root_disk() -> Option<String> {
         sys.as_path()
     };
     disk.file_name().map(|n| n.to_string_lossy().into_owned())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::io;
+
+    fn io_err(kind: io::ErrorKind) -> io::Error {
+        io::Error::new(kind, "x")
+    }
+
+    #[test]
+    fn exit_codes_say_whose_fault_it_is() {
+        let target = |step, kind| -> anyhow::Error {
+            TargetError::Io {
+                step,
+                path: "/dev/sdz".into(),
+                source: io_err(kind),
+            }
+            .into()
+        };
+        // Refused while opening (nothing written): 4, permission denied included.
+        assert_eq!(
+            exit_code(&target("opening", io::ErrorKind::PermissionDenied)),
+            4
+        );
+        assert_eq!(exit_code(&target("locking", io::ErrorKind::Other)), 4);
+        // Failed while writing: 5.
+        assert_eq!(
+            exit_code(&target("syncing data to", io::ErrorKind::Other)),
+            5
+        );
+        // The image file could not be opened: 1, not "the image is bad".
+        for kind in [
+            io::ErrorKind::NotFound,
+            io::ErrorKind::PermissionDenied,
+            io::ErrorKind::InvalidInput,
+        ] {
+            let e: anyhow::Error = ImageError::Io {
+                path: "x.img.zst".into(),
+                source: io_err(kind),
+            }
+            .into();
+            assert_eq!(exit_code(&e), 1, "{kind:?}");
+        }
+        let e: anyhow::Error = ImageError::NotAnImage { path: "x".into() }.into();
+        assert_eq!(exit_code(&e), 3);
+        let e: anyhow::Error = TargetError::Missing {
+            path: "/dev/sdz".into(),
+            hint: "h",
+        }
+        .into();
+        assert_eq!(exit_code(&e), 4);
+    }
+
+    #[test]
+    fn untrusted_text_loses_its_control_characters() {
+        assert_eq!(untrusted("debian 12"), "debian 12");
+        assert_eq!(
+            untrusted("a\u{1b}[2K\r\nb\u{7}\u{9b}\u{202e}"),
+            "a\\u{1b}[2K\\u{d}\\u{a}b\\u{7}\\u{9b}\\u{202e}"
+        );
+    }
 }

@@ -92,7 +92,8 @@ pub fn flash(opts: &FlashOptions) -> Result<()> {
     }
 
     let tmp = tempdir_for_stick()?;
-    let stick_file = tmp.join("stick.img");
+    imprint_core::input::register_temporary(tmp.path());
+    let stick_file = tmp.path().join("stick.img");
     let mut build = opts.build.clone();
     build.output = stick_file.clone();
     let result = (|| -> Result<()> {
@@ -112,7 +113,7 @@ pub fn flash(opts: &FlashOptions) -> Result<()> {
             write::write_image(&image, &target, &WriteOptions::default(), progress.as_ref())
                 .with_context(|| format!("writing the stick to {}", dev.display()))?;
         drop(progress);
-        println!(
+        crate::commands::outln!(
             "{} is an imprint stick: {} written and read back in {:.1} s",
             dev.display(),
             human_bytes(report.raw_size),
@@ -120,17 +121,58 @@ pub fn flash(opts: &FlashOptions) -> Result<()> {
         );
         Ok(())
     })();
-    let _ = std::fs::remove_dir_all(&tmp);
+    imprint_core::input::unregister_temporary(tmp.path());
+    drop(tmp); // removes the folder and the stick image
     result
 }
 
 /// A private folder for the stick image under `$TMPDIR` (or /var/tmp: a stick image can be
-/// larger than a RAM-backed /tmp).
-fn tempdir_for_stick() -> Result<PathBuf> {
+/// larger than a RAM-backed /tmp): a fresh, unpredictable name made with mode 0700, never an
+/// existing folder, so nobody can plant a link where root writes the stick image.
+fn tempdir_for_stick() -> Result<tempfile::TempDir> {
     let base = std::env::var_os("TMPDIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/var/tmp"));
-    let dir = base.join(format!("imprint-flash-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    Ok(dir)
+    tempdir_in(&base)
+}
+
+fn tempdir_in(base: &std::path::Path) -> Result<tempfile::TempDir> {
+    tempfile::Builder::new()
+        .prefix("imprint-flash-")
+        // Explicit: tempfile makes folders with the umask's mode (0755) unless told.
+        .permissions(<std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o700))
+        .tempdir_in(base)
+        .with_context(|| format!("creating a private folder in {}", base.display()))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn stick_tempdir_is_private_fresh_and_ignores_planted_names() {
+        let base = tempfile::tempdir().unwrap();
+        let victim = base.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        // What 0.1.0 would have used (`imprint-flash-<pid>`), planted as a link to a folder
+        // the attacker controls.
+        let planted = base
+            .path()
+            .join(format!("imprint-flash-{}", std::process::id()));
+        std::os::unix::fs::symlink(base.path(), &planted).unwrap();
+        let a = tempdir_in(base.path()).unwrap();
+        let b = tempdir_in(base.path()).unwrap();
+        assert_ne!(a.path(), b.path());
+        assert_ne!(a.path(), planted.as_path());
+        let meta = std::fs::symlink_metadata(a.path()).unwrap();
+        assert!(meta.is_dir());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o700);
+        std::fs::write(a.path().join("stick.img"), b"stick").unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        let pa = a.path().to_owned();
+        drop(a);
+        assert!(!pa.exists());
+    }
 }

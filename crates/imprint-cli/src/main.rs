@@ -17,10 +17,11 @@ mod stick;
 #[derive(Debug, Parser)]
 #[command(name = "imprint", version, about, long_about = None)]
 #[command(
-    after_help = "Exit status: 0 success; 1 other error; 2 usage; 3 the image is bad \
+    after_help = "Exit status: 0 success; 1 other error (including an input file that is missing, \
+unreadable or not a regular file); 2 usage; 3 the image is bad \
 (corrupt, truncated, not an imprint image, or its signature does not check out with --trust); 4 the target was refused before anything was written \
-(too small, in use, wrong sector size, not confirmed); 5 the target failed (I/O error, \
-read-back mismatch)."
+(missing, a file without --to-file, too small, in use, busy, permission denied, wrong sector size, not confirmed); 5 the target failed (I/O error, \
+read-back mismatch while writing); 6 `verify`: the target does not hold the image."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -53,8 +54,16 @@ enum Command {
     Write {
         /// The imprint image (.img.zst).
         image: PathBuf,
-        /// Whole-disk block device or regular file.
+        /// Whole-disk block device (or, with --to-file, a regular file).
         target: PathBuf,
+        /// Allow TARGET to be a regular file, created if missing (never under /dev).
+        #[arg(long)]
+        to_file: bool,
+        /// Check the image's signature against this minisign public key (.pub file) before
+        /// touching the target; may be given more than once. Without it, a signature is not
+        /// checked (the result says so).
+        #[arg(long, value_name = "PUBFILE")]
+        trust: Vec<PathBuf>,
         /// Skip reading the target back (the stream is still checked against the manifest).
         #[arg(long)]
         no_verify: bool,
@@ -111,6 +120,7 @@ enum Command {
     ///
     /// Runs the appliance's discovery and target policy (from --config, or the defaults) on
     /// this machine without touching anything: a dry run for a NUC booted into any Linux.
+    /// Exits with 4 when no disk qualifies (the appliance would not install).
     Disks {
         /// Appliance configuration (JSON) whose `target` policy to apply [default: defaults].
         #[arg(long)]
@@ -170,6 +180,14 @@ impl StickArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    commands::remove_temporaries_on_signals();
+    let json = matches!(
+        cli.command,
+        Command::Write { json: true, .. }
+            | Command::Verify { json: true, .. }
+            | Command::Disks { json: true, .. }
+            | Command::Inspect { json: true, .. }
+    );
     let result = match cli.command {
         Command::Prepare(args) => commands::prepare(&args),
         Command::Keygen {
@@ -183,7 +201,11 @@ fn main() -> ExitCode {
             precheck,
             yes,
             json,
-        } => commands::write(&image, &target, !no_verify, precheck, yes, json),
+            to_file,
+            trust,
+        } => commands::write(
+            &image, &target, !no_verify, precheck, yes, json, to_file, &trust,
+        ),
         Command::Verify {
             image,
             target,
@@ -216,11 +238,9 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("imprint: error: {e}");
-            for cause in e.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
-            }
-            ExitCode::from(commands::exit_code(&e))
+            let code = commands::exit_code(&e);
+            commands::print_error(&e, code, json);
+            ExitCode::from(code)
         }
     }
 }

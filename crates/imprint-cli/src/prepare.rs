@@ -5,7 +5,6 @@
 //! streaming reader of the subset cloud images use (v2/v3, zlib or zstd compressed clusters, no
 //! backing file, no encryption); anything else it refuses by name.
 
-use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -99,7 +98,7 @@ pub struct PrepareArgs {
     /// Image name recorded in the manifest [default: the input's name without extensions].
     #[arg(long)]
     pub name: Option<String>,
-    /// Compression threads [default: all cores].
+    /// Compression threads [default: all cores; never more than the cores].
     #[arg(long, default_value_t = 0)]
     pub threads: u32,
     /// Sign the image with this minisign secret key (made by `imprint keygen`).
@@ -108,6 +107,28 @@ pub struct PrepareArgs {
     /// The password of a password-protected secret key: the first line of this file.
     #[arg(long, requires = "sign")]
     pub password_file: Option<PathBuf>,
+}
+
+/// Memory the xz decoder may use: `xz -9` needs 65 MiB, a 256 MiB dictionary about 260 MiB.
+pub const XZ_MEMLIMIT: u64 = 320 << 20;
+
+/// The xz decoder, with its memory-limit error explained.
+struct XzBounded<R>(R);
+
+impl<R: Read> Read for XzBounded<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf).map_err(|e| {
+            if e.to_string() == "memory limit reached" {
+                std::io::Error::other(format!(
+                    "the xz stream needs more than {} MiB of memory to decode (a very large \
+                     dictionary); recompress it with `xz -9` or a smaller --lzma2=dict",
+                    XZ_MEMLIMIT >> 20
+                ))
+            } else {
+                e
+            }
+        })
+    }
 }
 
 /// The default image name: the file name without its image/compression extensions.
@@ -136,7 +157,10 @@ pub fn prepare(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(PathBuf, Manifest, InputKind)> {
     let input = &args.input;
-    let mut file = File::open(input).with_context(|| format!("opening {}", input.display()))?;
+    // A FIFO or a character device (`/dev/zero`) would hang or never end: refused at once. A
+    // block device is a disk image too (its size is known).
+    let mut file = imprint_core::input::open_regular(input, true)
+        .with_context(|| format!("opening {}", input.display()))?;
     let input_size = file
         .metadata()
         .with_context(|| format!("reading {}", input.display()))?
@@ -161,8 +185,14 @@ pub fn prepare(
             .unwrap_or_else(|| Path::new("."))
             .join(format!("{name}.img.zst"))
     });
-    if output == *input {
-        bail!("the output {} would overwrite the input", output.display());
+    // Compared by identity, not by path text: `./in.raw`, a hard link or a symbolic link to
+    // the input are the input.
+    if output == *input || imprint_core::input::same_file(&output, input) {
+        bail!(
+            "the output {} is the input {}: it would be destroyed; choose another output file",
+            output.display(),
+            input.display()
+        );
     }
     // Load the key before the long compression, so a wrong password fails at once.
     let signer = args
@@ -181,8 +211,12 @@ pub fn prepare(
             zstd::stream::read::Decoder::new(counted)
                 .with_context(|| format!("decoding {}", input.display()))?,
         ),
-        InputKind::Xz => Box::new(liblzma::read::XzDecoder::new_multi_decoder(BufReader::new(
-            counted,
+        // Bounded: an xz header may ask for a dictionary of up to 1.5 GiB; past the limit the
+        // decoder stops with a clear error instead of taking the memory.
+        InputKind::Xz => Box::new(XzBounded(liblzma::read::XzDecoder::new_stream(
+            BufReader::new(counted),
+            liblzma::stream::Stream::new_stream_decoder(XZ_MEMLIMIT, liblzma::stream::CONCATENATED)
+                .context("setting up the xz decoder")?,
         ))),
         InputKind::Gzip => Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(counted))),
         InputKind::Qcow2 => Box::new(
@@ -191,12 +225,14 @@ pub fn prepare(
         ),
         InputKind::Imprint => unreachable_imprint()?,
     };
+    // More workers than cores only costs memory (each holds its own window and buffers).
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1);
     let threads = if args.threads == 0 {
-        std::thread::available_parallelism()
-            .map(|n| n.get() as u32)
-            .unwrap_or(1)
+        cores
     } else {
-        args.threads
+        args.threads.min(cores)
     };
     let opts = PackOptions {
         name,

@@ -16,7 +16,7 @@ use minisign::{KeyPair, PublicKey, SecretKey, SecretKeyBox};
 
 /// Reads a password from the first line of `path` (trailing newline removed).
 fn read_password(path: &Path) -> Result<String> {
-    let text = std::fs::read_to_string(path)
+    let text = imprint_core::input::read_bounded_string(path, imprint_core::input::limits::KEY)
         .with_context(|| format!("reading the password file {}", path.display()))?;
     let pw = text.lines().next().unwrap_or_default().to_string();
     if pw.is_empty() {
@@ -126,7 +126,7 @@ impl ImageSigner {
     /// `password_file`. Each signature is checked against the key's public half right after
     /// it is made.
     pub fn load(key: &Path, password_file: Option<&Path>) -> Result<ImageSigner> {
-        let text = std::fs::read_to_string(key)
+        let text = imprint_core::input::read_bounded_string(key, imprint_core::input::limits::KEY)
             .with_context(|| format!("reading the secret key {}", key.display()))?;
         let sk_box = SecretKeyBox::from_string(&text)
             .map_err(|e| anyhow!("reading the secret key {}: {e}", key.display()))?;

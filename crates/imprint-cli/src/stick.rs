@@ -9,7 +9,8 @@
 //!
 //! The FAT is written with `fatfs` and the partition table with `gpt`: no mkfs, no mounts, no
 //! root. Config, seed, image and boot files are all checked before the output is created, and
-//! the output appears under its name only once complete (`OUTPUT.partial`, then rename).
+//! the output appears under its name only once complete (a fresh, exclusively created
+//! `.OUTPUT.….partial` beside it, then rename; a planted file or link there is never followed).
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -102,24 +103,42 @@ pub fn build(opts: &BuildOptions) -> Result<StickLayout> {
             );
         }
     }
+    // The output must not be one of the inputs, however it is named (a hard or symbolic link,
+    // `dir/../file`): renaming over it would destroy the input.
+    let mut inputs_named = vec![opts.image.clone()];
+    inputs_named.extend(opts.config.clone());
+    if let Some(seed) = &opts.seed {
+        inputs_named.extend([USER_DATA, META_DATA, NETWORK_CONFIG].map(|n| seed.join(n)));
+    }
+    if let Some(same) = inputs_named
+        .iter()
+        .find(|i| imprint_core::input::same_file(i, &opts.output))
+    {
+        bail!(
+            "the output {} is the input {}: it would be destroyed; choose another output file",
+            opts.output.display(),
+            same.display()
+        );
+    }
     let inputs = gather(opts)?;
     let layout = plan(&inputs)?;
 
-    let mut partial = opts.output.clone().into_os_string();
-    partial.push(".partial");
-    let partial = PathBuf::from(partial);
-    let result = write_stick(&partial, opts, &inputs, &layout);
+    let (partial, file) = imprint_core::input::create_beside(&opts.output, "partial")
+        .with_context(|| format!("creating a temporary file beside {}", opts.output.display()))?;
+    let result = write_stick(&partial, file, opts, &inputs, &layout).and_then(|()| {
+        fs::rename(&partial, &opts.output).with_context(|| {
+            format!(
+                "renaming {} to {}",
+                partial.display(),
+                opts.output.display()
+            )
+        })
+    });
+    imprint_core::input::unregister_temporary(&partial);
     if let Err(e) = result {
         let _ = fs::remove_file(&partial);
         return Err(e);
     }
-    fs::rename(&partial, &opts.output).with_context(|| {
-        format!(
-            "renaming {} to {}",
-            partial.display(),
-            opts.output.display()
-        )
-    })?;
     eprintln!(
         "imprint: {} ({}): ESP {} MiB PARTUUID {}, payload {} ({} bytes)",
         opts.output.display(),
@@ -140,7 +159,8 @@ fn gather(opts: &BuildOptions) -> Result<Inputs> {
         Some(path) => {
             // Config::load names the file, line and column of a parse error.
             let parsed = Config::load(path)?;
-            let text = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            let text = imprint_core::input::read_bounded(path, imprint_core::input::limits::CONFIG)
+                .with_context(|| format!("reading {}", path.display()))?;
             (text, parsed.require_signature)
         }
         None => {
@@ -156,9 +176,14 @@ fn gather(opts: &BuildOptions) -> Result<Inputs> {
         seed::validate_seed_dir(dir)?;
         for name in [USER_DATA, META_DATA, NETWORK_CONFIG] {
             let path = dir.join(name);
-            if path.exists() {
-                let data =
-                    fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            if path.symlink_metadata().is_ok() {
+                // Checked by validate_seed_dir; read again the same way (no symbolic link,
+                // bounded), so a file swapped in meanwhile is not followed either.
+                let data = imprint_core::input::read_bounded_no_symlink(
+                    &path,
+                    imprint_core::input::limits::SEED_FILE,
+                )
+                .with_context(|| format!("reading {}", path.display()))?;
                 esp_files.insert(format!("{SEED_DIR}/{name}"), data);
             }
         }
@@ -197,7 +222,7 @@ fn gather(opts: &BuildOptions) -> Result<Inputs> {
     Ok(Inputs {
         esp_files,
         image_len,
-        image_name: image.manifest().name.clone(),
+        image_name: crate::commands::untrusted(&image.manifest().name),
     })
 }
 
@@ -262,19 +287,13 @@ fn plan(inputs: &Inputs) -> Result<StickLayout> {
 
 fn write_stick(
     path: &Path,
+    mut file: File,
     opts: &BuildOptions,
     inputs: &Inputs,
     layout: &StickLayout,
 ) -> Result<()> {
     let ctx = || format!("writing {}", path.display());
-    // Read and write: the gpt crate reads back what it sizes.
-    let mut file = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .with_context(ctx)?;
+    // Opened read and write (create_beside): the gpt crate reads back what it sizes.
     file.set_len(layout.size).with_context(ctx)?;
 
     let lb_size = LogicalBlockSize::Lb512;
@@ -408,6 +427,17 @@ mod tests {
     use super::*;
     use imprint_core::manifest::{pack, PackOptions};
 
+    /// No temporary file of the build is left in `dir`.
+    fn assert_no_partial(dir: &Path) {
+        let left: Vec<_> = fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".partial"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+
     /// A boot directory shaped like image-build/build's output, with small stand-in files (the
     /// stick writer copies bytes; it does not care what they boot).
     fn boot_dir(root: &Path) -> PathBuf {
@@ -469,7 +499,7 @@ mod tests {
         fs::write(seed.join(USER_DATA), "#cloud-config\nruncmd: [poweroff]\n").unwrap();
         opts.seed = Some(seed);
         let layout = build(&opts).unwrap();
-        assert!(!dir.path().join("stick.img.partial").exists());
+        assert_no_partial(dir.path());
         let len = fs::metadata(&opts.output).unwrap().len();
         assert_eq!(len, layout.size);
         assert_eq!(len % MIB, 0);
@@ -578,7 +608,7 @@ mod tests {
             "{err}"
         );
         assert!(!opts.output.exists());
-        assert!(!dir.path().join("stick.img.partial").exists());
+        assert_no_partial(dir.path());
     }
 
     #[test]

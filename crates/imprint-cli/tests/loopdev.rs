@@ -163,9 +163,15 @@ fn round_trip_moves_backup_gpt_and_verifies() {
     drop(lo);
     let got = std::fs::read(&disk).unwrap();
     let want = std::fs::read(&raw).unwrap();
-    // Byte for byte the image, except LBA 1 (the primary header now points at the new backup).
-    assert_eq!(&got[..512], &want[..512]);
-    assert_eq!(&got[1024..want.len()], &want[1024..]);
+    // Byte for byte the image, except: the protective MBR's size field (fitted to the disk),
+    // LBA 1 (the primary header now points at the new backup) and the image's old backup
+    // header in its last sector (cleared).
+    assert_eq!(&got[..446 + 12], &want[..446 + 12]);
+    let size_field = u32::from_le_bytes(got[446 + 12..446 + 16].try_into().unwrap());
+    assert_eq!(u64::from(size_field), got.len() as u64 / 512 - 1);
+    assert_eq!(&got[446 + 16..512], &want[446 + 16..512]);
+    assert_eq!(&got[1024..want.len() - 512], &want[1024..want.len() - 512]);
+    assert!(got[want.len() - 512..want.len()].iter().all(|&b| b == 0));
     // The backup header is at the disk's last LBA; past the image, the old bytes are untouched
     // except the backup entry array and header at the end.
     assert_eq!(&got[got.len() - 512..got.len() - 504], b"EFI PART");
@@ -336,7 +342,8 @@ fn verify_names_the_damaged_chunk() {
     std::fs::write(&disk, &bytes).unwrap();
     let lo = Loop::new(&disk, 512);
     let o = run(imprint().arg("verify").arg(&img).arg(&lo.dev));
-    assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
+    // 6: the disk does not hold the image (not an I/O failure).
+    assert_eq!(o.status.code(), Some(6), "{}", stderr(&o));
     assert!(
         stderr(&o).contains("chunk 1 (bytes 16777216..33554432)"),
         "{}",
@@ -455,8 +462,14 @@ fn flash_writes_a_verified_stick_and_refuses_non_usb_without_force() {
 #[test]
 fn disks_lists_this_machine_and_never_chooses_the_running_system() {
     let o = run(imprint().args(["disks", "--json"]));
-    assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    // Exit 4 exactly when the appliance would not install here (no candidate), else 0.
+    let expected = if v["selection"]["outcome"] == "no-candidate" {
+        4
+    } else {
+        0
+    };
+    assert_eq!(o.status.code(), Some(expected), "{}", stderr(&o));
     let disks = v["disks"].as_array().unwrap();
     assert!(!disks.is_empty(), "this machine has at least its root disk");
     assert!(disks

@@ -80,7 +80,7 @@ pub enum TargetError {
         /// What uses it.
         what: String,
     },
-    /// The kernel refused the exclusive open.
+    /// The kernel refused the exclusive open (or, for a file, the exclusive lock).
     #[error(
         "{path} is busy: another program holds it open exclusively (a mount, LVM, RAID, or another imprint); nothing was written"
     )]
@@ -88,6 +88,44 @@ pub enum TargetError {
         /// The target.
         path: PathBuf,
     },
+    /// The target does not exist and may not be created.
+    #[error("{path} does not exist; {hint}")]
+    Missing {
+        /// The target.
+        path: PathBuf,
+        /// What to do instead.
+        hint: &'static str,
+    },
+    /// The image and the target are the same storage: writing would destroy the image.
+    #[error("{target} would overwrite the image {image} itself: {why}; nothing was written")]
+    SameAsImage {
+        /// The target.
+        target: PathBuf,
+        /// The image.
+        image: PathBuf,
+        /// How they are the same.
+        why: String,
+    },
+}
+
+impl TargetError {
+    /// Whether the error happened while opening and checking the target, before anything was
+    /// written to it (a refusal), rather than during the write (a failure).
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            TargetError::Io { step, .. } => matches!(
+                *step,
+                "looking at"
+                    | "creating"
+                    | "opening"
+                    | "locking"
+                    | "reading the size of"
+                    | "reading the sector size of"
+                    | "finding the sysfs entry of"
+            ),
+            _ => true,
+        }
+    }
 }
 
 /// A disk (or file) opened for imaging.
@@ -100,12 +138,19 @@ pub struct Target {
     logical_sector_size: u32,
     physical_sector_size: u32,
     direct: bool,
+    /// `(st_dev, st_ino)` of the opened file: its identity, whatever path named it.
+    identity: (u64, u64),
+    /// For a block device, its device number.
+    rdev: Option<u64>,
+    /// This open created the file (a file target that did not exist before).
+    created: bool,
 }
 
 /// How to open a target.
 #[derive(Debug, Clone)]
 pub struct OpenOptionsTarget {
     /// For a regular file that does not exist yet or is empty: make it this size (sparse).
+    /// Never creates anything under `/dev` (a mistyped disk name is not a new file).
     pub file_size_if_new: Option<u64>,
     /// Sector size a regular file pretends to have (files have none; the image's is used).
     pub file_sector_size: u32,
@@ -139,7 +184,19 @@ impl Target {
         };
         let meta = match std::fs::metadata(path) {
             Ok(m) => Some(m),
-            Err(e) if e.kind() == io::ErrorKind::NotFound && opts.file_size_if_new.is_some() => {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if opts.file_size_if_new.is_none() {
+                    return Err(TargetError::Missing {
+                        path: path.to_owned(),
+                        hint: "give an existing whole-disk block device (see `lsblk`)",
+                    });
+                }
+                if under_dev(path) {
+                    return Err(TargetError::Missing {
+                        path: path.to_owned(),
+                        hint: "no such disk; imprint never creates files under /dev (see `lsblk` for the disks)",
+                    });
+                }
                 None
             }
             Err(e) => return Err(io_err("looking at")(e)),
@@ -172,6 +229,7 @@ impl Target {
             let size = ioctl_size(&file).map_err(io_err("reading the size of"))?;
             let (lss, pss) =
                 ioctl_sector_sizes(&file).map_err(io_err("reading the sector size of"))?;
+            let fm = file.metadata().map_err(io_err("looking at"))?;
             return Ok(Target {
                 path: path.to_owned(),
                 file,
@@ -180,6 +238,9 @@ impl Target {
                 logical_sector_size: lss,
                 physical_sector_size: pss,
                 direct: true,
+                identity: (fm.dev(), fm.ino()),
+                rdev: Some(fm.rdev()),
+                created: false,
             });
         }
         if meta.as_ref().is_some_and(|m| !m.file_type().is_file()) {
@@ -189,11 +250,18 @@ impl Target {
         }
         // A regular file: try O_DIRECT (bypasses the page cache like a disk), fall back where the
         // filesystem refuses it (tmpfs answers EINVAL).
+        if meta.is_none() {
+            // Created exclusively (`O_EXCL`): a dangling symbolic link or a file that appeared
+            // meanwhile is never followed or taken over.
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(path)
+                .map_err(io_err("creating"))?;
+        }
         let open = |direct: bool| {
             let mut oo = OpenOptions::new();
-            oo.read(true)
-                .write(!opts.read_only)
-                .create(!opts.read_only && opts.file_size_if_new.is_some());
+            oo.read(true).write(!opts.read_only);
             if direct {
                 oo.custom_flags(nix::libc::O_DIRECT);
             }
@@ -206,7 +274,44 @@ impl Target {
             }
             Err(e) => return Err(io_err("opening")(e)),
         };
-        let mut size = file.metadata().map_err(io_err("looking at"))?.len();
+        let created = meta.is_none();
+        let fm = file.metadata().map_err(io_err("looking at"))?;
+        // The block device's O_EXCL, for files: an exclusive lock for a writer (shared for a
+        // reader), so two imprints never write one file at once, nor verify it mid-write.
+        let lock = if opts.read_only {
+            nix::fcntl::FlockArg::LockSharedNonblock
+        } else {
+            nix::fcntl::FlockArg::LockExclusiveNonblock
+        };
+        #[allow(deprecated)] // nix's Flock guard owns the fd; the plain call keeps `File`.
+        if let Err(e) = nix::fcntl::flock(file.as_raw_fd(), lock) {
+            return Err(if e == nix::errno::Errno::EWOULDBLOCK {
+                TargetError::Busy {
+                    path: path.to_owned(),
+                }
+            } else {
+                io_err("locking")(e.into())
+            });
+        }
+        // A file behind a loop device is that device's disk: writing it under the loop device
+        // (and any filesystem mounted from it) corrupts what the kernel has cached and mounted.
+        if !opts.read_only {
+            let loops = loops_backed_by(&opts.sys_root, (fm.dev(), fm.ino()));
+            if !loops.is_empty() {
+                return Err(TargetError::InUse {
+                    path: path.to_owned(),
+                    what: format!(
+                        "it is the backing file of {}",
+                        loops
+                            .iter()
+                            .map(|l| format!("/dev/{l}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                });
+            }
+        }
+        let mut size = fm.len();
         if size == 0 {
             if let Some(new) = opts.file_size_if_new {
                 file.set_len(new).map_err(io_err("sizing"))?;
@@ -221,7 +326,72 @@ impl Target {
             logical_sector_size: opts.file_sector_size,
             physical_sector_size: opts.file_sector_size,
             direct,
+            identity: (fm.dev(), fm.ino()),
+            rdev: None,
+            created,
         })
+    }
+
+    /// Whether this open created the target file (so a failed write can remove it again).
+    pub fn created(&self) -> bool {
+        self.created
+    }
+
+    /// Refuses when writing this target would overwrite the image file `image` itself: the
+    /// same file (any path, hard link), a loop device backed by it, or the block device (or a
+    /// partition of it) whose filesystem holds it. Compared by device and inode numbers, not
+    /// by path text.
+    pub fn check_not_image(&self, image: &Path, sys_root: &Path) -> Result<(), TargetError> {
+        let Ok(im) = std::fs::metadata(image) else {
+            return Ok(());
+        };
+        let same = |why: String| {
+            Err(TargetError::SameAsImage {
+                target: self.path.clone(),
+                image: image.to_owned(),
+                why,
+            })
+        };
+        if im.file_type().is_block_device() && Some(im.rdev()) == self.rdev {
+            return same("they are the same block device".into());
+        }
+        if (im.dev(), im.ino()) == self.identity {
+            return same("they are the same file".into());
+        }
+        let Some(rdev) = self.rdev else {
+            return Ok(());
+        };
+        let Ok(sysdir) = std::fs::canonicalize(sys_root.join("dev/block").join(dev_string(rdev)))
+        else {
+            return Ok(());
+        };
+        let name = sysdir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if loops_backed_by(sys_root, (im.dev(), im.ino())).contains(&name) {
+            return same(format!("/dev/{name} is a loop device backed by the image"));
+        }
+        // The filesystem holding the image lives on the disk or one of its partitions.
+        let mut devs = vec![rdev];
+        if let Ok(entries) = std::fs::read_dir(&sysdir) {
+            for e in entries.flatten() {
+                if let Ok(d) = std::fs::read_to_string(e.path().join("dev")) {
+                    if let Some((ma, mi)) = d.trim().split_once(':') {
+                        if let (Ok(ma), Ok(mi)) = (ma.parse(), mi.parse()) {
+                            devs.push(nix::sys::stat::makedev(ma, mi));
+                        }
+                    }
+                }
+            }
+        }
+        if devs.contains(&im.dev()) {
+            return same(format!(
+                "the image is stored on /dev/{name} (device {})",
+                dev_string(im.dev())
+            ));
+        }
+        Ok(())
     }
 
     /// The target's path.
@@ -377,6 +547,47 @@ fn ioctl_sector_sizes(file: &File) -> io::Result<(u32, u32)> {
     // SAFETY: as above, `pss` is a valid unsigned int.
     unsafe { ioctl::blkpbszget(file.as_raw_fd(), &mut pss) }.map_err(io::Error::from)?;
     Ok((lss as u32, pss))
+}
+
+/// Whether `path` names something under `/dev` (where only the kernel makes nodes).
+fn under_dev(path: &Path) -> bool {
+    let abs = if path.is_absolute() {
+        path.to_owned()
+    } else {
+        std::env::current_dir().unwrap_or_default().join(path)
+    };
+    // The parent exists (the target does not): resolve it, so `/dev/../dev/x` and symlinks
+    // into /dev count too.
+    let parent = abs
+        .parent()
+        .and_then(|p| std::fs::canonicalize(p).ok())
+        .unwrap_or_else(|| abs.clone());
+    parent.starts_with("/dev") || abs.starts_with("/dev")
+}
+
+/// Names of the loop devices (`loop3`) whose backing file is the file with identity
+/// `(st_dev, st_ino)`, from `/sys/block/loop*/loop/backing_file`.
+pub fn loops_backed_by(sys_root: &Path, identity: (u64, u64)) -> Vec<String> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir(sys_root.join("block")) else {
+        return found;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("loop") {
+            continue;
+        }
+        let Ok(backing) = std::fs::read_to_string(e.path().join("loop/backing_file")) else {
+            continue;
+        };
+        if let Ok(m) = std::fs::metadata(backing.trim_end_matches('\n')) {
+            if (m.dev(), m.ino()) == identity {
+                found.push(name);
+            }
+        }
+    }
+    found.sort();
+    found
 }
 
 /// `major:minor` of a device number.

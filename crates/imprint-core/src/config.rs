@@ -9,7 +9,6 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::fs;
 use std::io;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -267,6 +266,36 @@ impl FromStr for Cidr {
     }
 }
 
+/// Whether a machine at `addr` can reach the gateway `gw` directly: in its subnet, an IPv6
+/// link-local router (the usual IPv6 default route), or an on-link gateway with a /31 or /32
+/// (some hosting networks).
+fn gateway_reachable(addr: &Cidr, gw: IpAddr) -> bool {
+    let link_local_v6 = matches!(gw, IpAddr::V6(g) if g.segments()[0] & 0xffc0 == 0xfe80);
+    let point_to_point_v4 = addr.addr.is_ipv4() && addr.prefix >= 31;
+    addr.contains(gw) || link_local_v6 || point_to_point_v4
+}
+
+impl Cidr {
+    /// Whether `ip` is in this address's subnet.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(a), IpAddr::V4(b)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(a) & mask == u32::from(b) & mask
+            }
+            (IpAddr::V6(a), IpAddr::V6(b)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(a) & mask == u128::from(b) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
 impl fmt::Display for Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.addr, self.prefix)
@@ -404,6 +433,24 @@ pub enum ConfigError {
 impl Config {
     /// Parses and validates a configuration.
     pub fn from_json(text: &str) -> Result<Config, ConfigError> {
+        // Editors on Windows save UTF-8 with a byte-order mark; JSON parsers do not expect one.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+        // serde maps a JSON array onto a struct's fields by position: `[]` or `[true]` would be
+        // taken as a configuration. Only an object is one.
+        if let Some((i, _)) = text
+            .char_indices()
+            .find(|(_, c)| !c.is_ascii_whitespace())
+            .filter(|(_, c)| *c == '[')
+        {
+            let line = text[..i].matches('\n').count() + 1;
+            let column = i - text[..i].rfind('\n').map_or(0, |n| n + 1) + 1;
+            return Err(ConfigError::Parse {
+                line,
+                column,
+                field: ".".to_string(),
+                message: "the configuration must be a JSON object ({ ... }), not an array".into(),
+            });
+        }
         let mut de = serde_json::Deserializer::from_str(text);
         let config: Config = serde_path_to_error::deserialize(&mut de).map_err(|e| {
             let field = e.path().to_string();
@@ -428,10 +475,12 @@ impl Config {
 
     /// Reads, parses and validates `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = crate::input::read_bounded_string(path, crate::input::limits::CONFIG).map_err(
+            |source| ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            },
+        )?;
         Config::from_json(&text).map_err(|e| ConfigError::InFile {
             path: path.to_path_buf(),
             error: Box::new(e),
@@ -568,6 +617,22 @@ impl Config {
             if m.mac.is_some_and(|mac| mac.is_zero()) {
                 issue(at("mac"), "00:00:00:00:00:00 identifies no NIC".into());
             }
+            for (field, mac) in [
+                ("mac", m.mac),
+                (
+                    "network.interface",
+                    m.network.as_ref().and_then(|n| n.interface),
+                ),
+            ] {
+                // Bit 0 of the first octet marks group (multicast/broadcast) addresses: no
+                // NIC has one as its own address.
+                if let Some(mac) = mac.filter(|m| m.0[0] & 1 == 1) {
+                    issue(
+                        at(field),
+                        format!("{mac} is a broadcast or multicast address, not a NIC's"),
+                    );
+                }
+            }
             for (k, v) in &keys {
                 if v.is_empty() || (*k != "mac" && crate::machine::is_placeholder_serial(v)) {
                     issue(
@@ -621,6 +686,37 @@ impl Config {
                         issue(
                             at("network.gateway"),
                             format!("{gw} is the machine's own address"),
+                        );
+                    } else if !gateway_reachable(&n.address, gw) {
+                        issue(
+                            at("network.gateway"),
+                            format!(
+                                "{gw} is outside {}'s subnet: the machine could not reach it",
+                                n.address
+                            ),
+                        );
+                    }
+                }
+                if let IpAddr::V4(a) = n.address.addr {
+                    if n.address.prefix <= 30 {
+                        let bits = u32::from(a);
+                        let host = u32::MAX >> n.address.prefix;
+                        if bits & host == 0 || bits & host == host {
+                            issue(
+                                at("network.address"),
+                                format!(
+                                    "{} is the network or broadcast address of its subnet",
+                                    n.address
+                                ),
+                            );
+                        }
+                    }
+                }
+                for (j, d) in n.search.iter().enumerate() {
+                    if let Err(msg) = check_hostname(d.trim_end_matches('.')) {
+                        issue(
+                            at(&format!("network.search[{j}]")),
+                            format!("not a DNS domain: {msg}"),
                         );
                     }
                 }
@@ -722,6 +818,7 @@ pub fn check_hostname_pattern(p: &str) -> Result<(), String> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use std::fs;
 
     #[test]
     fn empty_object_is_the_default() {
@@ -904,7 +1001,13 @@ mod tests {
         ));
         assert_eq!(got.len(), 2, "{got:#?}");
         assert_eq!(got[0].field, "trusted_keys[1]");
-        assert!(got[0].message.contains("RWQ-not-a-key"), "{}", got[0]);
+        // Named by position, never echoed: a pasted secret key must not reach a log.
+        assert!(!got[0].message.contains("RWQ-not-a-key"), "{}", got[0]);
+        assert!(
+            got[0].message.contains("not a minisign public key"),
+            "{}",
+            got[0]
+        );
         assert_eq!(got[1].field, "trusted_keys[2]");
         assert!(got[1].message.contains(&key.id().to_string()), "{}", got[1]);
         // Not a typo-tolerant field either.
@@ -960,5 +1063,114 @@ mod tests {
         );
         // A broken file is still an error, not silently the default.
         assert!(Config::load_or_default(&p).is_err());
+    }
+
+    #[test]
+    fn weak_network_entries_are_refused() {
+        let cfg = |mac: &str, network: &str| {
+            format!(
+                r#"{{"seed": {{"machines": [{{"mac": "{mac}", "hostname": "n1", "network": {network}}}]}}}}"#
+            )
+        };
+        let got = issues(&cfg(
+            "ff:ff:ff:ff:ff:ff",
+            r#"{"address": "192.168.1.54/24", "gateway": "10.0.0.1", "search": ["lab", "bad_domain!"]}"#,
+        ));
+        let text: Vec<String> = got.iter().map(|i| i.to_string()).collect();
+        assert!(
+            text.iter().any(|t| t.contains("seed.machines[0].mac")
+                && t.contains("ff:ff:ff:ff:ff:ff is a broadcast or multicast address")),
+            "{text:#?}"
+        );
+        assert!(
+            text.iter()
+                .any(|t| t.contains("10.0.0.1 is outside 192.168.1.54/24's subnet")),
+            "{text:#?}"
+        );
+        assert!(
+            text.iter().any(|t| t.contains("network.search[1]")),
+            "{text:#?}"
+        );
+        assert!(
+            !text.iter().any(|t| t.contains("network.search[0]")),
+            "{text:#?}"
+        );
+        assert_eq!(got.len(), 3, "{text:#?}");
+        let got = issues(&cfg(
+            "01:00:5e:00:00:01",
+            r#"{"address": "192.168.1.255/24", "interface": "33:33:00:00:00:01"}"#,
+        ));
+        assert_eq!(got.len(), 3, "{got:#?}");
+        // Good entries pass: an IPv6 link-local gateway, a /32 with an on-link gateway.
+        for network in [
+            r#"{"address": "2001:db8::54/64", "gateway": "fe80::1"}"#,
+            r#"{"address": "203.0.113.9/32", "gateway": "172.31.1.1"}"#,
+            r#"{"address": "192.168.1.54/24", "gateway": "192.168.1.1", "search": ["lab.example.com."]}"#,
+        ] {
+            let c = Config::from_json(&cfg("aa:bb:cc:00:00:01", network));
+            assert!(c.is_ok(), "{network}: {c:?}");
+        }
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_accepted_and_an_array_is_not_a_config() {
+        let c = Config::from_json("\u{feff}{\"require_signature\": true}").unwrap();
+        assert!(c.require_signature);
+        for text in ["[]", "  \n [true]"] {
+            let e = Config::from_json(text).unwrap_err();
+            assert!(
+                e.to_string()
+                    .contains("the configuration must be a JSON object ({ ... }), not an array"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_fifo_or_huge_config_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let fifo = t.path().join("fifo.json");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let e = Config::load(&fifo).unwrap_err();
+        let chain = format!("{e}: {}", std::error::Error::source(&e).unwrap());
+        assert!(chain.contains("FIFO"), "{chain}");
+        let big = t.path().join("big.json");
+        fs::write(
+            &big,
+            vec![b' '; (crate::input::limits::CONFIG + 1) as usize],
+        )
+        .unwrap();
+        let e = Config::load(&big).unwrap_err();
+        let chain = format!("{e}: {}", std::error::Error::source(&e).unwrap());
+        assert!(chain.contains("limit"), "{chain}");
+    }
+}
+
+/// Property tests: any text is parsed into a valid configuration or refused with an error
+/// carrying a position; never a panic. `PROPTEST_CASES=100000` runs them longer.
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_text_never_panics(text in any::<String>()) {
+            if let Ok(c) = Config::from_json(&text) {
+                prop_assert!(c.validate().is_ok());
+            }
+        }
+
+        #[test]
+        fn json_shaped_text_never_panics(
+            text in r#"\u{feff}?[ \n]*[\[{]("[a-z_]{0,12}"|[:,\[\]{} 0-9.-]|true|false|null){0,40}"#,
+        ) {
+            match Config::from_json(&text) {
+                Ok(c) => prop_assert!(c.validate().is_ok()),
+                Err(e) => prop_assert!(!e.to_string().is_empty()),
+            }
+        }
     }
 }

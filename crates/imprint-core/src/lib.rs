@@ -9,6 +9,7 @@
 //!   last, move the backup GPT.
 //! - [`verify`]: reading a target back and proving it holds an image.
 //! - [`gpt_table`]: the one GPT reader and layout (guarded, entries kept verbatim).
+//! - [`input`]: opening user-given files: non-regular files refused, small files size-capped.
 //! - [`progress`]: progress events for terminals, logs and the appliance (`--json`).
 //! - [`report`]: the typed install report the appliance writes to the stick.
 //! - [`discover`], [`select`], [`config`], [`seed`]: what the appliance needs to find the
@@ -21,6 +22,7 @@ pub mod blockdev;
 pub mod config;
 pub mod discover;
 pub mod gpt_table;
+pub mod input;
 pub mod loopdev;
 pub mod machine;
 pub mod manifest;

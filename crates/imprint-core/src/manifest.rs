@@ -356,7 +356,8 @@ impl Image {
             path: path.to_owned(),
             source,
         };
-        let mut file = File::open(path).map_err(io_err)?;
+        // A FIFO or character device would hang or never end: refused before reading.
+        let mut file = crate::input::open_regular(path, true).map_err(io_err)?;
         // A block device (the stick's payload partition) reports length 0 in its metadata and
         // is usually larger than the image it holds: measure it by seeking, allow slack after.
         let is_block = {
@@ -707,8 +708,8 @@ impl<W: Write> Write for HashingWriter<W> {
 
 /// Compresses a raw disk image into an imprint image at `out`, returning its manifest.
 ///
-/// The payload is compressed into `OUT.payload.partial` first (the manifest needs its size and
-/// digests), then `OUT.partial` gets the manifest frame and the payload, and is renamed to `OUT`
+/// The payload is compressed into a fresh `.OUT.…payload.partial` beside it first (the manifest needs its size and
+/// digests), then a fresh `.OUT.…partial` gets the manifest frame and the payload, and is renamed to `OUT`
 /// only when complete: an interrupted run never leaves a file that looks like a finished image.
 /// `on_progress` is called with the raw bytes consumed so far.
 pub fn pack(
@@ -721,7 +722,7 @@ pub fn pack(
 }
 
 /// Like [`pack`], and with a `signer` the manifest JSON is signed and the signature frame
-/// written right after the manifest frame, before `OUT.partial` is renamed: a signed image
+/// written right after the manifest frame, before the partial file is renamed: a signed image
 /// never exists unsigned under its final name.
 pub fn pack_signed(
     raw: &mut dyn Read,
@@ -730,13 +731,27 @@ pub fn pack_signed(
     signer: Option<Signer<'_>>,
     on_progress: &mut dyn FnMut(u64),
 ) -> Result<Manifest, PackError> {
-    let payload_path = with_suffix(out, ".payload.partial");
-    let partial_path = with_suffix(out, ".partial");
+    // Fresh, exclusively created names in the output's folder: a file or a symbolic link
+    // someone put at `OUT.partial` is never opened, let alone followed.
+    let werr = |source| PackError::Write {
+        path: out.to_owned(),
+        source,
+    };
+    let (payload_path, payload_file) =
+        crate::input::create_beside(out, "payload.partial").map_err(werr)?;
+    let (partial_path, partial_file) = match crate::input::create_beside(out, "partial") {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = std::fs::remove_file(&payload_path);
+            crate::input::unregister_temporary(&payload_path);
+            return Err(werr(e));
+        }
+    };
     let result = pack_inner(
         raw,
         out,
-        &payload_path,
-        &partial_path,
+        (&payload_path, payload_file),
+        (&partial_path, partial_file),
         opts,
         signer,
         on_progress,
@@ -745,20 +760,16 @@ pub fn pack_signed(
     if result.is_err() {
         let _ = std::fs::remove_file(&partial_path);
     }
+    crate::input::unregister_temporary(&payload_path);
+    crate::input::unregister_temporary(&partial_path);
     result
-}
-
-fn with_suffix(p: &Path, suffix: &str) -> PathBuf {
-    let mut s = p.as_os_str().to_owned();
-    s.push(suffix);
-    PathBuf::from(s)
 }
 
 fn pack_inner(
     raw: &mut dyn Read,
     out: &Path,
-    payload_path: &Path,
-    partial_path: &Path,
+    (payload_path, payload_file): (&Path, File),
+    (partial_path, mut outf): (&Path, File),
     opts: &PackOptions,
     signer: Option<Signer<'_>>,
     on_progress: &mut dyn FnMut(u64),
@@ -767,7 +778,6 @@ fn pack_inner(
         let path = path.to_owned();
         move |source| PackError::Write { path, source }
     };
-    let payload_file = File::create(payload_path).map_err(werr(payload_path))?;
     let hw = HashingWriter {
         inner: io::BufWriter::with_capacity(1 << 20, payload_file),
         hasher: Sha256::new(),
@@ -851,7 +861,6 @@ fn pack_inner(
         None => None,
     };
 
-    let mut outf = File::create(partial_path).map_err(werr(partial_path))?;
     outf.write_all(&skippable_frame(MANIFEST_FRAME_MAGIC, MANIFEST_TAG, &json))
         .map_err(werr(partial_path))?;
     if let Some(frame) = &sig_frame {
@@ -900,7 +909,11 @@ pub(crate) mod tests {
             .logical_block_size(lb)
             .create_from_device(&mut disk, Some(uuid::Uuid::from_u128(0x1234)))
             .unwrap();
-        let first = (1u64 << 20) / ss as u64;
+        let first = if size >= 4 << 20 {
+            1u64 << 20
+        } else {
+            64 << 10
+        } / ss as u64;
         let len = (size / ss) as u64 - first - (64 << 10) / ss as u64;
         g.add_partition_at("data", 1, first, len, gpt::partition_types::LINUX_FS, 0)
             .unwrap();
@@ -1021,7 +1034,77 @@ pub(crate) mod tests {
         let out = dir.path().join("f.img.zst");
         let e = pack(&mut &raw[..], &out, &opts, &mut |_| {}).unwrap_err();
         assert!(e.to_string().contains("multiple"), "{e}");
-        assert!(!out.exists());
-        assert!(!with_suffix(&out, ".partial").exists());
+        // Nothing left behind: no image, no temporary file.
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+}
+
+/// Property tests: whatever bytes an image file holds, opening it never panics, never
+/// allocates more than the format allows, and anything it accepts is a consistent manifest.
+/// `PROPTEST_CASES=100000 cargo test -p imprint-core proptests` runs them longer.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod proptests {
+    use super::tests::{fake_gpt_raw, pack_bytes};
+    use super::*;
+    use proptest::prelude::*;
+
+    fn valid_image() -> Vec<u8> {
+        static IMAGE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+        IMAGE
+            .get_or_init(|| {
+                let dir = tempfile::tempdir().unwrap();
+                let out = dir.path().join("p.img.zst");
+                pack_bytes(&fake_gpt_raw(1 << 20, 512), &out);
+                std::fs::read(&out).unwrap()
+            })
+            .clone()
+    }
+
+    fn open_bytes(bytes: &[u8]) -> Result<Image, ImageError> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.img.zst");
+        std::fs::write(&p, bytes).unwrap();
+        Image::open(&p)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            let _ = open_bytes(&bytes);
+        }
+
+        #[test]
+        fn arbitrary_manifest_frames_are_refused_or_consistent(
+            len in 0u32..u32::MAX,
+            json in proptest::collection::vec(any::<u8>(), 0..512),
+        ) {
+            let mut b = MANIFEST_FRAME_MAGIC.to_le_bytes().to_vec();
+            b.extend_from_slice(&len.to_le_bytes());
+            b.extend_from_slice(MANIFEST_TAG);
+            b.extend_from_slice(&json);
+            if let Ok(img) = open_bytes(&b) {
+                prop_assert!(img.manifest().validate().is_ok());
+            }
+        }
+
+        #[test]
+        fn corrupted_valid_images_are_refused_or_consistent(
+            flips in proptest::collection::vec((0usize..2048, any::<u8>()), 1..8),
+        ) {
+            let mut b = valid_image();
+            for (at, x) in flips {
+                let i = at % b.len();
+                b[i] ^= x | 1;
+            }
+            if let Ok(img) = open_bytes(&b) {
+                prop_assert!(img.manifest().validate().is_ok());
+                // The payload digest then decides; it must not panic either.
+                let _ = img.check_payload_digest();
+            }
+        }
     }
 }

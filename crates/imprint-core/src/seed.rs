@@ -37,6 +37,9 @@ pub const CIDATA_LABEL: &str = "CIDATA";
 /// Size of the seed partition. Small enough to cost nothing, large enough for user-data with
 /// embedded files; a whole number of MiB so it stays aligned on 512- and 4096-byte disks.
 pub const CIDATA_SIZE: u64 = 8 << 20;
+/// The most template bytes a seed folder may hold: the partition less FAT overhead (1 MiB)
+/// and room for what rendering adds (64 KiB).
+pub const SEED_TEMPLATE_CAPACITY: u64 = CIDATA_SIZE - (1 << 20) - (64 << 10);
 /// Where NoCloud looks on the root filesystem, relative to its mount point.
 pub const ROOTFS_SEED_DIR: &str = "var/lib/cloud/seed/nocloud";
 /// The NoCloud file names.
@@ -187,8 +190,10 @@ pub enum SeedError {
     },
 }
 
+/// Reads a seed template if present: a regular file only (never a symbolic link, a FIFO or a
+/// device), at most [`crate::input::limits::SEED_FILE`] bytes.
 fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, SeedError> {
-    match fs::read(path) {
+    match crate::input::read_bounded_no_symlink(path, crate::input::limits::SEED_FILE) {
         Ok(b) => Ok(Some(b)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(SeedError::Read {
@@ -216,11 +221,11 @@ fn classify_user_data(path: &Path, data: &[u8]) -> Result<UserDataKind, SeedErro
     } else {
         Err(SeedError::Template {
             path: path.to_path_buf(),
-            reason: format!(
-                "first line {first:?} is not a kind cloud-init runs; start with \
-                 \"#cloud-config\", \"#!\" (a script), \"## template: jinja\", or use a MIME \
-                 multipart archive"
-            ),
+            // The line itself is not shown: the file may be anything (a password hash).
+            reason: "its first line is not a kind cloud-init runs; start with \
+                     \"#cloud-config\", \"#!\" (a script), \"## template: jinja\", or use a MIME \
+                     multipart archive"
+                .into(),
         })
     }
 }
@@ -366,6 +371,17 @@ pub fn validate_seed_dir(dir: &Path) -> Result<SeedTemplates, SeedError> {
         }
         None => None,
     };
+
+    // The templates must fit the seed partition the appliance writes (with room for the
+    // instance-id and network stanza rendering adds): found here, not on the machine.
+    let size = (user_data.len() + network_config.as_ref().map_or(0, Vec::len)) as u64
+        + fs::metadata(&md_path).map_or(0, |m| m.len());
+    if size > SEED_TEMPLATE_CAPACITY {
+        return Err(SeedError::TooLarge {
+            size,
+            capacity: SEED_TEMPLATE_CAPACITY,
+        });
+    }
 
     Ok(SeedTemplates {
         user_data,

@@ -49,14 +49,23 @@ impl TrustedKey {
             origin: origin.to_owned(),
             reason,
         };
+        // The text is never echoed: a user who pastes the wrong line may have pasted a secret
+        // key, and an error message ends up in terminals, logs and reports.
         let b64 = b64.trim();
+        if base64_decode(b64).is_some_and(|raw| raw.len() > 42) {
+            return Err(bad(
+                "this is not a public key and looks like a minisign SECRET key; give the public \
+                 key (the .pub file, or its second line) and keep the secret key private"
+                    .into(),
+            ));
+        }
         let key = minisign_verify::PublicKey::from_base64(b64).map_err(|e| {
             bad(format!(
-                "{b64:?} is not a minisign public key (the second line of a .pub file): {e}"
+                "it is not a minisign public key (the second line of a .pub file): {e}"
             ))
         })?;
         // minisign-verify checked the length and algorithm; it does not expose the key id.
-        let raw = base64_decode(b64).ok_or_else(|| bad(format!("{b64:?} is not base64")))?;
+        let raw = base64_decode(b64).ok_or_else(|| bad("it is not base64".into()))?;
         let id = key_id_at(&raw, 2).ok_or_else(|| bad("too short for a key id".into()))?;
         Ok(TrustedKey {
             id,
@@ -67,6 +76,18 @@ impl TrustedKey {
 
     /// Parses the text of a minisign `.pub` file (an untrusted comment line, then the key).
     pub fn from_pub_file_text(text: &str, origin: &str) -> Result<TrustedKey, SignatureError> {
+        if text
+            .lines()
+            .next()
+            .is_some_and(|l| l.starts_with("untrusted comment:") && l.contains("secret key"))
+        {
+            return Err(SignatureError::BadKey {
+                origin: origin.to_owned(),
+                reason: "this is a minisign SECRET key file, not a public key; give the .pub \
+                         file and keep the secret key private"
+                    .into(),
+            });
+        }
         let line = text
             .lines()
             .map(str::trim)
@@ -114,7 +135,8 @@ pub fn load_key_dir(dir: &Path) -> Result<Vec<TrustedKey>, SignatureError> {
     paths
         .iter()
         .map(|p| {
-            let text = std::fs::read_to_string(p).map_err(read_err(p))?;
+            let text = crate::input::read_bounded_string(p, crate::input::limits::KEY)
+                .map_err(read_err(p))?;
             TrustedKey::from_pub_file_text(&text, &p.display().to_string())
         })
         .collect()
@@ -386,6 +408,29 @@ pub(crate) mod tests {
         let pub_text = kp.pk.to_box().unwrap().into_string();
         let trusted = TrustedKey::from_base64(&kp.pk.to_base64(), "test").unwrap();
         (kp.sk, trusted, pub_text)
+    }
+
+    #[test]
+    fn a_secret_key_given_as_trusted_is_refused_without_echoing_it() {
+        let kp = minisign::KeyPair::generate_unencrypted_keypair().unwrap();
+        let sk_text = kp.sk.to_box(None).unwrap().into_string();
+        let sk_b64 = sk_text.lines().nth(1).unwrap();
+        for e in [
+            TrustedKey::from_pub_file_text(&sk_text, "k.key").unwrap_err(),
+            TrustedKey::from_base64(sk_b64, "trusted_keys[0]").unwrap_err(),
+            TrustedKey::from_base64(&sk_b64[..60], "trusted_keys[0]").unwrap_err(),
+        ] {
+            let msg = e.to_string();
+            assert!(!msg.contains(&sk_b64[..20]), "{msg}");
+            assert!(
+                msg.contains("SECRET key") || msg.contains("not a minisign public key"),
+                "{msg}"
+            );
+        }
+        let msg = TrustedKey::from_base64(sk_b64, "trusted_keys[0]")
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("looks like a minisign SECRET key"), "{msg}");
     }
 
     fn pack_with(raw: &[u8], out: &Path, sk: Option<&minisign::SecretKey>) {

@@ -19,7 +19,23 @@ pub enum Qcow2Error {
     /// The image is damaged.
     #[error("damaged qcow2 image: {0}")]
     Corrupt(String),
+    /// Reading one of the image's structures failed.
+    #[error("damaged qcow2 image: reading {what}")]
+    At {
+        /// The structure and its offset ("the L1 table at offset 196608").
+        what: String,
+        /// What failed.
+        #[source]
+        source: io::Error,
+    },
 }
+
+/// qemu's own limit on the L1 table (`QCOW_MAX_L1_SIZE`, 32 MiB): bounds the allocation
+/// whatever the header claims.
+const MAX_L1_BYTES: u64 = 32 << 20;
+/// The largest virtual disk accepted: far beyond any disk imprint writes, small enough that a
+/// few-MiB file claiming petabytes is refused at once instead of expanding zeros for hours.
+pub const MAX_VIRTUAL_SIZE: u64 = 16 << 40;
 
 const L2_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const COMPRESSED_FLAG: u64 = 1 << 62;
@@ -132,7 +148,15 @@ impl<R: Read + Seek> Qcow2Reader<R> {
             }
         }
         let hdr = parse_header(&h)?;
+        let file_len = inner.seek(SeekFrom::End(0))?;
         let cs = 1u64 << hdr.cluster_bits;
+        if hdr.size > MAX_VIRTUAL_SIZE {
+            return Err(Qcow2Error::Corrupt(format!(
+                "the header claims a {}-byte virtual disk, more than the {MAX_VIRTUAL_SIZE}-byte \
+                 limit (the file holds {file_len} bytes)",
+                hdr.size
+            )));
+        }
         let needed_l1 = hdr.size.div_ceil(cs * (cs / 8));
         if u64::from(hdr.l1_size) < needed_l1 {
             return Err(Qcow2Error::Corrupt(format!(
@@ -140,9 +164,32 @@ impl<R: Read + Seek> Qcow2Reader<R> {
                 hdr.l1_size, needed_l1
             )));
         }
-        inner.seek(SeekFrom::Start(hdr.l1_table_offset))?;
-        let mut raw = vec![0u8; hdr.l1_size as usize * 8];
-        inner.read_exact(&mut raw)?;
+        let l1_bytes = u64::from(hdr.l1_size) * 8;
+        if l1_bytes > MAX_L1_BYTES {
+            return Err(Qcow2Error::Corrupt(format!(
+                "the L1 table of {} entries ({l1_bytes} bytes) is larger than qemu allows \
+                 ({MAX_L1_BYTES} bytes)",
+                hdr.l1_size
+            )));
+        }
+        if hdr
+            .l1_table_offset
+            .checked_add(l1_bytes)
+            .is_none_or(|end| end > file_len)
+        {
+            return Err(Qcow2Error::Corrupt(format!(
+                "the L1 table ({l1_bytes} bytes at offset {}) runs past the end of the \
+                 {file_len}-byte file",
+                hdr.l1_table_offset
+            )));
+        }
+        let at = |what: String| move |source| Qcow2Error::At { what, source };
+        let l1_what = || format!("the L1 table at offset {}", hdr.l1_table_offset);
+        inner
+            .seek(SeekFrom::Start(hdr.l1_table_offset))
+            .map_err(at(l1_what()))?;
+        let mut raw = vec![0u8; l1_bytes as usize];
+        inner.read_exact(&mut raw).map_err(at(l1_what()))?;
         let l1 = raw.chunks_exact(8).map(|c| be64(c, 0)).collect();
         Ok(Qcow2Reader {
             inner,
@@ -175,8 +222,19 @@ impl<R: Read + Seek> Qcow2Reader<R> {
         }
         if self.l2.as_ref().map(|(i, _)| *i) != Some(l1_idx) {
             let mut raw = vec![0u8; cs as usize];
-            self.inner.seek(SeekFrom::Start(l2_off))?;
-            self.inner.read_exact(&mut raw)?;
+            let what = || format!("the L2 table at offset {l2_off} (L1 entry {l1_idx})");
+            self.inner
+                .seek(SeekFrom::Start(l2_off))
+                .map_err(|source| Qcow2Error::At {
+                    what: what(),
+                    source,
+                })?;
+            self.inner
+                .read_exact(&mut raw)
+                .map_err(|source| Qcow2Error::At {
+                    what: what(),
+                    source,
+                })?;
             self.l2 = Some((l1_idx, raw.chunks_exact(8).map(|c| be64(c, 0)).collect()));
         }
         let entry = self.l2.as_ref().map(|(_, t)| t[l2_idx]).unwrap_or(0);
@@ -186,7 +244,12 @@ impl<R: Read + Seek> Qcow2Reader<R> {
             let sectors = (entry >> x) & ((1u64 << (62 - x)) - 1);
             let len = (sectors + 1) * 512 - (host & 511);
             self.compressed.resize(len as usize, 0);
-            self.inner.seek(SeekFrom::Start(host))?;
+            self.inner
+                .seek(SeekFrom::Start(host))
+                .map_err(|source| Qcow2Error::At {
+                    what: format!("the compressed cluster {vcluster} at offset {host}"),
+                    source,
+                })?;
             // The last compressed cluster may end before the stated length at end of file.
             let got = read_up_to(&mut self.inner, &mut self.compressed)?;
             let data = &self.compressed[..got];
@@ -206,8 +269,19 @@ impl<R: Read + Seek> Qcow2Reader<R> {
             self.cluster.fill(0);
             return Ok(());
         }
-        self.inner.seek(SeekFrom::Start(host))?;
-        self.inner.read_exact(&mut self.cluster)?;
+        let what = || format!("the data of cluster {vcluster} at offset {host}");
+        self.inner
+            .seek(SeekFrom::Start(host))
+            .map_err(|source| Qcow2Error::At {
+                what: what(),
+                source,
+            })?;
+        self.inner
+            .read_exact(&mut self.cluster)
+            .map_err(|source| Qcow2Error::At {
+                what: what(),
+                source,
+            })?;
         Ok(())
     }
 }
@@ -234,6 +308,10 @@ impl<R: Read + Seek> Read for Qcow2Reader<R> {
         if self.loaded != Some(base) {
             self.load_cluster(vcluster).map_err(|e| match e {
                 Qcow2Error::Io(e) => e,
+                Qcow2Error::At { what, source } => io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("damaged qcow2 image: reading {what}: {source}"),
+                ),
                 other => io::Error::new(io::ErrorKind::InvalidData, other.to_string()),
             })?;
             self.loaded = Some(base);
@@ -254,6 +332,61 @@ impl<R: Read + Seek> Read for Qcow2Reader<R> {
 mod tests {
     use super::*;
     use std::process::Command;
+
+    /// A version-2 qcow2 header with 64 KiB clusters, `size` and an L1 table of `l1_size`
+    /// entries at `l1_off`, padded to `file_len` bytes.
+    fn header(size: u64, l1_size: u32, l1_off: u64, file_len: usize) -> Vec<u8> {
+        let mut h = vec![0u8; file_len.max(72)];
+        h[0..4].copy_from_slice(b"QFI\xfb");
+        h[4..8].copy_from_slice(&2u32.to_be_bytes());
+        h[20..24].copy_from_slice(&16u32.to_be_bytes());
+        h[24..32].copy_from_slice(&size.to_be_bytes());
+        h[36..40].copy_from_slice(&l1_size.to_be_bytes());
+        h[40..48].copy_from_slice(&l1_off.to_be_bytes());
+        h
+    }
+
+    #[test]
+    fn absurd_claims_are_refused_without_allocating_them() {
+        // An L1 table of 2^32-1 entries (32 GiB) claimed by a 64 KiB file.
+        let e = Qcow2Reader::new(io::Cursor::new(header(1 << 30, u32::MAX, 65536, 65536)))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("the L1 table of 4294967295 entries"), "{e}");
+        // A table qemu would allow, but past the end of the file.
+        let e = Qcow2Reader::new(io::Cursor::new(header(1 << 30, 16, 1 << 40, 65536)))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "damaged qcow2 image: the L1 table (128 bytes at offset 1099511627776) runs past \
+             the end of the 65536-byte file"
+        );
+        // 32 TiB claimed by a tiny file: refused at once, not hours of zeros.
+        let e = Qcow2Reader::new(io::Cursor::new(header(32 << 40, 1 << 20, 512, 9 << 20)))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("claims a 35184372088832-byte virtual disk, more than the"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_l2_table_past_the_end_is_named() {
+        // One L1 entry pointing far beyond the file.
+        let mut f = header(1 << 20, 1, 512, 4096);
+        f[512..520].copy_from_slice(&(1u64 << 40).to_be_bytes());
+        let mut r = Qcow2Reader::new(io::Cursor::new(f)).unwrap();
+        let mut buf = vec![0u8; 4096];
+        let e = r.read(&mut buf).unwrap_err().to_string();
+        assert!(
+            e.starts_with(
+                "damaged qcow2 image: reading the L2 table at offset 1099511627776 (L1 entry 0)"
+            ),
+            "{e}"
+        );
+    }
 
     fn pattern(size: usize) -> Vec<u8> {
         let mut v = vec![0u8; size];
@@ -316,5 +449,36 @@ mod tests {
             .success());
         let e = Qcow2Reader::new(std::fs::File::open(&over).unwrap()).unwrap_err();
         assert!(e.to_string().contains("backing file"), "{e}");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 512,
+            ..proptest::prelude::ProptestConfig::default()
+        })]
+
+        /// Any header fields and table contents: refused with an error, or read (the first
+        /// MiB at most) without panicking and without allocating what the header claims.
+        #[test]
+        fn arbitrary_headers_and_tables_never_panic(
+            version in 2u32..=3,
+            cluster_bits in proptest::prop_oneof![0u32..40, 9u32..=21],
+            size in proptest::prop_oneof![proptest::prelude::any::<u64>(), 0u64..(1 << 30)],
+            l1_size in proptest::prop_oneof![proptest::prelude::any::<u32>(), 0u32..4, 0u32..64],
+            l1_off in 0u64..(1 << 17),
+            incompatible in proptest::prop_oneof![proptest::prelude::any::<u64>(), 0u64..32],
+            tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..65536),
+        ) {
+            let mut f = header(size, l1_size, l1_off, 112);
+            f[4..8].copy_from_slice(&version.to_be_bytes());
+            f[20..24].copy_from_slice(&cluster_bits.to_be_bytes());
+            f[72..80].copy_from_slice(&incompatible.to_be_bytes());
+            f[100..104].copy_from_slice(&104u32.to_be_bytes());
+            f.extend_from_slice(&tail);
+            if let Ok(r) = Qcow2Reader::new(io::Cursor::new(f)) {
+                let mut sink = Vec::new();
+                let _ = r.take(1 << 20).read_to_end(&mut sink);
+            }
+        }
     }
 }
