@@ -17,6 +17,21 @@ use crate::prepare::{self, PrepareArgs};
 
 /// Exit status for an error (documented in `imprint --help`).
 pub fn exit_code(e: &anyhow::Error) -> u8 {
+    // Download failures travel as `io::Error`s through the decoder: find them first, so a
+    // lost server is not reported as a bad image.
+    for cause in e.chain() {
+        if let Some(inner) = cause
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            if inner.is::<imprint_core::remote::RemoteError>() {
+                return 6;
+            }
+            if inner.is::<imprint_core::manifest::FileDigestMismatch>() {
+                return 3;
+            }
+        }
+    }
     for cause in e.chain() {
         if let Some(w) = cause.downcast_ref::<WriteError>() {
             return match w {
@@ -194,7 +209,7 @@ fn print_manifest(m: &Manifest, path: &Path) {
 
 /// `imprint inspect`.
 pub fn inspect(image: &Path, json: bool, check: bool, trust: &[std::path::PathBuf]) -> Result<()> {
-    let img = Image::open(image)?;
+    let img = crate::fetch::open_image(image, None)?;
     if check {
         img.check_payload_digest()?;
     }
@@ -301,8 +316,9 @@ pub fn write(
     precheck: bool,
     yes: bool,
     json: bool,
+    sha256: Option<&str>,
 ) -> Result<()> {
-    let img = Image::open(image)?;
+    let img = crate::fetch::open_image(image, sha256)?;
     let m = img.manifest();
     let opts = OpenOptionsTarget {
         file_size_if_new: Some(m.raw_size),
@@ -329,7 +345,7 @@ pub fn write(
         ..Default::default()
     };
     let report = write::write_image(&img, &tgt, &wopts, progress.as_ref())
-        .with_context(|| format!("writing {} to {}", image.display(), target.display()))?;
+        .with_context(|| format!("writing {} to {}", img.path().display(), target.display()))?;
     drop(progress);
     if json {
         println!(
@@ -384,7 +400,7 @@ pub fn write(
 
 /// `imprint verify`.
 pub fn verify(image: &Path, target: &Path, json: bool) -> Result<()> {
-    let img = Image::open(image)?;
+    let img = crate::fetch::open_image(image, None)?;
     let m = img.manifest();
     if !target.exists() {
         bail!("{} does not exist", target.display());

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod commands;
+mod fetch;
 mod flash;
 mod prepare;
 mod sign;
@@ -20,7 +21,8 @@ mod stick;
     after_help = "Exit status: 0 success; 1 other error; 2 usage; 3 the image is bad \
 (corrupt, truncated, not an imprint image, or its signature does not check out with --trust); 4 the target was refused before anything was written \
 (too small, in use, wrong sector size, not confirmed); 5 the target failed (I/O error, \
-read-back mismatch)."
+read-back mismatch); 6 the image could not be downloaded (HTTP error, server unreachable or \
+gone, or the file changed on the server)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -51,7 +53,8 @@ enum Command {
     /// The partition table is written last, after the whole image was read back and matched: a
     /// failed or interrupted write leaves a disk with no partition table.
     Write {
-        /// The imprint image (.img.zst).
+        /// The imprint image (.img.zst): a file, or an http:// or https:// URL (streamed,
+        /// resuming over dropped connections).
         image: PathBuf,
         /// Whole-disk block device or regular file.
         target: PathBuf,
@@ -67,6 +70,10 @@ enum Command {
         /// Print JSON progress events and a JSON result on standard output.
         #[arg(long)]
         json: bool,
+        /// The sha256 the whole image file must have (as `sha256sum` prints it); checked as
+        /// the image streams, before the partition table is written.
+        #[arg(long, value_name = "HEX")]
+        sha256: Option<String>,
     },
     /// Check that a disk (or file) holds an imprint image.
     Verify {
@@ -183,7 +190,16 @@ fn main() -> ExitCode {
             precheck,
             yes,
             json,
-        } => commands::write(&image, &target, !no_verify, precheck, yes, json),
+            sha256,
+        } => commands::write(
+            &image,
+            &target,
+            !no_verify,
+            precheck,
+            yes,
+            json,
+            sha256.as_deref(),
+        ),
         Command::Verify {
             image,
             target,

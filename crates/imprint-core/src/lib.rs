@@ -9,6 +9,7 @@
 //!   last, move the backup GPT.
 //! - [`verify`]: reading a target back and proving it holds an image.
 //! - [`gpt_fixup`]: moving the backup GPT header to the end of a larger disk.
+//! - `remote` (feature `remote`): images from an `http(s)://` URL through a resumable reader.
 //! - [`progress`]: progress events for terminals, logs and the appliance (`--json`).
 //! - [`discover`], [`select`], [`config`], [`seed`]: what the appliance needs to find the
 //!   internal disk, decide on it, and render the cloud-init NoCloud seed.
@@ -23,6 +24,8 @@ pub mod gpt_fixup;
 pub mod machine;
 pub mod manifest;
 pub mod progress;
+#[cfg(feature = "remote")]
+pub mod remote;
 pub mod seed;
 pub mod select;
 pub mod signature;
