@@ -232,7 +232,7 @@ pub fn inspect(image: &Path, json: bool, check: bool, trust: &[std::path::PathBu
     if json {
         println!("{}", serde_json::to_string_pretty(img.manifest())?);
     } else {
-        print_manifest(img.manifest(), image);
+        print_manifest(img.manifest(), img.path());
         print_signature(&img)?;
         if let Some(id) = verified {
             println!("  verified:     signature by trusted key {id} matches the manifest");
@@ -412,8 +412,13 @@ pub fn verify(image: &Path, target: &Path, json: bool) -> Result<()> {
     };
     let tgt = Target::open(target, &opts)?;
     let progress = progress_for(json);
-    let outcome = verify::verify_image(&img, &tgt, progress.as_ref())
-        .with_context(|| format!("verifying {} against {}", target.display(), image.display()))?;
+    let outcome = verify::verify_image(&img, &tgt, progress.as_ref()).with_context(|| {
+        format!(
+            "verifying {} against {}",
+            target.display(),
+            img.path().display()
+        )
+    })?;
     drop(progress);
     if json {
         println!(

@@ -77,7 +77,7 @@ enum Command {
     },
     /// Check that a disk (or file) holds an imprint image.
     Verify {
-        /// The imprint image (.img.zst).
+        /// The imprint image (.img.zst), or its http:// or https:// URL.
         image: PathBuf,
         /// Whole-disk block device or regular file.
         target: PathBuf,
@@ -131,7 +131,7 @@ enum Command {
     },
     /// Show an imprint image's manifest.
     Inspect {
-        /// The imprint image (.img.zst).
+        /// The imprint image (.img.zst), or its http:// or https:// URL.
         image: PathBuf,
         /// Print the manifest as JSON.
         #[arg(long)]

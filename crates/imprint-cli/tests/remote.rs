@@ -352,6 +352,21 @@ fn nginx_to_loop_device_with_sha256() {
         .unwrap());
     let got = std::fs::read(&disk).unwrap();
     assert_eq!(&got[..raw.len()], &raw[..]);
+    // verify and inspect take the URL too.
+    ok(imprint()
+        .arg("verify")
+        .arg(nginx.url("x.img.zst"))
+        .arg(&lo.dev)
+        .output()
+        .unwrap());
+    let o = ok(imprint()
+        .args(["inspect", "--check"])
+        .arg(nginx.url("x.img.zst"))
+        .output()
+        .unwrap());
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("sha256 matches the manifest"), "{out}");
+    assert!(out.contains(&nginx.url("x.img.zst")), "{out}");
 }
 
 #[test]
