@@ -303,8 +303,9 @@ fn describe(e: &ureq::Error) -> String {
 
 /// One attempt's outcome.
 enum Attempt {
-    /// A body positioned at the requested offset.
-    Body(ureq::BodyReader<'static>),
+    /// A body positioned at the requested offset, and the offset where it ends (a server may
+    /// answer a range with less than asked).
+    Body(ureq::BodyReader<'static>, u64),
     /// Worth retrying after a pause.
     Retry(String),
     /// Final.
@@ -390,6 +391,7 @@ impl Remote {
             pos: start,
             end,
             body: None,
+            body_end: 0,
             failures: 0,
             reconnects: 0,
             last_failure: None,
@@ -446,12 +448,17 @@ impl Remote {
         };
         match status {
             StatusCode::PARTIAL_CONTENT => {
-                let Some((start, _end, total)) = header_str(header::CONTENT_RANGE)
+                let Some((start, last, total)) = header_str(header::CONTENT_RANGE)
                     .as_deref()
                     .and_then(parse_content_range)
                 else {
                     return protocol("a 206 answer without a usable Content-Range".into());
                 };
+                if last < start || last >= total {
+                    return protocol(format!(
+                        "the Content-Range {start}-{last}/{total} is not a range of the file"
+                    ));
+                }
                 if start != pos {
                     return protocol(format!(
                         "asked for byte {pos}, the server sent from {start}"
@@ -468,7 +475,7 @@ impl Remote {
                         }
                     }
                 }
-                Attempt::Body(resp.into_body().into_reader())
+                Attempt::Body(resp.into_body().into_reader(), last.saturating_add(1))
             }
             StatusCode::OK => {
                 let Some(total) = header_str(header::CONTENT_LENGTH).and_then(|v| v.parse().ok())
@@ -513,7 +520,7 @@ impl Remote {
                         Err(e) => return Attempt::Retry(e.to_string()),
                     }
                 }
-                Attempt::Body(body)
+                Attempt::Body(body, total)
             }
             StatusCode::PRECONDITION_FAILED | StatusCode::RANGE_NOT_SATISFIABLE => {
                 changed(format!(
@@ -547,6 +554,8 @@ pub struct RemoteReader {
     pos: u64,
     end: Option<u64>,
     body: Option<ureq::BodyReader<'static>>,
+    /// Where the current body ends.
+    body_end: u64,
     failures: u32,
     reconnects: u32,
     last_failure: Option<String>,
@@ -601,7 +610,8 @@ impl RemoteReader {
                 self.reconnects += 1;
             }
             match r.attempt(self.pos, self.last_failure.is_some()) {
-                Attempt::Body(b) => {
+                Attempt::Body(b, end) => {
+                    self.body_end = end;
                     if let Some(last) = self.last_failure.take() {
                         r.resumes.fetch_add(1, Ordering::Relaxed);
                         r.notice(&format!(
@@ -655,6 +665,10 @@ impl Read for RemoteReader {
                 None => buf.len(),
             };
             match body.read(&mut buf[..want]) {
+                Ok(0) if self.pos >= self.body_end => {
+                    // A shorter range than asked, complete: ask for the next one.
+                    self.body = None;
+                }
                 Ok(0) => {
                     // The body ended before the bytes this reader needs.
                     let why = format!("the server closed the connection at byte {}", self.pos);
@@ -704,6 +718,70 @@ mod tests {
         assert_eq!(parse_content_range("bytes 10-99/100"), Some((10, 99, 100)));
         assert_eq!(parse_content_range("bytes 10-99/*"), None);
         assert_eq!(parse_content_range("items 1-2/3"), None);
+    }
+
+    /// A minimal HTTP/1.1 server on 127.0.0.1 for `file`, answering each `Range: bytes=N-`
+    /// with at most `cap` bytes (as some CDNs and object stores do), one request per
+    /// connection. Returns its port and a request counter.
+    fn capped_server(file: Vec<u8>, cap: usize) -> (u16, Arc<AtomicU64>) {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let count = Arc::new(AtomicU64::new(0));
+        let requests = count.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let mut conn = conn.unwrap();
+                requests.fetch_add(1, Ordering::SeqCst);
+                let mut start = 0usize;
+                let mut lines = BufReader::new(conn.try_clone().unwrap());
+                loop {
+                    let mut line = String::new();
+                    lines.read_line(&mut line).unwrap();
+                    if line.trim().is_empty() {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("range: bytes=") {
+                        start = v.trim().trim_end_matches('-').parse().unwrap();
+                    }
+                }
+                let end = (start + cap).min(file.len());
+                let head = format!(
+                    "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {start}-{}/{}\r\nETag: \"v1\"\r\nConnection: close\r\n\r\n",
+                    end - start,
+                    end - 1,
+                    file.len()
+                );
+                let _ = conn.write_all(head.as_bytes());
+                let _ = conn.write_all(&file[start..end]);
+            }
+        });
+        (port, count)
+    }
+
+    #[test]
+    fn follows_short_ranges_without_counting_failures() {
+        let file: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
+        let (port, requests) = capped_server(file.clone(), 100_000);
+        let opts = RemoteOptions {
+            retries: 0,
+            max_reconnects: 0,
+            ..Default::default()
+        };
+        let remote = Arc::new(Remote::new(&format!("http://127.0.0.1:{port}/f"), opts).unwrap());
+        let mut got = Vec::new();
+        remote.reader(0, None).read_to_end(&mut got).unwrap();
+        assert_eq!(got, file);
+        assert_eq!(remote.len(), Some(file.len() as u64));
+        assert_eq!(requests.load(Ordering::SeqCst), 11);
+        assert_eq!(remote.resumes() + remote.restarts(), 0);
+        // A bounded reader stops at its end.
+        let mut part = Vec::new();
+        remote
+            .reader(150_000, Some(250_000))
+            .read_to_end(&mut part)
+            .unwrap();
+        assert_eq!(part, &file[150_000..250_000]);
     }
 
     #[test]
