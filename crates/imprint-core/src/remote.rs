@@ -722,8 +722,15 @@ mod tests {
 
     /// A minimal HTTP/1.1 server on 127.0.0.1 for `file`, answering each `Range: bytes=N-`
     /// with at most `cap` bytes (as some CDNs and object stores do), one request per
-    /// connection. Returns its port and a request counter.
-    fn capped_server(file: Vec<u8>, cap: usize) -> (u16, Arc<AtomicU64>) {
+    /// connection. With `validator` false it sends no ETag; with `cut_first`, the first answer
+    /// promises its whole range but the connection closes after `cap / 2` bytes. Returns its
+    /// port and a request counter.
+    fn capped_server(
+        file: Vec<u8>,
+        cap: usize,
+        validator: bool,
+        cut_first: bool,
+    ) -> (u16, Arc<AtomicU64>) {
         use std::io::{BufRead, BufReader, Write};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -732,7 +739,7 @@ mod tests {
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let mut conn = conn.unwrap();
-                requests.fetch_add(1, Ordering::SeqCst);
+                let first = requests.fetch_add(1, Ordering::SeqCst) == 0;
                 let mut start = 0usize;
                 let mut lines = BufReader::new(conn.try_clone().unwrap());
                 loop {
@@ -747,13 +754,19 @@ mod tests {
                 }
                 let end = (start + cap).min(file.len());
                 let head = format!(
-                    "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {start}-{}/{}\r\nETag: \"v1\"\r\nConnection: close\r\n\r\n",
+                    "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {start}-{}/{}\r\n{}Connection: close\r\n\r\n",
                     end - start,
                     end - 1,
-                    file.len()
+                    file.len(),
+                    if validator { "ETag: \"v1\"\r\n" } else { "" }
                 );
                 let _ = conn.write_all(head.as_bytes());
-                let _ = conn.write_all(&file[start..end]);
+                let sent = if first && cut_first {
+                    start + (end - start) / 2
+                } else {
+                    end
+                };
+                let _ = conn.write_all(&file[start..sent]);
             }
         });
         (port, count)
@@ -762,7 +775,7 @@ mod tests {
     #[test]
     fn follows_short_ranges_without_counting_failures() {
         let file: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
-        let (port, requests) = capped_server(file.clone(), 100_000);
+        let (port, requests) = capped_server(file.clone(), 100_000, true, false);
         let opts = RemoteOptions {
             retries: 0,
             max_reconnects: 0,
@@ -782,6 +795,42 @@ mod tests {
             .read_to_end(&mut part)
             .unwrap();
         assert_eq!(part, &file[150_000..250_000]);
+    }
+
+    #[test]
+    fn resumes_only_with_a_validator() {
+        let file: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 253) as u8).collect();
+        let opts = RemoteOptions {
+            backoff: Duration::from_millis(10),
+            ..Default::default()
+        };
+        // With an ETag: the cut first answer is resumed.
+        let (port, _) = capped_server(file.clone(), 400_000, true, true);
+        let remote =
+            Arc::new(Remote::new(&format!("http://127.0.0.1:{port}/f"), opts.clone()).unwrap());
+        let mut got = Vec::new();
+        remote.reader(0, None).read_to_end(&mut got).unwrap();
+        assert_eq!(got, file);
+        assert_eq!(remote.resumes(), 1);
+        // Without: refused, naming the URL and the offset.
+        let (port, _) = capped_server(file, 400_000, false, true);
+        let remote = Arc::new(Remote::new(&format!("http://127.0.0.1:{port}/f"), opts).unwrap());
+        let err = remote
+            .reader(0, None)
+            .read_to_end(&mut Vec::new())
+            .unwrap_err();
+        let inner = RemoteError::from_io(&err).unwrap();
+        assert!(
+            matches!(
+                inner,
+                RemoteError::CannotResume {
+                    offset: 200_000,
+                    ..
+                }
+            ),
+            "{inner}"
+        );
+        assert!(inner.to_string().contains("127.0.0.1"), "{inner}");
     }
 
     #[test]
