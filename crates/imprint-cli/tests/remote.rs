@@ -571,3 +571,39 @@ fn prepare_from_url_checks_sha256() {
         .unwrap());
     assert_eq!(std::fs::read(&target).unwrap(), raw);
 }
+
+#[test]
+fn replaced_file_with_the_same_etag_is_caught_by_the_digests() {
+    let t = tempfile::tempdir().unwrap();
+    let (_, img) = make_image(t.path(), "x.img.zst", 8, 9);
+    let (_, other) = make_image(t.path(), "y.img.zst", 8, 10);
+    assert_eq!(
+        std::fs::metadata(&img).unwrap().len(),
+        std::fs::metadata(&other).unwrap().len(),
+        "the test needs two images of the same size"
+    );
+    let nginx = Nginx::start(&t.path().join("www"));
+    // Same size and same mtime: nginx's ETag does not change, so the validator cannot tell.
+    let (port, _, rx) = fault_proxy(nginx.port, 3 * MIB as u64, 1, 1, false);
+    let swap = std::thread::spawn(move || {
+        if rx.recv() == Ok(1) {
+            let mtime = std::fs::metadata(&img).unwrap().modified().unwrap();
+            let tmp = img.with_extension("new");
+            std::fs::copy(&other, &tmp).unwrap();
+            std::fs::File::options()
+                .write(true)
+                .open(&tmp)
+                .unwrap()
+                .set_modified(mtime)
+                .unwrap();
+            std::fs::rename(&tmp, &img).unwrap();
+        }
+    });
+    let target = t.path().join("out.img");
+    let o = write_url(&format!("http://127.0.0.1:{port}/x.img.zst"), &target);
+    swap.join().unwrap();
+    // Resumed onto the other file's bytes: zstd or the chunk digests refuse the mixed stream.
+    assert!(stderr(&o).contains("resumed at byte"), "{}", stderr(&o));
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert_no_partition_table(&target);
+}
