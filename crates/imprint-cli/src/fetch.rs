@@ -40,6 +40,16 @@ pub fn open_image(arg: &Path, sha256: Option<&str>) -> Result<Image> {
     Ok(img)
 }
 
+/// Parses a `--sha256` value: 64 hex digits, returned in lower case (a usage error otherwise).
+pub fn parse_sha256(s: &str) -> Result<String, String> {
+    let d = s.trim().to_ascii_lowercase();
+    if d.len() == 64 && d.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(d)
+    } else {
+        Err("expected a sha256 digest: 64 hex digits, as sha256sum prints it".into())
+    }
+}
+
 /// The file name a URL points at (its last path segment), for default output names.
 pub fn url_file_name(url: &str) -> String {
     let path = url.split(['?', '#']).next().unwrap_or("");
@@ -165,6 +175,13 @@ mod tests {
         assert_eq!(url_file_name("http://host/"), "download");
         assert_eq!(url_file_name("http://host"), "download");
         assert_eq!(url_file_name("http://host/a/..#x"), "download");
+    }
+
+    #[test]
+    fn sha256_arguments() {
+        assert_eq!(parse_sha256(&"AB".repeat(32)), Ok("ab".repeat(32)));
+        assert!(parse_sha256("abc").is_err());
+        assert!(parse_sha256(&"g".repeat(64)).is_err());
     }
 
     #[test]

@@ -72,7 +72,7 @@ enum Command {
         json: bool,
         /// The sha256 the whole image file must have (as `sha256sum` prints it); checked as
         /// the image streams, before the partition table is written.
-        #[arg(long, value_name = "HEX")]
+        #[arg(long, value_name = "HEX", value_parser = fetch::parse_sha256)]
         sha256: Option<String>,
     },
     /// Check that a disk (or file) holds an imprint image.

@@ -111,7 +111,7 @@ pub struct PrepareArgs {
     pub password_file: Option<PathBuf>,
     /// The sha256 the input file must have (as the vendor publishes it, e.g. in SHA256SUMS);
     /// checked before anything is converted.
-    #[arg(long, value_name = "HEX")]
+    #[arg(long, value_name = "HEX", value_parser = crate::fetch::parse_sha256)]
     pub sha256: Option<String>,
 }
 
