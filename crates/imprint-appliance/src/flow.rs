@@ -501,12 +501,12 @@ fn install(
         let esp = plan
             .table()
             .and_then(|t| t.find_by_type(ESP_TYPE))
-            .map(|(n, _)| n);
+            .and_then(|(_, p)| esp_volume_serial(&dev, &p, ss));
         match (uuid::Uuid::parse_str(partition_guid), esp) {
             (Ok(g), Some(esp)) => {
                 let serial = seed::cidata_volume_serial(&g);
                 let label = format!("{} ({})", rendered.hostname, m.name);
-                match record_provisioned(stick, &serial, esp, &label) {
+                match record_provisioned(stick, &serial, &esp, &label) {
                     Ok(_) => {
                         consoles.line(&format!("imprint: recorded on the stick: with the stick left in, it boots this disk (seed volume {serial})"));
                         if let Some(n) = rep.next_boot.as_mut() {
@@ -518,7 +518,7 @@ fn install(
                     )),
                 }
             }
-            _ => consoles.line("imprint: the image has no EFI System Partition the stick could hand over to; remove the stick before the next power-on"),
+            _ => consoles.line("imprint: the image has no readable EFI System Partition the stick could hand over to; remove the stick before the next power-on"),
         }
     }
     rep.timing("total", t0.elapsed().as_secs_f64());
@@ -701,7 +701,7 @@ fn handed_over_before(stick: &Path, serial: Option<&str>) -> bool {
 fn record_provisioned(
     stick: &Path,
     seed_serial: &str,
-    esp_partition: u32,
+    esp_serial: &str,
     label: &str,
 ) -> Result<String> {
     let path = stick.join(PROVISIONED_CFG);
@@ -720,9 +720,12 @@ fn record_provisioned(
     // Every step that can fail is an `if` condition: GRUB prints no error for those, and an
     // error printed while a menu entry runs makes it wait for a key — on a NUC without one,
     // forever.
-    let loader = format!("($imprint_disk,gpt{esp_partition})/EFI/BOOT/BOOTX64.EFI");
+    // The seed partition's serial is unique to this install: finding it proves this machine is
+    // the one provisioned. Its ESP is then found by the ESP's own FAT serial (the image's, so
+    // the same on every machine of a fleet, but on this machine the installed disk's).
+    let loader = "($imprint_esp)/EFI/BOOT/BOOTX64.EFI";
     let block = format!(
-        "if [ -z \"$imprint_installed\" ]; then\n  if search --no-floppy --fs-uuid --set=imprint_seed {seed_serial}; then\n    if regexp --set=1:imprint_disk '^([^,]+),' \"$imprint_seed\"; then\n      if [ -f \"{loader}\" ]; then\n        set imprint_installed=\"{loader}\"\n        set imprint_installed_name=\"{label}\"\n      fi\n    fi\n  fi\nfi\n"
+        "if [ -z \"$imprint_installed\" ]; then\n  if search --no-floppy --fs-uuid --set=imprint_seed {seed_serial}; then\n    if search --no-floppy --fs-uuid --set=imprint_esp {esp_serial}; then\n      if [ -f \"{loader}\" ]; then\n        set imprint_installed=\"{loader}\"\n        set imprint_installed_name=\"{label}\"\n      fi\n    fi\n  fi\nfi\n"
     );
     if old.contains(&block) {
         return Ok(block);
@@ -740,6 +743,22 @@ fn record_provisioned(
         .with_context(|| format!("syncing {}", tmp.display()))?;
     std::fs::rename(&tmp, &path).with_context(|| format!("renaming to {}", path.display()))?;
     Ok(block)
+}
+
+/// The FAT volume serial (`XXXX-XXXX`, as GRUB's `search --fs-uuid` takes it) of the
+/// installed disk's EFI System Partition `esp`, read with `fatfs`; `None` when it holds no FAT
+/// filesystem with the removable-media loader.
+fn esp_volume_serial(dev: &Path, esp: &gpt::partition::Partition, ss: u64) -> Option<String> {
+    let mut f = File::open(dev).ok()?;
+    let slice = imprint_core::blockdev::PartitionSlice::new(
+        &mut f,
+        esp.first_lba * ss,
+        (esp.last_lba + 1 - esp.first_lba) * ss,
+    );
+    let fs = fatfs::FileSystem::new(slice, fatfs::FsOptions::new()).ok()?;
+    fs.root_dir().open_file("EFI/BOOT/BOOTX64.EFI").ok()?;
+    let id = fs.volume_id();
+    Some(format!("{:04X}-{:04X}", id >> 16, id & 0xffff))
 }
 
 fn first_mib_is_zero(dev: &Path) -> bool {
@@ -848,9 +867,21 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let stick = t.path();
         std::fs::create_dir_all(stick.join("imprint")).unwrap();
-        let b = record_provisioned(stick, "1A2B-3C4D", 1, "nuc-01 (debian \"12\"; rm)").unwrap();
-        record_provisioned(stick, "1A2B-3C4D", 1, "nuc-01 (debian \"12\"; rm)").unwrap();
-        record_provisioned(stick, "5E6F-7A8B", 2, "nuc-02").unwrap();
+        let b = record_provisioned(
+            stick,
+            "1A2B-3C4D",
+            "5C58-61AC",
+            "nuc-01 (debian \"12\"; rm)",
+        )
+        .unwrap();
+        record_provisioned(
+            stick,
+            "1A2B-3C4D",
+            "5C58-61AC",
+            "nuc-01 (debian \"12\"; rm)",
+        )
+        .unwrap();
+        record_provisioned(stick, "5E6F-7A8B", "5C58-61AC", "nuc-02").unwrap();
         let text = std::fs::read_to_string(stick.join(PROVISIONED_CFG)).unwrap();
         assert_eq!(
             text.matches(&b).count(),
@@ -858,7 +889,8 @@ mod tests {
             "the same install is recorded once"
         );
         assert!(text.contains("if search --no-floppy --fs-uuid --set=imprint_seed 1A2B-3C4D"));
-        assert!(text.contains("if [ -f \"($imprint_disk,gpt2)/EFI/BOOT/BOOTX64.EFI\" ]"));
+        assert!(text.contains("if search --no-floppy --fs-uuid --set=imprint_esp 5C58-61AC"));
+        assert!(text.contains("if [ -f \"($imprint_esp)/EFI/BOOT/BOOTX64.EFI\" ]"));
         // The label cannot break out of GRUB's quoting.
         assert!(text.contains("set imprint_installed_name=\"nuc-01 (debian _12__ rm)\""));
         assert!(!stick.join("imprint/provisioned.cfg.new").exists());

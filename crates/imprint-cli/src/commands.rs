@@ -88,6 +88,21 @@ pub fn print_error(e: &anyhow::Error, code: u8, json: bool) {
 
 /// Exit status for an error (documented in `imprint --help`).
 pub fn exit_code(e: &anyhow::Error) -> u8 {
+    // Download failures travel as `io::Error`s through the decoder: find them first, so a
+    // lost server is not reported as a bad image.
+    for cause in e.chain() {
+        if let Some(inner) = cause
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            if inner.is::<imprint_core::remote::RemoteError>() {
+                return 7;
+            }
+            if inner.is::<imprint_core::manifest::FileDigestMismatch>() {
+                return 3;
+            }
+        }
+    }
     for cause in e.chain() {
         if let Some(w) = cause.downcast_ref::<WriteError>() {
             return match w {
@@ -312,7 +327,7 @@ fn check_trust(img: &Image, trust: &[std::path::PathBuf]) -> Result<Option<signa
 
 /// `imprint inspect`.
 pub fn inspect(image: &Path, json: bool, check: bool, trust: &[std::path::PathBuf]) -> Result<()> {
-    let img = Image::open(image)?;
+    let img = crate::fetch::open_image(image, None)?;
     if check {
         img.check_payload_digest()?;
     }
@@ -320,7 +335,7 @@ pub fn inspect(image: &Path, json: bool, check: bool, trust: &[std::path::PathBu
     if json {
         outln!("{}", serde_json::to_string_pretty(img.manifest())?);
     } else {
-        print_manifest(img.manifest(), image);
+        print_manifest(img.manifest(), img.path());
         print_signature(&img, verified.is_some())?;
         if let Some(id) = verified {
             outln!("  verified:     signature by trusted key {id} matches the manifest");
@@ -407,8 +422,9 @@ pub fn write(
     json: bool,
     to_file: bool,
     trust: &[std::path::PathBuf],
+    sha256: Option<&str>,
 ) -> Result<()> {
-    let img = Image::open(image)?;
+    let img = crate::fetch::open_image(image, sha256)?;
     let m = img.manifest();
     // With --trust, a signature that does not check out stops here, before the target is
     // even opened.
@@ -498,7 +514,7 @@ fn write_opened(
         ..Default::default()
     };
     let report = write::write_image(img, tgt, &wopts, progress.as_ref())
-        .with_context(|| format!("writing {} to {}", image.display(), target.display()))?;
+        .with_context(|| format!("writing {} to {}", img.path().display(), target.display()))?;
     drop(progress);
     if json {
         outln!(
@@ -555,7 +571,7 @@ fn write_opened(
 
 /// `imprint verify`.
 pub fn verify(image: &Path, target: &Path, json: bool) -> Result<()> {
-    let img = Image::open(image)?;
+    let img = crate::fetch::open_image(image, None)?;
     let m = img.manifest();
     if !target.exists() {
         bail!("{} does not exist", target.display());
@@ -567,8 +583,13 @@ pub fn verify(image: &Path, target: &Path, json: bool) -> Result<()> {
     };
     let tgt = Target::open(target, &opts)?;
     let progress = progress_for(json);
-    let outcome = verify::verify_image(&img, &tgt, progress.as_ref())
-        .with_context(|| format!("verifying {} against {}", target.display(), image.display()))?;
+    let outcome = verify::verify_image(&img, &tgt, progress.as_ref()).with_context(|| {
+        format!(
+            "verifying {} against {}",
+            target.display(),
+            img.path().display()
+        )
+    })?;
     drop(progress);
     if json {
         outln!(

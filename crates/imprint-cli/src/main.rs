@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod commands;
+mod fetch;
 mod flash;
 mod prepare;
 mod sign;
@@ -21,7 +22,8 @@ mod stick;
 unreadable or not a regular file); 2 usage; 3 the image is bad \
 (corrupt, truncated, not an imprint image, or its signature does not check out with --trust); 4 the target was refused before anything was written \
 (missing, a file without --to-file, too small, in use, busy, permission denied, wrong sector size, not confirmed); 5 the target failed (I/O error, \
-read-back mismatch while writing); 6 `verify`: the target does not hold the image."
+read-back mismatch while writing); 6 `verify`: the target does not hold the image; 7 the image could not be downloaded \
+(HTTP error, server unreachable or gone, or the file changed on the server)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -52,7 +54,8 @@ enum Command {
     /// The partition table is written last, after the whole image was read back and matched: a
     /// failed or interrupted write leaves a disk with no partition table.
     Write {
-        /// The imprint image (.img.zst).
+        /// The imprint image (.img.zst): a file, or an http:// or https:// URL (streamed,
+        /// resuming over dropped connections).
         image: PathBuf,
         /// Whole-disk block device (or, with --to-file, a regular file).
         target: PathBuf,
@@ -76,10 +79,14 @@ enum Command {
         /// Print JSON progress events and a JSON result on standard output.
         #[arg(long)]
         json: bool,
+        /// The sha256 the whole image file must have (as `sha256sum` prints it); checked as
+        /// the image streams, before the partition table is written.
+        #[arg(long, value_name = "HEX", value_parser = fetch::parse_sha256)]
+        sha256: Option<String>,
     },
     /// Check that a disk (or file) holds an imprint image.
     Verify {
-        /// The imprint image (.img.zst).
+        /// The imprint image (.img.zst), or its http:// or https:// URL.
         image: PathBuf,
         /// Whole-disk block device or regular file.
         target: PathBuf,
@@ -134,7 +141,7 @@ enum Command {
     },
     /// Show an imprint image's manifest.
     Inspect {
-        /// The imprint image (.img.zst).
+        /// The imprint image (.img.zst), or its http:// or https:// URL.
         image: PathBuf,
         /// Print the manifest as JSON.
         #[arg(long)]
@@ -203,8 +210,17 @@ fn main() -> ExitCode {
             json,
             to_file,
             trust,
+            sha256,
         } => commands::write(
-            &image, &target, !no_verify, precheck, yes, json, to_file, &trust,
+            &image,
+            &target,
+            !no_verify,
+            precheck,
+            yes,
+            json,
+            to_file,
+            &trust,
+            sha256.as_deref(),
         ),
         Command::Verify {
             image,

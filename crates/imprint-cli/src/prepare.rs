@@ -87,7 +87,8 @@ impl<R: Seek> Seek for Counting<R> {
 /// Options of `imprint prepare`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct PrepareArgs {
-    /// The disk image to convert.
+    /// The disk image to convert: a file, or an http:// or https:// URL (downloaded next to
+    /// the output first, resuming over dropped connections, then removed).
     pub input: PathBuf,
     /// Output file [default: NAME.img.zst next to the input].
     #[arg(short, long)]
@@ -107,6 +108,10 @@ pub struct PrepareArgs {
     /// The password of a password-protected secret key: the first line of this file.
     #[arg(long, requires = "sign")]
     pub password_file: Option<PathBuf>,
+    /// The sha256 the input file must have (as the vendor publishes it, e.g. in SHA256SUMS);
+    /// checked before anything is converted.
+    #[arg(long, value_name = "HEX", value_parser = crate::fetch::parse_sha256)]
+    pub sha256: Option<String>,
 }
 
 /// Memory the xz decoder may use: `xz -9` needs 65 MiB, a 256 MiB dictionary about 260 MiB.
@@ -156,6 +161,12 @@ pub fn prepare(
     args: &PrepareArgs,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(PathBuf, Manifest, InputKind)> {
+    if let Some(url) = crate::fetch::as_url(&args.input) {
+        return prepare_url(url, args, progress);
+    }
+    if let Some(expected) = &args.sha256 {
+        check_file_sha256(&args.input, expected)?;
+    }
     let input = &args.input;
     // A FIFO or a character device (`/dev/zero`) would hang or never end: refused at once. A
     // block device is a disk image too (its size is known).
@@ -256,6 +267,59 @@ pub fn prepare(
     })
     .with_context(|| format!("preparing {} ({})", input.display(), kind.name()))?;
     Ok((output, manifest, kind))
+}
+
+/// `imprint prepare URL`: downloads the input next to the output (checked against --sha256),
+/// prepares it, and removes the download.
+fn prepare_url(
+    url: &str,
+    args: &PrepareArgs,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(PathBuf, Manifest, InputKind)> {
+    let file_name = crate::fetch::url_file_name(url);
+    let name = args
+        .name
+        .clone()
+        .unwrap_or_else(|| default_name(Path::new(&file_name)));
+    let output = args
+        .output
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("{name}.img.zst")));
+    let mut download = output.as_os_str().to_owned();
+    download.push(".download");
+    let download = PathBuf::from(download);
+    crate::fetch::download(url, &download, args.sha256.as_deref())?;
+    let local = PrepareArgs {
+        input: download.clone(),
+        output: Some(output),
+        name: Some(name),
+        sha256: None,
+        ..args.clone()
+    };
+    let result = prepare(&local, progress);
+    let _ = std::fs::remove_file(&download);
+    result
+}
+
+/// Refuses a local input whose sha256 is not `expected`.
+fn check_file_sha256(input: &Path, expected: &str) -> Result<()> {
+    use sha2::{Digest, Sha256};
+    let expected = expected.trim().to_ascii_lowercase();
+    if expected.len() != 64 || !expected.bytes().all(|b| b.is_ascii_hexdigit()) {
+        bail!("--sha256 must be 64 hex digits");
+    }
+    let mut f = imprint_core::input::open_regular(input, false)
+        .with_context(|| format!("opening {}", input.display()))?;
+    let mut hasher = Sha256::new();
+    io::copy(&mut f, &mut hasher).with_context(|| format!("reading {}", input.display()))?;
+    let actual = manifest::hex(&hasher.finalize());
+    if actual != expected {
+        bail!(
+            "{}: its sha256 is {actual}, expected {expected} (--sha256); nothing was prepared",
+            input.display()
+        );
+    }
+    Ok(())
 }
 
 // `Imprint` inputs were refused above; this keeps the match exhaustive without a panic.

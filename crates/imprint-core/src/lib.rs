@@ -10,6 +10,7 @@
 //! - [`verify`]: reading a target back and proving it holds an image.
 //! - [`gpt_table`]: the one GPT reader and layout (guarded, entries kept verbatim).
 //! - [`input`]: opening user-given files: non-regular files refused, small files size-capped.
+//! - `remote` (feature `remote`): images from an `http(s)://` URL through a resumable reader.
 //! - [`progress`]: progress events for terminals, logs and the appliance (`--json`).
 //! - [`report`]: the typed install report the appliance writes to the stick.
 //! - [`discover`], [`select`], [`config`], [`seed`]: what the appliance needs to find the
@@ -27,6 +28,8 @@ pub mod loopdev;
 pub mod machine;
 pub mod manifest;
 pub mod progress;
+#[cfg(feature = "remote")]
+pub mod remote;
 pub mod report;
 pub mod seed;
 pub mod select;

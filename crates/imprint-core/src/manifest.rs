@@ -337,7 +337,9 @@ impl ChunkHasher {
 /// An opened, validated imprint image.
 #[derive(Debug)]
 pub struct Image {
+    /// The file's path, or the URL (redacted) of an image opened with `Image::open_url`.
     path: PathBuf,
+    source: Source,
     manifest: Manifest,
     /// The manifest's JSON exactly as stored: what a signature covers.
     manifest_bytes: Vec<u8>,
@@ -346,6 +348,135 @@ pub struct Image {
     payload_offset: u64,
     /// The payload is the raw image itself, not zstd ([`Image::from_raw_file`]).
     raw: bool,
+    /// The sha256 the whole image file must have ([`Image::expect_file_sha256`]).
+    file_sha256: Option<String>,
+}
+
+/// Where an image's bytes come from.
+#[derive(Debug, Clone)]
+enum Source {
+    File,
+    #[cfg(feature = "remote")]
+    Remote(std::sync::Arc<crate::remote::Remote>),
+}
+
+/// What [`read_header`] found: everything before the payload.
+struct Header {
+    manifest: Manifest,
+    manifest_bytes: Vec<u8>,
+    signature: Option<String>,
+    payload_offset: u64,
+}
+
+/// Reads and validates the manifest frame and the optional signature frame from the start of
+/// an image of `file_len` bytes, strictly in order (a file and an HTTP stream read the same
+/// way). `slack_ok`: bytes after the payload are allowed (a block device larger than its image).
+fn read_header(
+    file: &mut dyn Read,
+    file_len: u64,
+    slack_ok: bool,
+    path: &Path,
+) -> Result<Header, ImageError> {
+    let io_err = |source| ImageError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut head = [0u8; 16];
+    let got = read_full(file, &mut head).map_err(io_err)?;
+    if got < 4 {
+        return Err(ImageError::NotAnImage {
+            path: path.to_owned(),
+        });
+    }
+    let magic = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+    if magic == ZSTD_FRAME_MAGIC {
+        return Err(ImageError::PlainZstd {
+            path: path.to_owned(),
+        });
+    }
+    if magic != MANIFEST_FRAME_MAGIC || got < 16 || &head[8..16] != MANIFEST_TAG {
+        return Err(ImageError::NotAnImage {
+            path: path.to_owned(),
+        });
+    }
+    let bad = |reason: String| ImageError::BadManifest {
+        path: path.to_owned(),
+        reason,
+    };
+    let frame_len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+    if !(MANIFEST_TAG.len() as u32..=MAX_MANIFEST_LEN).contains(&frame_len) {
+        return Err(bad(format!(
+            "manifest frame length {frame_len} is out of range"
+        )));
+    }
+    let mut payload_offset = 8 + u64::from(frame_len);
+    if payload_offset > file_len {
+        return Err(bad(format!(
+            "manifest frame of {frame_len} bytes runs past the end of the {file_len}-byte file"
+        )));
+    }
+    let mut json = vec![0u8; frame_len as usize - MANIFEST_TAG.len()];
+    file.read_exact(&mut json).map_err(io_err)?;
+    let manifest: Manifest =
+        serde_json::from_slice(&json).map_err(|e| bad(format!("manifest JSON: {e}")))?;
+    manifest.validate().map_err(bad)?;
+    // An optional signature frame follows. The payload starts with a regular zstd frame, so
+    // its magic cannot be mistaken for ours; a frame of ours that is damaged is an error,
+    // not silently skipped (that would turn a signed image into an unsigned one).
+    let mut next = [0u8; 16];
+    let got = read_full(file, &mut next).map_err(io_err)?;
+    let signature = if got >= 4
+        && u32::from_le_bytes([next[0], next[1], next[2], next[3]]) == SIGNATURE_FRAME_MAGIC
+    {
+        if got < 16 || &next[8..16] != SIGNATURE_TAG {
+            return Err(bad(
+                "a skippable frame after the manifest is not an imprint signature frame".into(),
+            ));
+        }
+        let sig_len = u32::from_le_bytes([next[4], next[5], next[6], next[7]]);
+        if !(SIGNATURE_TAG.len() as u32 + 1..=MAX_SIGNATURE_LEN).contains(&sig_len) {
+            return Err(bad(format!(
+                "signature frame length {sig_len} is out of range"
+            )));
+        }
+        let sig_end = payload_offset + 8 + u64::from(sig_len);
+        if sig_end > file_len {
+            return Err(bad(format!(
+                "signature frame of {sig_len} bytes runs past the end of the {file_len}-byte file"
+            )));
+        }
+        // The 16 bytes just read are the frame's header and tag: the text follows.
+        let mut text = vec![0u8; sig_len as usize - SIGNATURE_TAG.len()];
+        file.read_exact(&mut text).map_err(io_err)?;
+        let text = String::from_utf8(text)
+            .map_err(|_| bad("the signature frame is not UTF-8 text".into()))?;
+        payload_offset = sig_end;
+        Some(text)
+    } else {
+        None
+    };
+    let actual = file_len - payload_offset;
+    if actual < manifest.compressed_size {
+        return Err(ImageError::Truncated {
+            path: path.to_owned(),
+            expected: manifest.compressed_size,
+            actual,
+        });
+    }
+    if actual > manifest.compressed_size && !slack_ok {
+        return Err(bad(format!(
+            "the file holds {} bytes after the manifest, {} more than its compressed_size; \
+             the file was appended to or the manifest does not belong to it",
+            actual,
+            actual - manifest.compressed_size
+        )));
+    }
+    Ok(Header {
+        manifest,
+        manifest_bytes: json,
+        signature,
+        payload_offset,
+    })
 }
 
 impl Image {
@@ -369,105 +500,96 @@ impl Image {
         };
         let file_len = file.seek(SeekFrom::End(0)).map_err(io_err)?;
         file.seek(SeekFrom::Start(0)).map_err(io_err)?;
-        let mut head = [0u8; 16];
-        let got = read_full(&mut file, &mut head).map_err(io_err)?;
-        if got < 4 {
-            return Err(ImageError::NotAnImage {
-                path: path.to_owned(),
-            });
-        }
-        let magic = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
-        if magic == ZSTD_FRAME_MAGIC {
-            return Err(ImageError::PlainZstd {
-                path: path.to_owned(),
-            });
-        }
-        if magic != MANIFEST_FRAME_MAGIC || got < 16 || &head[8..16] != MANIFEST_TAG {
-            return Err(ImageError::NotAnImage {
-                path: path.to_owned(),
-            });
-        }
-        let bad = |reason: String| ImageError::BadManifest {
-            path: path.to_owned(),
-            reason,
-        };
-        let frame_len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
-        if !(MANIFEST_TAG.len() as u32..=MAX_MANIFEST_LEN).contains(&frame_len) {
-            return Err(bad(format!(
-                "manifest frame length {frame_len} is out of range"
-            )));
-        }
-        let mut payload_offset = 8 + u64::from(frame_len);
-        if payload_offset > file_len {
-            return Err(bad(format!(
-                "manifest frame of {frame_len} bytes runs past the end of the {file_len}-byte file"
-            )));
-        }
-        let mut json = vec![0u8; frame_len as usize - MANIFEST_TAG.len()];
-        file.read_exact(&mut json).map_err(io_err)?;
-        let manifest: Manifest =
-            serde_json::from_slice(&json).map_err(|e| bad(format!("manifest JSON: {e}")))?;
-        manifest.validate().map_err(bad)?;
-        // An optional signature frame follows. The payload starts with a regular zstd frame, so
-        // its magic cannot be mistaken for ours; a frame of ours that is damaged is an error,
-        // not silently skipped (that would turn a signed image into an unsigned one).
-        let mut next = [0u8; 16];
-        let got = read_full(&mut file, &mut next).map_err(io_err)?;
-        let signature = if got >= 4
-            && u32::from_le_bytes([next[0], next[1], next[2], next[3]]) == SIGNATURE_FRAME_MAGIC
-        {
-            if got < 16 || &next[8..16] != SIGNATURE_TAG {
-                return Err(bad(
-                    "a skippable frame after the manifest is not an imprint signature frame".into(),
-                ));
-            }
-            let sig_len = u32::from_le_bytes([next[4], next[5], next[6], next[7]]);
-            if !(SIGNATURE_TAG.len() as u32 + 1..=MAX_SIGNATURE_LEN).contains(&sig_len) {
-                return Err(bad(format!(
-                    "signature frame length {sig_len} is out of range"
-                )));
-            }
-            let sig_end = payload_offset + 8 + u64::from(sig_len);
-            if sig_end > file_len {
-                return Err(bad(format!(
-                    "signature frame of {sig_len} bytes runs past the end of the {file_len}-byte file"
-                )));
-            }
-            let mut text = vec![0u8; sig_len as usize - SIGNATURE_TAG.len()];
-            file.seek(SeekFrom::Start(payload_offset + 16))
-                .map_err(io_err)?;
-            file.read_exact(&mut text).map_err(io_err)?;
-            let text = String::from_utf8(text)
-                .map_err(|_| bad("the signature frame is not UTF-8 text".into()))?;
-            payload_offset = sig_end;
-            Some(text)
-        } else {
-            None
-        };
-        let actual = file_len - payload_offset;
-        if actual < manifest.compressed_size {
-            return Err(ImageError::Truncated {
-                path: path.to_owned(),
-                expected: manifest.compressed_size,
-                actual,
-            });
-        }
-        if actual > manifest.compressed_size && !is_block {
-            return Err(bad(format!(
-                "the file holds {} bytes after the manifest, {} more than its compressed_size; \
-                 the file was appended to or the manifest does not belong to it",
-                actual,
-                actual - manifest.compressed_size
-            )));
-        }
+        let h = read_header(&mut file, file_len, is_block, path)?;
         Ok(Image {
             path: path.to_owned(),
-            manifest,
-            manifest_bytes: json,
-            signature,
-            payload_offset,
+            source: Source::File,
+            manifest: h.manifest,
+            manifest_bytes: h.manifest_bytes,
+            signature: h.signature,
+            payload_offset: h.payload_offset,
             raw: false,
+            file_sha256: None,
         })
+    }
+
+    /// Opens an image at an `http://` (or with the `https` feature, `https://`) URL: reads
+    /// and validates its manifest from the first bytes, like [`Image::open`]. The payload is
+    /// fetched later, by [`Image::payload`] and [`Image::raw_reader`], through a resumable
+    /// reader pinned to the same file ([`crate::remote`]). Errors name the URL with its
+    /// credentials and query string redacted.
+    #[cfg(feature = "remote")]
+    pub fn open_url(url: &str, opts: crate::remote::RemoteOptions) -> Result<Image, ImageError> {
+        use crate::remote::Remote;
+        use std::sync::Arc;
+        let shown = PathBuf::from(crate::remote::redact_url(url));
+        let io_err = |source| ImageError::Io {
+            path: shown.clone(),
+            source,
+        };
+        let remote = Arc::new(Remote::new(url, opts).map_err(|e| io_err(io::Error::other(e)))?);
+        let mut head = remote.reader(0, None);
+        // The first read pins the file's length and validator.
+        let mut first = [0u8; 16];
+        let got = read_full(&mut head, &mut first).map_err(io_err)?;
+        let file_len = remote.len().unwrap_or(got as u64);
+        let h = read_header(&mut (&first[..got]).chain(head), file_len, false, &shown)?;
+        Ok(Image {
+            path: shown,
+            source: Source::Remote(remote),
+            manifest: h.manifest,
+            manifest_bytes: h.manifest_bytes,
+            signature: h.signature,
+            payload_offset: h.payload_offset,
+            raw: false,
+            file_sha256: None,
+        })
+    }
+
+    /// Requires the whole image file (manifest, signature and payload frames) to have this
+    /// sha256 (as `sha256sum` prints it): every read of the payload to its end checks it
+    /// before it reports the end, so a write fails before its commit on a mismatch.
+    pub fn expect_file_sha256(&mut self, hex_digest: &str) -> Result<(), ImageError> {
+        let d = hex_digest.trim().to_ascii_lowercase();
+        if !is_hex_digest(&d) {
+            return Err(ImageError::BadManifest {
+                path: self.path.clone(),
+                reason: format!(
+                    "--sha256 {:?} is not a sha256 hex digest (64 hex digits)",
+                    hex_digest.escape_debug().to_string()
+                ),
+            });
+        }
+        self.file_sha256 = Some(d);
+        Ok(())
+    }
+
+    /// A reader of the image's bytes from `offset` to `end` (or the end of the file).
+    fn open_range(
+        &self,
+        offset: u64,
+        end: Option<u64>,
+    ) -> Result<Box<dyn Read + Send>, ImageError> {
+        let io_err = |source| ImageError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        match &self.source {
+            Source::File => {
+                let mut f = File::open(&self.path).map_err(io_err)?;
+                f.seek(SeekFrom::Start(offset)).map_err(io_err)?;
+                let r = BufReader::with_capacity(1 << 20, f);
+                Ok(match end {
+                    Some(e) => Box::new(r.take(e.saturating_sub(offset))),
+                    None => Box::new(r),
+                })
+            }
+            #[cfg(feature = "remote")]
+            Source::Remote(remote) => Ok(Box::new(BufReader::with_capacity(
+                1 << 20,
+                remote.reader(offset, end),
+            ))),
+        }
     }
 
     /// Treats a raw disk image file as an image, computing its manifest by reading it once:
@@ -527,11 +649,13 @@ impl Image {
             })?;
         Ok(Image {
             path: path.to_owned(),
+            source: Source::File,
             manifest_bytes: manifest.to_json(),
             manifest,
             signature: None,
             payload_offset: 0,
             raw: true,
+            file_sha256: None,
         })
     }
 
@@ -551,7 +675,8 @@ impl Image {
         self.signature.as_deref()
     }
 
-    /// The image file's path.
+    /// The image file's path; for an image opened with `Image::open_url`, its URL with
+    /// credentials and query string redacted.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -561,16 +686,36 @@ impl Image {
         self.payload_offset
     }
 
-    /// A reader of the compressed payload (exactly `compressed_size` bytes).
-    pub fn payload(&self) -> Result<io::Take<BufReader<File>>, ImageError> {
-        let io_err = |source| ImageError::Io {
-            path: self.path.clone(),
-            source,
+    /// A reader of the compressed payload (exactly `compressed_size` bytes). With
+    /// [`Image::expect_file_sha256`], reading it to its end fails instead of ending if the
+    /// whole file's digest differs.
+    pub fn payload(&self) -> Result<Box<dyn Read + Send>, ImageError> {
+        let end = self.payload_offset + self.manifest.compressed_size;
+        let payload = self.open_range(self.payload_offset, Some(end))?;
+        let Some(expected) = &self.file_sha256 else {
+            return Ok(payload);
         };
-        let mut f = File::open(&self.path).map_err(io_err)?;
-        f.seek(SeekFrom::Start(self.payload_offset))
-            .map_err(io_err)?;
-        Ok(BufReader::with_capacity(1 << 20, f).take(self.manifest.compressed_size))
+        // The frames before the payload are small: hash them now, the payload as it passes.
+        let mut hasher = Sha256::new();
+        let mut head = self.open_range(0, Some(self.payload_offset))?;
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = head.read(&mut buf).map_err(|source| ImageError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        Ok(Box::new(DigestCheck {
+            inner: payload,
+            hasher,
+            expected: expected.clone(),
+            shown: self.path.display().to_string(),
+            done: false,
+        }))
     }
 
     /// A reader of the decoded raw image. The caller must check it yields exactly `raw_size`
@@ -615,6 +760,52 @@ impl Image {
             });
         }
         Ok(())
+    }
+}
+
+/// The whole file's sha256 did not match `--sha256`.
+#[derive(Debug, thiserror::Error)]
+#[error("{shown}: the image file's sha256 is {actual}, expected {expected} (--sha256); it is not the file you meant, or it is damaged")]
+pub struct FileDigestMismatch {
+    /// The image (path or redacted URL).
+    pub shown: String,
+    /// The digest asked for.
+    pub expected: String,
+    /// The digest of what was read.
+    pub actual: String,
+}
+
+/// Hashes what passes; at the end, fails unless the digest is the expected one.
+struct DigestCheck {
+    inner: Box<dyn Read + Send>,
+    hasher: Sha256,
+    expected: String,
+    shown: String,
+    done: bool,
+}
+
+impl Read for DigestCheck {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n > 0 || buf.is_empty() {
+            self.hasher.update(&buf[..n]);
+            return Ok(n);
+        }
+        if !self.done {
+            let actual = hex(&self.hasher.clone().finalize());
+            if actual != self.expected {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    FileDigestMismatch {
+                        shown: self.shown.clone(),
+                        expected: self.expected.clone(),
+                        actual,
+                    },
+                ));
+            }
+            self.done = true;
+        }
+        Ok(0)
     }
 }
 

@@ -245,7 +245,7 @@ fn whole_story(fw: Firmware, prune: bool) {
 
     // Power-on 3, stick still in: the stick's GRUB boots the installed system (the default
     // entry), which comes up with its seeded hostname; the appliance never runs.
-    let mut v3 = vm(d, "boot3", fw, &stick, &nvme, &sata, Some(&vars2), true)
+    let mut v3 = vm(d, "boot3", fw, &stick, &nvme, &sata, Some(&vars2), false)
         .start()
         .unwrap();
     v3.wait_for(
