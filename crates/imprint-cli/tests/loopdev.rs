@@ -287,13 +287,64 @@ fn sector_size_mismatch_is_refused_and_matching_4k_image_installs() {
     let o = write(&img4k, &lo.dev);
     assert!(o.status.success(), "{}", stderr(&o));
     check(Command::new("sgdisk").arg("-v").arg(&lo.dev));
+    let on_disk = gpt_as_sgdisk_reads_it(&lo.dev);
     drop(lo);
+    // The partition table read back off the 4Kn disk is the image's, read the same way.
+    let src = Loop::new(&raw4k, 4096);
+    let in_image = gpt_as_sgdisk_reads_it(&src.dev);
+    drop(src);
+    assert!(
+        on_disk.contains("Sector size (logical/physical): 4096/"),
+        "{on_disk}"
+    );
+    assert_eq!(on_disk, in_image);
+
     let got = std::fs::read(&disk).unwrap();
+    let want = std::fs::read(&raw4k).unwrap();
+    let ss = 4096;
+    let last_lba = (got.len() / ss - 1) as u64;
+    let le64 = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
+    // Byte for byte the image, except LBA 1 (the primary header, rewritten for the moved
+    // backup) ...
+    assert_eq!(&got[..ss], &want[..ss], "protective MBR sector");
+    assert!(
+        got[2 * ss..want.len()] == want[2 * ss..],
+        "LBA 2 to the image's end"
+    );
+    // ... whose header points at a backup header on the disk's last 4096-byte LBA, which
+    // points back at LBA 1.
+    assert_eq!(&got[ss..ss + 8], b"EFI PART");
+    assert_eq!(le64(&got, ss + 32), last_lba, "primary: backup LBA");
+    let backup = got.len() - ss;
     assert_eq!(
-        &got[got.len() - 4096..got.len() - 4088],
+        &got[backup..backup + 8],
         b"EFI PART",
         "backup GPT at the 4Kn disk's end"
     );
+    assert_eq!(le64(&got, backup + 24), last_lba, "backup: its own LBA");
+    assert_eq!(le64(&got, backup + 32), 1, "backup: the primary's LBA");
+    // Past the image, the old bytes are untouched up to the wiped last MiB.
+    assert!(got[want.len()..got.len() - MIB as usize]
+        .iter()
+        .all(|&b| b == 0x33));
+}
+
+/// The disk GUID, sector size and every partition's details as `sgdisk` prints them.
+fn gpt_as_sgdisk_reads_it(dev: &Path) -> String {
+    let p = run(Command::new("sgdisk").arg("-p").arg(dev));
+    assert!(p.status.success(), "sgdisk -p: {}", stderr(&p));
+    let p = String::from_utf8(p.stdout).unwrap();
+    let mut out: Vec<String> = p
+        .lines()
+        .filter(|l| l.starts_with("Sector size") || l.starts_with("Disk identifier"))
+        .map(str::to_owned)
+        .collect();
+    for n in 1..=2 {
+        let i = run(Command::new("sgdisk").arg(format!("-i{n}")).arg(dev));
+        assert!(i.status.success(), "sgdisk -i{n}: {}", stderr(&i));
+        out.push(String::from_utf8(i.stdout).unwrap());
+    }
+    out.join("\n")
 }
 
 #[test]
@@ -459,6 +510,39 @@ fn flash_writes_a_verified_stick_and_refuses_non_usb_without_force() {
     );
 }
 
+/// The columns `cols` that `lsblk -d` prints for `dev`, or for every disk: one row per disk.
+fn lsblk(cols: &str, dev: Option<&str>) -> Vec<Vec<String>> {
+    let mut cmd = Command::new("lsblk");
+    cmd.args(["-dnb", "-r", "-o", cols]);
+    if let Some(d) = dev {
+        cmd.arg(d);
+    }
+    let o = run(&mut cmd);
+    assert!(o.status.success(), "lsblk: {}", stderr(&o));
+    String::from_utf8(o.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| l.split(' ').map(str::to_owned).collect())
+        .collect()
+}
+
+/// The whole disk `/` lives on, found without imprint (findmnt + lsblk), or None when `/` is
+/// not on a block device (a container's overlay).
+fn root_disk() -> Option<String> {
+    let o = run(Command::new("findmnt").args(["-n", "-o", "SOURCE", "/"]));
+    let src = String::from_utf8(o.stdout).unwrap().trim().to_owned();
+    if !src.starts_with("/dev/") {
+        return None;
+    }
+    let o = run(Command::new("lsblk").args(["-n", "-o", "PKNAME"]).arg(&src));
+    let parent = String::from_utf8(o.stdout).unwrap();
+    let parent = parent.lines().next().unwrap_or("").trim();
+    if !parent.is_empty() {
+        return Some(parent.to_owned());
+    }
+    Some(lsblk("NAME", Some(&src))[0][0].clone())
+}
+
 #[test]
 fn disks_lists_this_machine_and_never_chooses_the_running_system() {
     let o = run(imprint().args(["disks", "--json"]));
@@ -471,33 +555,57 @@ fn disks_lists_this_machine_and_never_chooses_the_running_system() {
     };
     assert_eq!(o.status.code(), Some(expected), "{}", stderr(&o));
     let disks = v["disks"].as_array().unwrap();
-    assert!(!disks.is_empty(), "this machine has at least its root disk");
-    assert!(disks
+    // The same disks lsblk and sysfs see: every real disk (one with a device behind it, not
+    // a loop, zram or RAM disk), with its size and logical sector size.
+    let mut want: Vec<Vec<String>> = lsblk("NAME,TYPE,SIZE,LOG-SEC", None)
+        .into_iter()
+        .filter(|r| r[1] == "disk" && Path::new(&format!("/sys/block/{}/device", r[0])).exists())
+        .collect();
+    want.sort();
+    let mut got: Vec<Vec<String>> = disks
         .iter()
-        .all(|d| d["name"].is_string() && d["transport"].is_string()));
-    // Whatever is chosen, it is not the disk the running system lives on.
-    let text = String::from_utf8_lossy(&run(imprint().arg("disks")).stdout).into_owned();
-    if let Some(line) = text
-        .lines()
-        .find(|l| l.contains("holds this system's root filesystem"))
-    {
-        let root = line
-            .trim_start_matches('(')
-            .split_whitespace()
-            .next()
-            .unwrap();
-        let sel = &v["selection"];
-        assert_ne!(sel["disk"]["name"].as_str(), Some(root), "{text}");
-        let rejected: Vec<&str> = sel["rejected"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|r| r["disk"]["name"].as_str())
-            .collect();
-        assert!(
-            rejected.contains(&root),
-            "the root disk is listed as rejected: {sel}"
-        );
-    }
+        .map(|d| {
+            assert!(d["transport"].is_string(), "{d}");
+            vec![
+                d["name"].as_str().unwrap().to_owned(),
+                "disk".to_owned(),
+                d["size"].to_string(),
+                d["logical_block_size"].to_string(),
+            ]
+        })
+        .collect();
+    got.sort();
+    assert_eq!(
+        got, want,
+        "imprint disks against lsblk (name, type, size, sector)"
+    );
+    assert!(!got.is_empty(), "this machine has at least its root disk");
     assert!(v["selection"]["outcome"].is_string() && v["selection"]["reason"].is_string());
+
+    // The disk the running system lives on is found, rejected and never chosen.
+    let Some(root) = root_disk() else {
+        eprintln!(
+            "/ is not on a block device here: the root-disk half of this test has nothing to check"
+        );
+        return;
+    };
+    assert!(got.iter().any(|r| r[0] == root), "root disk {root} listed");
+    let sel = &v["selection"];
+    assert_ne!(sel["disk"]["name"].as_str(), Some(root.as_str()), "{sel}");
+    // Rejected as the appliance rejects its own stick, not merely for its bus or size.
+    let why = sel["rejected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["disk"]["name"].as_str() == Some(root.as_str()))
+        .map(|r| r["why"].as_str().unwrap_or_default().to_owned());
+    assert!(
+        why.as_deref().is_some_and(|w| w.contains("stick")),
+        "the root disk {root} is rejected as the stick: {sel}"
+    );
+    let text = String::from_utf8_lossy(&run(imprint().arg("disks")).stdout).into_owned();
+    assert!(
+        text.contains(&format!("({root} holds this system's root filesystem")),
+        "{text}"
+    );
 }

@@ -12,17 +12,17 @@
 
 use std::io::{Cursor, Read, Seek, SeekFrom};
 
-use crossbeam_channel::bounded;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use crossbeam_channel::{bounded, unbounded};
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 
 use crate::blockdev::{AlignedBuf, Target, TargetError};
 use crate::gpt_table::{fit_protective_mbr, GptTable};
-use crate::manifest::{read_full, ChunkHasher, Image, ImageError, Manifest, PartitionTable};
+use crate::manifest::{hex, read_full, Image, ImageError, Manifest, PartitionTable};
 use crate::progress::{Phase, Progress};
 use crate::write::HOLD;
-
-const BUF: usize = 4 << 20;
-const NBUF: usize = 4;
 
 /// Bytes that stand in for the target's content at `offset` (held in memory, not yet written).
 #[derive(Debug, Clone, Copy)]
@@ -92,114 +92,261 @@ pub enum VerifyError {
 }
 
 /// Reads `[0, raw_size)` of `target` back, splices `overlays` in, and compares every chunk
-/// with the manifest. Reading and hashing overlap (a reader thread feeds this one).
+/// with the manifest.
+///
+/// One reader thread fills aligned buffers (O_DIRECT where the target allows it) and hands
+/// each chunk to one of [`hash_workers`] hashing threads in turn, so reading overlaps hashing
+/// and SHA-256 runs on every core. Memory stays bounded: the buffers are a fixed pool (see
+/// [`pool_size`]), recycled as soon as a piece is hashed. A mismatch names the lowest chunk
+/// that differs, as a sequential check would: chunks before it are always all checked.
 pub fn verify_chunks(
     target: &Target,
     m: &Manifest,
     overlays: &[Overlay<'_>],
     progress: &dyn Progress,
 ) -> Result<(), VerifyError> {
+    verify_chunks_with(target, m, overlays, progress, hash_workers(), PIECE)
+}
+
+/// Bytes read per `read_at`: large enough for a deep request on a disk, small enough that a
+/// few per worker fit the memory budget.
+const PIECE: usize = 4 << 20;
+/// More hashing threads than this buys nothing on the disks imprint writes (8 cores hash
+/// at least 3 GB/s even without SHA extensions) and would cost buffers.
+const MAX_WORKERS: usize = 8;
+/// The buffer pool never exceeds this many bytes (peak RSS of `imprint write` stays < 64 MiB).
+const POOL_BUDGET: usize = 48 << 20;
+
+/// Hashing threads: one per core the process may use, at most [`MAX_WORKERS`].
+pub fn hash_workers() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, MAX_WORKERS)
+}
+
+/// Buffers in the pool for `workers` hashing threads of `piece`-byte pieces: two per worker
+/// (one being hashed, one queued) and two for the reader to fill ahead, within
+/// [`POOL_BUDGET`] and never fewer than two.
+fn pool_size(workers: usize, piece: usize) -> usize {
+    (2 * workers + 2).min(POOL_BUDGET / piece).max(2)
+}
+
+/// A piece of one chunk, read into a pool buffer.
+struct Piece {
+    chunk: u64,
+    offset: u64,
+    len: usize,
+    /// The piece ends its chunk: the worker finishes the digest.
+    last: bool,
+    buf: AlignedBuf,
+}
+
+/// [`verify_chunks`] with the worker count and piece size as parameters (tests vary them).
+fn verify_chunks_with(
+    target: &Target,
+    m: &Manifest,
+    overlays: &[Overlay<'_>],
+    progress: &dyn Progress,
+    workers: usize,
+    piece: usize,
+) -> Result<(), VerifyError> {
     let name = target.path().display().to_string();
     let raw = m.raw_size;
+    let chunks = m.chunk_count();
     let start_time = std::time::Instant::now();
     progress.begin(Phase::Verify, raw);
-    let (free_tx, free_rx) = bounded::<AlignedBuf>(NBUF);
-    let (full_tx, full_rx) = bounded::<(u64, usize, AlignedBuf)>(NBUF);
-    for _ in 0..NBUF {
-        let _ = free_tx.send(AlignedBuf::new(BUF));
+    let workers = workers.max(1);
+    // Pieces never straddle a chunk, and stay a multiple of 4 KiB for O_DIRECT.
+    let piece = (piece.min(m.chunk_size as usize) / 4096).max(1) * 4096;
+    let nbuf = pool_size(workers, piece);
+
+    // The lowest chunk known to differ (u64::MAX: none yet). Only ever lowered, so every chunk
+    // below its final value is read and hashed; chunks above it are skipped.
+    let fail_at = AtomicU64::new(u64::MAX);
+    let (free_tx, free_rx) = bounded::<AlignedBuf>(nbuf);
+    for _ in 0..nbuf {
+        let _ = free_tx.send(AlignedBuf::new(piece));
     }
-    std::thread::scope(|s| {
-        // Each stage owns its channel ends, so a stage that stops (done or failed) unblocks
-        // the other instead of leaving it waiting forever.
-        let reader_name = name.clone();
-        let reader = s.spawn(move || -> Result<(), VerifyError> {
+    let (done_tx, done_rx) = unbounded::<(u64, [u8; 32])>();
+    let mut work_txs = Vec::with_capacity(workers);
+    let mut work_rxs = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        // Unbounded: the pool already bounds the pieces in flight.
+        let (tx, rx) = unbounded::<Piece>();
+        work_txs.push(tx);
+        work_rxs.push(rx);
+    }
+
+    let hash_panicked = AtomicBool::new(false);
+    let (read, mismatch, checked) = std::thread::scope(|s| {
+        let fail_at = &fail_at;
+        let hash_panicked = &hash_panicked;
+        // Each stage owns its channel ends, so a stage that stops (done, failed or panicked)
+        // unblocks the others instead of leaving them waiting forever.
+        let reader = s.spawn(move || -> Result<(), (u64, std::io::Error)> {
             let mut offset = 0u64;
             while offset < raw {
+                let chunk = offset / m.chunk_size;
+                if chunk > fail_at.load(Ordering::Relaxed) || hash_panicked.load(Ordering::Relaxed)
+                {
+                    return Ok(());
+                }
                 let Ok(mut buf) = free_rx.recv() else {
                     return Ok(());
                 };
-                let n = (raw - offset).min(BUF as u64) as usize;
+                let chunk_end = m.chunk_range(chunk).1;
+                let n = (chunk_end - offset).min(piece as u64) as usize;
+                // O_DIRECT needs whole sectors: an image whose size is not a multiple of
+                // 4 KiB ends in a partial read, rounded up as far as the target reaches.
+                let room = target.size().saturating_sub(offset).max(n as u64);
+                let span = (n.next_multiple_of(4096) as u64).min(room) as usize;
                 target
-                    .read_at(&mut buf.as_mut_slice()[..n], offset)
-                    .map_err(|source| VerifyError::ReadIo {
-                        target: reader_name.clone(),
-                        offset,
-                        source,
-                    })?;
-                if full_tx.send((offset, n, buf)).is_err() {
+                    .read_at(&mut buf.as_mut_slice()[..span], offset)
+                    .map_err(|e| (offset, e))?;
+                let p = Piece {
+                    chunk,
+                    offset,
+                    len: n,
+                    last: offset + n as u64 == chunk_end,
+                    buf,
+                };
+                if work_txs[(chunk % workers as u64) as usize].send(p).is_err() {
                     return Ok(());
                 }
                 offset += n as u64;
             }
             Ok(())
         });
-        let checker_name = name.clone();
-        let checked = (move || -> Result<(), VerifyError> {
-            let mut chunker = ChunkHasher::new(m.chunk_size);
-            let mut check = |i: u64, actual: String| {
-                let expected = &m.chunks[i as usize];
-                if &actual == expected {
-                    return Ok(());
-                }
-                let (start, end) = m.chunk_range(i);
-                Err(VerifyError::Mismatch {
-                    target: checker_name.clone(),
-                    chunk: i,
-                    start,
-                    end,
-                    expected: expected.clone(),
-                    actual,
-                })
-            };
-            let mut seen = 0u64;
-            for (offset, n, mut buf) in full_rx.iter() {
-                let data = &mut buf.as_mut_slice()[..n];
-                let end = offset + n as u64;
-                for o in overlays {
-                    let o_end = o.offset + o.data.len() as u64;
-                    if o.offset < end && o_end > offset {
-                        let s0 = o.offset.max(offset);
-                        let e0 = o_end.min(end);
-                        data[(s0 - offset) as usize..(e0 - offset) as usize].copy_from_slice(
-                            &o.data[(s0 - o.offset) as usize..(e0 - o.offset) as usize],
-                        );
+        let mut hashers = Vec::with_capacity(workers);
+        for rx in work_rxs {
+            let free_tx = free_tx.clone();
+            let done_tx = done_tx.clone();
+            hashers.push(s.spawn(move || {
+                let hash_all = || {
+                    let mut h = Sha256::new();
+                    for mut p in rx.iter() {
+                        if p.chunk <= fail_at.load(Ordering::Relaxed) {
+                            if p.offset == m.chunk_range(p.chunk).0 {
+                                h = Sha256::new();
+                            }
+                            let data = &mut p.buf.as_mut_slice()[..p.len];
+                            splice(data, p.offset, overlays);
+                            h.update(&*data);
+                            if p.last {
+                                let digest: [u8; 32] = std::mem::take(&mut h).finalize().into();
+                                if done_tx.send((p.chunk, digest)).is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                        // The reader may be done and gone; that is fine.
+                        let _ = free_tx.send(p.buf);
+                    }
+                };
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(hash_all)).is_err() {
+                    // Stop the reader and hand back what is queued here, so no stage waits
+                    // for buffers this thread would never return.
+                    hash_panicked.store(true, Ordering::Relaxed);
+                    for p in rx.iter() {
+                        let _ = free_tx.send(p.buf);
                     }
                 }
-                chunker.update(data, &mut check)?;
-                seen = end;
-                progress.advance(end);
-                // The reader may be done and gone; every block it sent must still be checked.
-                let _ = free_tx.send(buf);
+            }));
+        }
+        drop(free_tx);
+        drop(done_tx);
+
+        // This thread compares digests and reports progress as a contiguous prefix.
+        let mut ok = vec![false; chunks as usize];
+        let mut prefix = 0u64;
+        let mut checked = 0u64;
+        let mut mismatch: Option<(u64, String)> = None;
+        for (i, digest) in done_rx.iter() {
+            let actual = hex(&digest);
+            if actual != m.chunks[i as usize] {
+                if mismatch.as_ref().is_none_or(|(j, _)| i < *j) {
+                    mismatch = Some((i, actual));
+                }
+                fail_at.fetch_min(i, Ordering::Relaxed);
+                continue;
             }
-            // Defence in depth: never report success for a partial read-back.
-            let done = if seen == raw {
-                chunker.finish(&mut check)?
+            checked += 1;
+            ok[i as usize] = true;
+            let before = prefix;
+            while prefix < chunks && ok[prefix as usize] {
+                prefix += 1;
+            }
+            if prefix != before {
+                progress.advance(m.chunk_range(prefix - 1).1);
+            }
+        }
+        let read = reader.join();
+        for h in hashers {
+            if h.join().is_err() {
+                hash_panicked.store(true, Ordering::Relaxed);
+            }
+        }
+        (read, mismatch, checked)
+    });
+    let hash_panicked = hash_panicked.load(Ordering::Relaxed);
+
+    let read_err = |offset: u64, source: std::io::Error| VerifyError::ReadIo {
+        target: name.clone(),
+        offset,
+        source,
+    };
+    let mismatch_err = |i: u64, actual: String| {
+        let (start, end) = m.chunk_range(i);
+        VerifyError::Mismatch {
+            target: name.clone(),
+            chunk: i,
+            start,
+            end,
+            expected: m.chunks[i as usize].clone(),
+            actual,
+        }
+    };
+    let read = read.unwrap_or_else(|_| Err((0, std::io::Error::other("reader thread panicked"))));
+    match (read, mismatch) {
+        // Whichever lies first on the disk is what a sequential check would have met.
+        (Err((offset, source)), Some((i, actual))) => {
+            if m.chunk_range(i).0 < offset {
+                return Err(mismatch_err(i, actual));
+            }
+            return Err(read_err(offset, source));
+        }
+        (Err((offset, source)), None) => return Err(read_err(offset, source)),
+        (Ok(()), Some((i, actual))) => return Err(mismatch_err(i, actual)),
+        (Ok(()), None) => {}
+    }
+    // Defence in depth: never report success for a partial read-back.
+    if hash_panicked || checked != chunks {
+        return Err(read_err(
+            m.chunk_range(checked.min(chunks.saturating_sub(1))).0,
+            std::io::Error::other(if hash_panicked {
+                "a hashing thread panicked; verification is incomplete"
             } else {
-                0
-            };
-            if done != m.chunk_count() {
-                return Err(VerifyError::ReadIo {
-                    target: checker_name.clone(),
-                    offset: seen,
-                    source: std::io::Error::other(
-                        "the read-back ended early; verification is incomplete",
-                    ),
-                });
-            }
-            Ok(())
-        })();
-        let read = reader.join().unwrap_or_else(|_| {
-            Err(VerifyError::ReadIo {
-                target: name.clone(),
-                offset: 0,
-                source: std::io::Error::other("reader thread panicked"),
-            })
-        });
-        read?;
-        checked
-    })?;
+                "the read-back ended early; verification is incomplete"
+            }),
+        ));
+    }
     progress.end(Phase::Verify, raw, start_time.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// Copies the parts of `overlays` that fall inside `[offset, offset + data.len())` over `data`.
+fn splice(data: &mut [u8], offset: u64, overlays: &[Overlay<'_>]) {
+    let end = offset + data.len() as u64;
+    for o in overlays {
+        let o_end = o.offset + o.data.len() as u64;
+        if o.offset < end && o_end > offset {
+            let s0 = o.offset.max(offset);
+            let e0 = o_end.min(end);
+            data[(s0 - offset) as usize..(e0 - offset) as usize]
+                .copy_from_slice(&o.data[(s0 - o.offset) as usize..(e0 - o.offset) as usize]);
+        }
+    }
 }
 
 /// What [`verify_image`] found besides the image itself.
@@ -385,4 +532,222 @@ fn image_sector(image: &Image, offset: u64, len: usize) -> Result<Vec<u8>, Verif
     let mut buf = vec![0u8; len];
     dec.read_exact(&mut buf).map_err(io)?;
     Ok(buf)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::blockdev::OpenOptionsTarget;
+    use crate::manifest::tests::{fake_gpt_raw, pack_bytes};
+    use crate::progress::NoProgress;
+    use std::path::Path;
+    use std::sync::Mutex;
+
+    /// Six 1 MiB chunks, the last one three sectors long: `(raw image, its manifest)`.
+    fn image(dir: &Path, ss: usize) -> (Vec<u8>, Manifest) {
+        let raw = fake_gpt_raw((5 << 20) + 3 * ss, ss);
+        let m = pack_bytes(&raw, &dir.join("i.img.zst"));
+        assert_eq!(m.chunk_count(), 6);
+        (raw, m)
+    }
+
+    fn disk(dir: &Path, bytes: &[u8], ss: usize) -> Target {
+        let p = dir.join("disk");
+        std::fs::write(&p, bytes).unwrap();
+        Target::open(
+            &p,
+            &OpenOptionsTarget {
+                file_sector_size: ss as u32,
+                read_only: true,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    }
+
+    /// (workers, piece size): one and several workers; pieces as large as a chunk, a quarter
+    /// of one, and three 4 KiB pages (so overlays and chunks straddle pieces).
+    const SHAPES: [(usize, usize); 5] = [
+        (1, PIECE),
+        (2, PIECE),
+        (3, 256 << 10),
+        (4, 12288),
+        (2, 12288),
+    ];
+
+    #[derive(Default)]
+    struct Seen(Mutex<Vec<u64>>);
+    impl Progress for Seen {
+        fn begin(&self, _: Phase, _: u64) {}
+        fn advance(&self, done: u64) {
+            self.0.lock().unwrap().push(done);
+        }
+        fn end(&self, _: Phase, _: u64, _: f64) {}
+    }
+
+    #[test]
+    fn an_intact_target_verifies_and_progress_reaches_the_end() {
+        for ss in [512, 4096] {
+            let dir = tempfile::tempdir().unwrap();
+            let (raw, m) = image(dir.path(), ss);
+            // The disk is larger than the image: only the image's bytes are compared.
+            let mut bytes = raw.clone();
+            bytes.extend_from_slice(&[0xEE; 8192]);
+            let t = disk(dir.path(), &bytes, ss);
+            for (workers, piece) in SHAPES {
+                let seen = Seen::default();
+                verify_chunks_with(&t, &m, &[], &seen, workers, piece).unwrap();
+                let seen = seen.0.into_inner().unwrap();
+                assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+                assert_eq!(seen.last(), Some(&m.raw_size));
+            }
+            verify_chunks(&t, &m, &[], &NoProgress).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_mismatch_names_the_chunk_and_its_byte_range() {
+        for ss in [512, 4096] {
+            for chunk in [0u64, 2, 5] {
+                let dir = tempfile::tempdir().unwrap();
+                let (mut raw, m) = image(dir.path(), ss);
+                let (start, end) = m.chunk_range(chunk);
+                // One flipped byte in the chunk's last sector.
+                raw[end as usize - ss + 7] ^= 0x40;
+                let t = disk(dir.path(), &raw, ss);
+                for (workers, piece) in SHAPES {
+                    let e =
+                        verify_chunks_with(&t, &m, &[], &NoProgress, workers, piece).unwrap_err();
+                    let VerifyError::Mismatch {
+                        chunk: c,
+                        start: s0,
+                        end: e0,
+                        ref expected,
+                        ref actual,
+                        ..
+                    } = e
+                    else {
+                        panic!("{e}");
+                    };
+                    assert_eq!((c, s0, e0), (chunk, start, end), "{ss} {workers} {piece}");
+                    assert_eq!(expected, &m.chunks[chunk as usize]);
+                    assert_ne!(actual, expected);
+                    let msg = e.to_string();
+                    assert!(
+                        msg.contains(&format!("chunk {chunk} (bytes {start}..{end})")),
+                        "{msg}"
+                    );
+                }
+                // The engine's own entry point says the same.
+                let e = verify_chunks(&t, &m, &[], &NoProgress).unwrap_err();
+                assert!(matches!(e, VerifyError::Mismatch { chunk: c, .. } if c == chunk));
+            }
+        }
+    }
+
+    #[test]
+    fn of_several_mismatches_the_lowest_chunk_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut raw, m) = image(dir.path(), 512);
+        for chunk in [1usize, 3, 4, 5] {
+            raw[(chunk << 20) + 100] ^= 1;
+        }
+        let t = disk(dir.path(), &raw, 512);
+        for _ in 0..5 {
+            for (workers, piece) in SHAPES {
+                let e = verify_chunks_with(&t, &m, &[], &NoProgress, workers, piece).unwrap_err();
+                assert!(
+                    matches!(e, VerifyError::Mismatch { chunk: 1, .. }),
+                    "{workers} {piece}: {e}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn overlays_stand_in_for_the_held_regions() {
+        for ss in [512, 4096] {
+            let dir = tempfile::tempdir().unwrap();
+            let (raw, m) = image(dir.path(), ss);
+            let n = raw.len();
+            // What the engine holds back: a head reaching into chunk 1 and a tail reaching
+            // back into chunk 4. The disk has something else there.
+            let head = 0..(1 << 20) + 3 * ss;
+            let tail = n - 4 * ss - 4096..n;
+            let mut on_disk = raw.clone();
+            on_disk[head.clone()].fill(0);
+            on_disk[tail.clone()].fill(0xEE);
+            let t = disk(dir.path(), &on_disk, ss);
+            let overlays = [
+                Overlay {
+                    offset: 0,
+                    data: &raw[head.clone()],
+                },
+                Overlay {
+                    offset: tail.start as u64,
+                    data: &raw[tail.clone()],
+                },
+            ];
+            for (workers, piece) in SHAPES {
+                verify_chunks_with(&t, &m, &overlays, &NoProgress, workers, piece).unwrap();
+                // Without them, the disk's own bytes are compared: chunk 0 differs.
+                let e = verify_chunks_with(&t, &m, &[], &NoProgress, workers, piece).unwrap_err();
+                assert!(matches!(e, VerifyError::Mismatch { chunk: 0, .. }), "{e}");
+            }
+            // A held byte that differs is caught where it lands: in chunk 1 for the head's
+            // end, in chunk 4 for the tail's start (the engine compares what it will write).
+            for (at, chunk) in [(head.end - 1, 1u64), (tail.start, 4)] {
+                let mut wrong = raw.clone();
+                wrong[at] ^= 0x80;
+                let overlays = [
+                    Overlay {
+                        offset: 0,
+                        data: &wrong[head.clone()],
+                    },
+                    Overlay {
+                        offset: tail.start as u64,
+                        data: &wrong[tail.clone()],
+                    },
+                ];
+                for (workers, piece) in SHAPES {
+                    let e = verify_chunks_with(&t, &m, &overlays, &NoProgress, workers, piece)
+                        .unwrap_err();
+                    assert!(
+                        matches!(e, VerifyError::Mismatch { chunk: c, .. } if c == chunk),
+                        "{e}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_short_target_is_a_read_error_at_its_end_not_a_success() {
+        let dir = tempfile::tempdir().unwrap();
+        let (raw, m) = image(dir.path(), 512);
+        let t = disk(dir.path(), &raw[..3 << 20], 512);
+        for (workers, piece) in SHAPES {
+            let e = verify_chunks_with(&t, &m, &[], &NoProgress, workers, piece).unwrap_err();
+            assert!(
+                matches!(e, VerifyError::ReadIo { offset, .. } if offset == 3 << 20),
+                "{e}"
+            );
+        }
+        // A mismatch before the read error is what a sequential check meets first.
+        let mut bad = raw[..3 << 20].to_vec();
+        bad[(1 << 20) + 9] ^= 1;
+        let t = disk(dir.path(), &bad, 512);
+        let e = verify_chunks_with(&t, &m, &[], &NoProgress, 2, PIECE).unwrap_err();
+        assert!(matches!(e, VerifyError::Mismatch { chunk: 1, .. }), "{e}");
+    }
+
+    #[test]
+    fn the_buffer_pool_stays_within_its_budget() {
+        for w in 1..=MAX_WORKERS {
+            let n = pool_size(w, PIECE);
+            assert!(n >= w.min(2) && n * PIECE <= POOL_BUDGET, "{w}: {n}");
+        }
+        assert!((1..=MAX_WORKERS).contains(&hash_workers()));
+    }
 }
