@@ -12,6 +12,8 @@
 //! - [`progress`]: progress events for terminals, logs and the appliance (`--json`).
 //! - [`discover`], [`select`], [`config`], [`seed`]: what the appliance needs to find the
 //!   internal disk, decide on it, and render the cloud-init NoCloud seed.
+//! - [`seed_schema`] (feature `seed-schema`, host only): the seed checked the way cloud-init
+//!   reads it — YAML 1.1 and cloud-init's JSON schema — with line and column.
 //!
 //! System roots (`/sys`, `/proc`, `/dev`) are parameters wherever discovery happens, so the
 //! policy is tested against fake trees.
@@ -24,6 +26,8 @@ pub mod machine;
 pub mod manifest;
 pub mod progress;
 pub mod seed;
+#[cfg(feature = "seed-schema")]
+pub mod seed_schema;
 pub mod select;
 pub mod signature;
 pub mod stick;

@@ -178,6 +178,12 @@ pub enum SeedError {
         /// How it differs.
         reason: String,
     },
+    /// The seed templates break cloud-init's rules (each problem names file, line, column).
+    #[error("{}", problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Check {
+        /// Every problem found, in file order.
+        problems: Vec<SeedProblem>,
+    },
     /// The root partition for `root-filesystem` placement could not be determined.
     #[error("seed.root_partition: {reason}")]
     RootPartition {
@@ -319,6 +325,150 @@ fn check_network_config(path: &Path, text: &str) -> Result<(), SeedError> {
     }
 }
 
+/// One thing wrong in a seed file, where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeedProblem {
+    /// The file.
+    pub path: PathBuf,
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column (in characters).
+    pub column: usize,
+    /// The key path, e.g. `users[0].lock_passwd` (empty: the whole file).
+    pub key_path: String,
+    /// What is wrong; never quotes a value from the file.
+    pub message: String,
+}
+
+impl std::fmt::Display for SeedProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}:{}: ", self.path.display(), self.line, self.column)?;
+        if !self.key_path.is_empty() {
+            write!(f, "{}: ", self.key_path)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// What a file name in a seed folder was probably meant to be: the NoCloud names are exact,
+/// and cloud-init silently ignores `userdata`, `user-data.yaml`, `network_config` … — a
+/// machine nobody can log into. `vendor-data` is a real NoCloud file that imprint does not
+/// carry.
+fn misnamed_seed_file(name: &str) -> Option<String> {
+    if [USER_DATA, META_DATA, NETWORK_CONFIG].contains(&name) {
+        return None;
+    }
+    let lower = name.to_ascii_lowercase();
+    let stem = [
+        ".yaml",
+        ".yml",
+        ".json",
+        ".txt",
+        ".cfg",
+        ".conf",
+        ".cloud-config",
+    ]
+    .iter()
+    .find_map(|ext| lower.strip_suffix(ext))
+    .unwrap_or(&lower);
+    let squashed: String = stem
+        .chars()
+        .filter(|c| !matches!(c, '-' | '_' | '.' | ' '))
+        .collect();
+    let meant = match squashed.as_str() {
+        "userdata" | "cloudconfig" | "clouduserdata" => USER_DATA,
+        "metadata" => META_DATA,
+        "networkconfig" | "network" | "netplan" => NETWORK_CONFIG,
+        "vendordata" => {
+            return Some(
+                "imprint carries only user-data, meta-data and network-config: put these \
+                 settings into user-data"
+                    .into(),
+            )
+        }
+        _ => return None,
+    };
+    Some(format!(
+        "cloud-init ignores a file of this name: did you mean {meant}? (rename it to exactly \
+         {meant})"
+    ))
+}
+
+/// Refuses files in `dir` whose name looks like a misspelt seed file.
+fn check_seed_file_names(dir: &Path) -> Result<(), SeedError> {
+    let entries = fs::read_dir(dir).map_err(|source| SeedError::Read {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut problems = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|source| SeedError::Read {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(message) = misnamed_seed_file(&name) {
+            problems.push(SeedProblem {
+                path: dir.join(entry.file_name()),
+                line: 1,
+                column: 1,
+                key_path: String::new(),
+                message,
+            });
+        }
+    }
+    problems.sort_by(|a, b| a.path.cmp(&b.path));
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(SeedError::Check { problems })
+    }
+}
+
+/// The host's check of a seed folder given to `imprint build`/`flash`: everything
+/// [`validate_seed_dir`] checks, and the folder must hold at least one seed file — an empty
+/// one is almost always the wrong folder.
+pub fn check_seed_dir_for_build(dir: &Path) -> Result<SeedTemplates, SeedError> {
+    let templates = validate_seed_dir(dir)?;
+    if [USER_DATA, META_DATA, NETWORK_CONFIG]
+        .iter()
+        .all(|name| !dir.join(name).exists())
+    {
+        return Err(SeedError::Template {
+            path: dir.to_path_buf(),
+            reason: "the seed folder holds no user-data, meta-data or network-config: put your \
+                     #cloud-config in user-data there, or leave out --seed to build without \
+                     a seed"
+                .into(),
+        });
+    }
+    Ok(templates)
+}
+
+/// With the `seed-schema` feature: the YAML and schema checks of one template; `Ok` without it.
+#[cfg_attr(not(feature = "seed-schema"), allow(unused_variables))]
+fn check_yaml_template(path: &Path, name: &str, data: &[u8]) -> Result<(), SeedError> {
+    #[cfg(feature = "seed-schema")]
+    {
+        let Ok(text) = std::str::from_utf8(data) else {
+            return Err(SeedError::Template {
+                path: path.to_path_buf(),
+                reason: "not UTF-8 text".into(),
+            });
+        };
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+        let problems = match name {
+            USER_DATA => crate::seed_schema::check_cloud_config(path, text),
+            META_DATA => crate::seed_schema::check_meta_data(path, text),
+            _ => crate::seed_schema::check_network_config(path, text),
+        };
+        if !problems.is_empty() {
+            return Err(SeedError::Check { problems });
+        }
+    }
+    Ok(())
+}
+
 /// Reads and checks the seed templates in `dir` (`user-data`, `meta-data`,
 /// `network-config`). Each file is optional, the folder is not.
 pub fn validate_seed_dir(dir: &Path) -> Result<SeedTemplates, SeedError> {
@@ -332,10 +482,14 @@ pub fn validate_seed_dir(dir: &Path) -> Result<SeedTemplates, SeedError> {
             reason: "not a folder".into(),
         });
     }
+    check_seed_file_names(dir)?;
     let ud_path = dir.join(USER_DATA);
     let (user_data, user_data_kind) = match read_optional(&ud_path)? {
         Some(b) => {
             let kind = classify_user_data(&ud_path, &b)?;
+            if kind == UserDataKind::CloudConfig {
+                check_yaml_template(&ud_path, USER_DATA, &b)?;
+            }
             (b, kind)
         }
         None => (b"#cloud-config\n{}\n".to_vec(), UserDataKind::Empty),
@@ -348,6 +502,7 @@ pub fn validate_seed_dir(dir: &Path) -> Result<SeedTemplates, SeedError> {
                 path: md_path.clone(),
                 reason: "not UTF-8 text".into(),
             })?;
+            check_yaml_template(&md_path, META_DATA, text.as_bytes())?;
             parse_meta_data(&md_path, &text)?
         }
         None => Map::new(),
@@ -360,6 +515,7 @@ pub fn validate_seed_dir(dir: &Path) -> Result<SeedTemplates, SeedError> {
                 path: nc_path.clone(),
                 reason: "not UTF-8 text".into(),
             })?;
+            check_yaml_template(&nc_path, NETWORK_CONFIG, &b)?;
             check_network_config(&nc_path, text)?;
             Some(b)
         }
@@ -1515,7 +1671,15 @@ mod tests {
             (USER_DATA, "hello\n", "#cloud-config"),
             (META_DATA, "public-keys:\n  - ssh-ed25519 AAAA\n", "JSON"),
             (META_DATA, "just text\n", "key: value"),
-            (META_DATA, "[1]", "line 1"),
+            (
+                META_DATA,
+                "[1]",
+                if cfg!(feature = "seed-schema") {
+                    ":1:1: meta-data is a list"
+                } else {
+                    "line 1"
+                },
+            ),
             (NETWORK_CONFIG, "ethernets: {}\n", "version"),
             (NETWORK_CONFIG, "version: 2\n\tethernets: {}\n", "tab"),
         ] {
@@ -1535,6 +1699,119 @@ mod tests {
             validate_seed_dir(dir.path()).unwrap();
         }
         assert!(validate_seed_dir(&d.join("missing")).is_err());
+    }
+
+    #[test]
+    fn misnamed_seed_files_are_refused() {
+        for (name, meant) in [
+            ("userdata", USER_DATA),
+            ("user-data.yaml", USER_DATA),
+            ("User_Data.yml", USER_DATA),
+            ("cloud-config.yaml", USER_DATA),
+            ("metadata", META_DATA),
+            ("meta_data.json", META_DATA),
+            ("network_config", NETWORK_CONFIG),
+            ("network-config.yaml", NETWORK_CONFIG),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            // Even next to a correct file: the misnamed one would be silently left out.
+            write(dir.path(), USER_DATA, "#cloud-config\n");
+            write(dir.path(), name, "#cloud-config\n");
+            let e = validate_seed_dir(dir.path()).unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "{}:1:1: cloud-init ignores a file of this name: did you mean {meant}? \
+                     (rename it to exactly {meant})",
+                    dir.path().join(name).display()
+                )
+            );
+        }
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "vendor-data", "#cloud-config\n");
+        let e = validate_seed_dir(dir.path()).unwrap_err().to_string();
+        assert!(e.ends_with("vendor-data:1:1: imprint carries only user-data, meta-data and network-config: put these settings into user-data"), "{e}");
+        // Other files (notes, backups) are left alone.
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["README.md", "user-data.bak", "notes.txt"] {
+            write(dir.path(), name, "x");
+        }
+        write(dir.path(), USER_DATA, "#cloud-config\n");
+        validate_seed_dir(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn an_empty_seed_folder_is_refused_at_build_time() {
+        let dir = tempfile::tempdir().unwrap();
+        // The appliance accepts it (the defaults are a complete seed) …
+        validate_seed_dir(dir.path()).unwrap();
+        // … but a build with an empty --seed folder almost always names the wrong folder.
+        write(dir.path(), "README.md", "notes");
+        let e = check_seed_dir_for_build(dir.path())
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            format!(
+                "{}: the seed folder holds no user-data, meta-data or network-config: put your \
+                 #cloud-config in user-data there, or leave out --seed to build without a seed",
+                dir.path().display()
+            )
+        );
+        write(dir.path(), META_DATA, "instance-id: x\n");
+        check_seed_dir_for_build(dir.path()).unwrap();
+    }
+
+    #[cfg(feature = "seed-schema")]
+    #[test]
+    fn seed_dir_schema_errors_name_file_line_and_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        write(
+            d,
+            USER_DATA,
+            "\u{feff}#cloud-config\nusers:\n  - name: ops\n    lock_passwd: maybe\n    sudo: 5\n",
+        );
+        let e = validate_seed_dir(d).unwrap_err();
+        let SeedError::Check { problems } = &e else {
+            panic!("{e:?}")
+        };
+        let ud = d.join(USER_DATA);
+        assert_eq!(
+            problems
+                .iter()
+                .map(|p| (p.path.clone(), p.line, p.column, p.key_path.as_str()))
+                .collect::<Vec<_>>(),
+            [
+                (ud.clone(), 4, 18, "users[0].lock_passwd"),
+                (ud.clone(), 5, 11, "users[0].sudo")
+            ]
+        );
+        assert_eq!(
+            e.to_string().lines().next().unwrap(),
+            format!(
+                "{}:4:18: users[0].lock_passwd: expected boolean, found text",
+                ud.display()
+            )
+        );
+        // Scripts, templates and multipart archives are not YAML: not parsed.
+        write(
+            d,
+            USER_DATA,
+            "## template: jinja\n#cloud-config\nhostname: {{ v1.x }}\n",
+        );
+        validate_seed_dir(d).unwrap();
+        write(d, USER_DATA, "#cloud-config\n");
+        write(d, NETWORK_CONFIG, "version: 2\nethernet: {}\n");
+        let e = validate_seed_dir(d).unwrap_err().to_string();
+        assert!(
+            e.contains("network-config:2:1: ethernet: unknown key"),
+            "{e}"
+        );
+        fs::remove_file(d.join(NETWORK_CONFIG)).unwrap();
+        write(d, META_DATA, "instance-id: [a\n");
+        let e = validate_seed_dir(d).unwrap_err().to_string();
+        assert!(e.contains("meta-data:2:1: not valid YAML"), "{e}");
     }
 
     /// A sparse disk image with a GPT like an installed OS's: an ESP and a root partition,
