@@ -42,6 +42,20 @@ pub struct Config {
     /// Minisign public keys (base64, the second line of a `.pub` file) trusted to sign
     /// images, in addition to the keys baked into the live image.
     pub trusted_keys: Vec<String>,
+    /// What to do with a machine that has no entry in `seed.machines`.
+    pub unknown_machines: UnknownMachines,
+}
+
+/// What the appliance does with a machine that is not in `seed.machines`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UnknownMachines {
+    /// Install it, with a hostname from `seed.hostname_pattern` and the template's network
+    /// (the default: a lab where any NUC may be imaged).
+    #[default]
+    Allow,
+    /// Write nothing to it: a strict fleet images only machines it knows.
+    Refuse,
 }
 
 impl Default for Config {
@@ -55,6 +69,7 @@ impl Default for Config {
             seed: SeedConfig::default(),
             require_signature: false,
             trusted_keys: Vec::new(),
+            unknown_machines: UnknownMachines::Allow,
         }
     }
 }
@@ -264,6 +279,40 @@ impl FromStr for Cidr {
             return Err(bad(&format!("prefix length must be 1..={max}")));
         }
         Ok(Cidr { addr, prefix })
+    }
+}
+
+impl Cidr {
+    fn mask(&self) -> u128 {
+        let bits = if self.addr.is_ipv4() { 32 } else { 128 };
+        let host = bits - u32::from(self.prefix);
+        (!0u128).checked_shl(host).unwrap_or(0) & (!0u128 >> (128 - bits))
+    }
+
+    fn bits(addr: IpAddr) -> u128 {
+        match addr {
+            IpAddr::V4(a) => u128::from(u32::from(a)),
+            IpAddr::V6(a) => u128::from(a),
+        }
+    }
+
+    /// Whether `ip` is in this address's subnet (same family, same network bits).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        ip.is_ipv4() == self.addr.is_ipv4()
+            && Cidr::bits(ip) & self.mask() == Cidr::bits(self.addr) & self.mask()
+    }
+
+    /// The subnet, e.g. `192.168.1.0/24` for `192.168.1.54/24`.
+    pub fn network(&self) -> Cidr {
+        let n = Cidr::bits(self.addr) & self.mask();
+        let addr = match self.addr {
+            IpAddr::V4(_) => IpAddr::V4(std::net::Ipv4Addr::from(n as u32)),
+            IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::from(n)),
+        };
+        Cidr {
+            addr,
+            prefix: self.prefix,
+        }
     }
 }
 
@@ -527,6 +576,15 @@ impl Config {
         }
 
         let s = &self.seed;
+        if self.unknown_machines == UnknownMachines::Refuse && s.machines.is_empty() {
+            issue(
+                "unknown_machines".into(),
+                "\"refuse\" with an empty seed.machines table would refuse every machine: \
+                 add the machines (`imprint reports --machines` makes the table from inventory \
+                 reports)"
+                    .into(),
+            );
+        }
         if let Err(m) = check_hostname_pattern(&s.hostname_pattern) {
             issue("seed.hostname_pattern".into(), m);
         }
@@ -567,6 +625,20 @@ impl Config {
             }
             if m.mac.is_some_and(|mac| mac.is_zero()) {
                 issue(at("mac"), "00:00:00:00:00:00 identifies no NIC".into());
+            } else if let Some(mac) = m.mac.filter(|mac| mac.0[0] & 1 == 1) {
+                // The I/G bit: broadcast and multicast addresses are never a NIC's own.
+                issue(
+                    at("mac"),
+                    format!(
+                        "{mac} is a {} address, never a NIC's own: this entry can never match \
+                         (copy the MAC from the machine's screen or inventory report)",
+                        if mac.0 == [0xff; 6] {
+                            "broadcast"
+                        } else {
+                            "multicast"
+                        }
+                    ),
+                );
             }
             for (k, v) in &keys {
                 if v.is_empty() || (*k != "mac" && crate::machine::is_placeholder_serial(v)) {
@@ -611,6 +683,14 @@ impl Config {
                         ),
                     );
                 }
+                for (j, domain) in n.search.iter().enumerate() {
+                    if let Err(msg) = check_hostname(domain.strip_suffix('.').unwrap_or(domain)) {
+                        issue(
+                            at(&format!("network.search[{j}]")),
+                            format!("not a DNS domain: {msg}"),
+                        );
+                    }
+                }
                 if let Some(gw) = n.gateway {
                     if gw.is_ipv4() != n.address.addr.is_ipv4() {
                         issue(
@@ -621,6 +701,15 @@ impl Config {
                         issue(
                             at("network.gateway"),
                             format!("{gw} is the machine's own address"),
+                        );
+                    } else if !n.address.contains(gw) {
+                        issue(
+                            at("network.gateway"),
+                            format!(
+                                "{gw} is outside the machine's subnet {}: the machine could not \
+                                 reach it (check the address's /prefix)",
+                                n.address.network()
+                            ),
                         );
                     }
                 }
@@ -912,6 +1001,82 @@ mod tests {
             Config::from_json(r#"{"require_signatures": true}"#),
             Err(ConfigError::Parse { .. })
         ));
+    }
+
+    #[test]
+    fn machines_entries_that_can_never_match() {
+        let machines = |m: &str| format!(r#"{{"seed": {{"machines": [{m}]}}}}"#);
+        // A malformed MAC: the parse error names line, column, entry index and field.
+        let e = Config::from_json(&machines(r#"{"mac": "aa:bb:cc:00:00", "hostname": "a"}"#))
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "line 1, column 47: seed.machines[0].mac: \"aa:bb:cc:00:00\" is not a MAC address \
+             (expected six hex pairs like aa:bb:cc:dd:ee:ff)"
+        );
+        for (entry, field, needle) in [
+            (
+                r#"{"mac": "ff:ff:ff:ff:ff:ff", "hostname": "a"}"#,
+                "seed.machines[1].mac",
+                "ff:ff:ff:ff:ff:ff is a broadcast address, never a NIC's own",
+            ),
+            (
+                r#"{"mac": "01:00:5e:00:00:01", "hostname": "a"}"#,
+                "seed.machines[1].mac",
+                "01:00:5e:00:00:01 is a multicast address, never a NIC's own",
+            ),
+            (
+                r#"{"dmi_serial": "  ", "hostname": "a"}"#,
+                "seed.machines[1].dmi_serial",
+                "identifies no machine",
+            ),
+            (
+                r#"{"mac": "02:00:00:00:00:09", "hostname": "a",
+                    "network": {"address": "192.168.1.54/24", "gateway": "192.168.2.1"}}"#,
+                "seed.machines[1].network.gateway",
+                "192.168.2.1 is outside the machine's subnet 192.168.1.0/24",
+            ),
+            (
+                r#"{"mac": "02:00:00:00:00:09", "hostname": "a",
+                    "network": {"address": "2001:db8::54/64", "gateway": "2001:db9::1"}}"#,
+                "seed.machines[1].network.gateway",
+                "2001:db9::1 is outside the machine's subnet 2001:db8::/64",
+            ),
+            (
+                r#"{"mac": "02:00:00:00:00:09", "hostname": "a",
+                    "network": {"address": "10.0.0.5/8", "search": ["lab.example", "bad domain"]}}"#,
+                "seed.machines[1].network.search[1]",
+                "not a DNS domain",
+            ),
+        ] {
+            let text = machines(&format!(
+                r#"{{"mac": "02:00:00:00:00:01", "hostname": "ok"}}, {entry}"#
+            ));
+            let found = issues(&text);
+            assert_eq!(found.len(), 1, "{entry}: {found:?}");
+            assert_eq!(found[0].field, field, "{entry}");
+            assert!(found[0].message.contains(needle), "{entry}: {found:?}");
+        }
+        // Fine: a gateway inside the subnet, a locally administered MAC, a trailing-dot domain.
+        Config::from_json(&machines(
+            r#"{"mac": "02:00:00:00:00:09", "hostname": "a",
+                "network": {"address": "10.1.2.3/8", "gateway": "10.255.0.1",
+                            "search": ["lab.example."]}}"#,
+        ))
+        .unwrap();
+    }
+
+    #[test]
+    fn refuse_needs_a_machines_table() {
+        let found = issues(r#"{"unknown_machines": "refuse"}"#);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].field, "unknown_machines");
+        assert!(found[0].message.contains("would refuse every machine"));
+        let e = Config::from_json(r#"{"unknown_machines": "deny"}"#).unwrap_err();
+        assert!(
+            e.to_string().contains("expected `allow` or `refuse`"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -184,6 +184,20 @@ pub enum SeedError {
         /// Every problem found, in file order.
         problems: Vec<SeedProblem>,
     },
+    /// `unknown_machines` is `refuse` and no machines-table entry matches this machine.
+    #[error(
+        "this machine is not in seed.machines and unknown_machines is \"refuse\": nothing is \
+         written to it. To install it, add an entry keyed by {}",
+        unknown_machine_keys(macs, serial.as_deref(), uuid.as_deref())
+    )]
+    UnknownMachine {
+        /// The machine's NIC MACs (wired first).
+        macs: Vec<MacAddr>,
+        /// Its DMI serial, if the firmware has a real one.
+        serial: Option<String>,
+        /// Its DMI product UUID.
+        uuid: Option<String>,
+    },
     /// The root partition for `root-filesystem` placement could not be determined.
     #[error("seed.root_partition: {reason}")]
     RootPartition {
@@ -528,6 +542,70 @@ pub fn validate_seed_dir(dir: &Path) -> Result<SeedTemplates, SeedError> {
         meta_data,
         network_config,
     })
+}
+
+fn unknown_machine_keys(macs: &[MacAddr], serial: Option<&str>, uuid: Option<&str>) -> String {
+    let mut keys = Vec::new();
+    if !macs.is_empty() {
+        let list: Vec<String> = macs.iter().map(ToString::to_string).collect();
+        keys.push(format!("\"mac\" (one of {})", list.join(", ")));
+    }
+    // Firmware strings are untrusted: quoted and escaped, never raw.
+    if let Some(s) = serial {
+        keys.push(format!("\"dmi_serial\": {s:?}"));
+    }
+    if let Some(u) = uuid {
+        keys.push(format!("\"dmi_uuid\": {u:?}"));
+    }
+    if keys.is_empty() {
+        "a MAC or DMI serial (this machine reports neither)".into()
+    } else {
+        keys.join(" or ")
+    }
+}
+
+/// Decides whether the appliance may write this machine, before any disk is touched:
+/// `Ok(Some(i))` when `seed.machines[i]` is its entry, `Ok(None)` when it has none and
+/// `unknown_machines` is `allow` (it gets the hostname pattern), and an error when it has
+/// none and `unknown_machines` is `refuse` (a strict fleet), or when two entries match.
+pub fn check_known_machine(
+    config: &crate::config::Config,
+    identity: &MachineIdentity,
+) -> Result<Option<usize>, SeedError> {
+    let hits: Vec<(usize, MachineMatch)> = config
+        .seed
+        .machines
+        .iter()
+        .enumerate()
+        .filter_map(|(i, e)| entry_matches(e, identity).map(|m| (i, with_entry(m, i))))
+        .collect();
+    match hits.as_slice() {
+        [] if config.unknown_machines == crate::config::UnknownMachines::Refuse => {
+            let mut nics: Vec<_> = identity.nics.iter().filter(|n| !n.mac.is_zero()).collect();
+            nics.sort_by_key(|n| n.wireless);
+            Err(SeedError::UnknownMachine {
+                macs: nics.iter().map(|n| n.mac).collect(),
+                serial: identity.serial().map(str::to_string),
+                uuid: identity.dmi.product_uuid.clone(),
+            })
+        }
+        [] => Ok(None),
+        [(i, _)] => Ok(Some(*i)),
+        _ => Err(SeedError::AmbiguousMachine {
+            entries: hits
+                .iter()
+                .map(|(i, m)| {
+                    let key = match m {
+                        MachineMatch::Mac { mac, .. } => format!("mac {mac}"),
+                        MachineMatch::DmiSerial { .. } => "dmi_serial".into(),
+                        MachineMatch::DmiUuid { .. } => "dmi_uuid".into(),
+                        MachineMatch::Pattern { .. } => "pattern".into(),
+                    };
+                    (*i, key)
+                })
+                .collect(),
+        }),
+    }
 }
 
 /// How the machine was recognised.
@@ -1576,6 +1654,64 @@ mod tests {
         id.nics.clear();
         assert!(expand_hostname("nuc-{serial}", &id).is_err());
         assert!(expand_hostname("nuc-{mac}", &id).is_err());
+    }
+
+    #[test]
+    fn strict_fleets_refuse_unknown_machines() {
+        let config = |unknown: &str, machines: &str| {
+            Config::from_json(&format!(
+                r#"{{"unknown_machines": "{unknown}", "seed": {{"machines": {machines}}}}}"#
+            ))
+            .unwrap()
+        };
+        let other = r#"[{"mac": "00:11:22:33:44:55", "hostname": "elsewhere"}]"#;
+        // Default (allow): an unknown machine is written, with the pattern hostname.
+        assert_eq!(
+            Config::from_json("{}").unwrap().unknown_machines,
+            crate::config::UnknownMachines::Allow
+        );
+        assert_eq!(
+            check_known_machine(&config("allow", other), &identity()).unwrap(),
+            None
+        );
+        // Refuse: the error names every key the operator could add.
+        let e = check_known_machine(&config("refuse", other), &identity()).unwrap_err();
+        assert!(matches!(e, SeedError::UnknownMachine { .. }));
+        assert_eq!(
+            e.to_string(),
+            "this machine is not in seed.machines and unknown_machines is \"refuse\": nothing \
+             is written to it. To install it, add an entry keyed by \"mac\" (one of \
+             aa:bb:cc:00:00:01, aa:bb:cc:00:00:02) or \"dmi_serial\": \"BTTN1234ABCD\" or \
+             \"dmi_uuid\": \"8C1F3A2E-0000-1111-2222-333344445555\""
+        );
+        // Known machines pass in both modes, by any key.
+        for m in [
+            r#"[{"mac": "00:11:22:33:44:55", "hostname": "x"}, {"mac": "AA-BB-CC-00-00-02", "hostname": "nuc-01"}]"#,
+            r#"[{"mac": "00:11:22:33:44:55", "hostname": "x"}, {"dmi_serial": " bttn1234abcd ", "hostname": "nuc-01"}]"#,
+            r#"[{"mac": "00:11:22:33:44:55", "hostname": "x"}, {"dmi_uuid": "8c1f3a2e-0000-1111-2222-333344445555", "hostname": "nuc-01"}]"#,
+        ] {
+            assert_eq!(
+                check_known_machine(&config("refuse", m), &identity()).unwrap(),
+                Some(1),
+                "{m}"
+            );
+        }
+        // Two entries for one machine stay an error, never a guess.
+        let two = r#"[{"mac": "aa:bb:cc:00:00:01", "hostname": "a"}, {"dmi_serial": "BTTN1234ABCD", "hostname": "b"}]"#;
+        assert!(matches!(
+            check_known_machine(&config("allow", two), &identity()),
+            Err(SeedError::AmbiguousMachine { .. })
+        ));
+        // Firmware strings are escaped in the message.
+        let mut id = identity();
+        id.dmi.product_serial = Some("X\u{1b}[2J".into());
+        let e = check_known_machine(&config("refuse", other), &id)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            !e.contains('\u{1b}') && e.contains(r#""X\u{1b}[2J""#),
+            "{e}"
+        );
     }
 
     #[test]
