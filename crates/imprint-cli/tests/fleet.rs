@@ -205,11 +205,12 @@ fn report(id: &str, started: u64, serial: &str, mac: &str, status: &str, hostnam
     })
 }
 
+/// Three reports whose file names are not in time order (the table is).
 fn fleet(dir: &Path) {
     fs::create_dir_all(dir).unwrap();
     let reports = [
         report(
-            "r2",
+            "a2",
             1_764_074_400,
             "BTTN0002",
             "aa:bb:cc:00:00:02",
@@ -217,7 +218,7 @@ fn fleet(dir: &Path) {
             false,
         ),
         report(
-            "r1",
+            "b1",
             1_764_070_930,
             "BTTN0001",
             "aa:bb:cc:00:00:01",
@@ -225,7 +226,7 @@ fn fleet(dir: &Path) {
             true,
         ),
         report(
-            "r3",
+            "c3",
             1_764_078_000,
             "To Be Filled By O.E.M.",
             "aa:bb:cc:00:00:03",
@@ -246,11 +247,11 @@ fn fleet(dir: &Path) {
 
 const TABLE: &str = "\
 MACHINE            HOSTNAME  STATUS     IMAGE         WHEN (UTC)        TOOK   TARGET
-BTTN0001           nuc-r1    installed  ubuntu-24.04  2025-11-25 11:42  4m12s  nvme0n1 (S64DNX0T123456)
+BTTN0001           nuc-b1    installed  ubuntu-24.04  2025-11-25 11:42  4m12s  nvme0n1 (S64DNX0T123456)
 BTTN0002           -         failed     ubuntu-24.04  2025-11-25 12:40  2s     nvme0n1 (S64DNX0T123456)
 aa:bb:cc:00:00:03  -         inventory  ubuntu-24.04  2025-11-25 13:40  2s     nvme0n1 (S64DNX0T123456)
 
-r2 BTTN0002: writing /dev/nvme0n1: I/O error\\u{1b}[2J
+a2 BTTN0002: writing /dev/nvme0n1: I/O error\\u{1b}[2J
 ";
 
 #[test]
@@ -275,8 +276,8 @@ fn reports_table_json_and_machines() {
         serde_json::from_str(&stdout(&ok(imprint(&[&"reports", &dir, &"--json"])))).unwrap();
     let rows = rows.as_array().unwrap();
     assert_eq!(rows.len(), 3);
-    assert_eq!(rows[0]["install_id"], "r1");
-    assert_eq!(rows[0]["hostname"], "nuc-r1");
+    assert_eq!(rows[0]["install_id"], "b1");
+    assert_eq!(rows[0]["hostname"], "nuc-b1");
     assert_eq!(rows[0]["duration_secs"], 252.4);
     assert_eq!(rows[0]["started_at"], 1_764_070_930);
     assert_eq!(rows[1]["status"], "failed");
@@ -289,12 +290,12 @@ fn reports_table_json_and_machines() {
     let m = frag["seed"]["machines"].as_array().unwrap();
     assert_eq!(m.len(), 3);
     assert_eq!(m[0]["mac"], "aa:bb:cc:00:00:01");
-    assert_eq!(m[0]["hostname"], "nuc-r1");
+    assert_eq!(m[0]["hostname"], "nuc-b1");
     assert_eq!(m[1]["hostname"], "");
     assert_eq!(
         m[0]["note"],
         "Intel(R) Client Systems NUC11TNHi5; serial BTTN0001; NICs eno1 aa:bb:cc:00:00:01, \
-         wlan0 02:00:00:00:99:99 (wireless); seen by report r1"
+         wlan0 02:00:00:00:99:99 (wireless); seen by report b1"
     );
     // Unfilled hostnames are refused by the config, so a skeleton cannot be used unfinished.
     let e = Config::from_json(&stdout(&o)).unwrap_err().to_string();
