@@ -614,6 +614,11 @@ fn describe(doc: &Document, file: &Path, e: &ValidationError<'_>, out: &mut Vec<
 /// Checks `#cloud-config` user-data: YAML syntax, a mapping at the top, cloud-init's schema,
 /// and top-level keys that look like a misspelt module key.
 pub(crate) fn check_cloud_config(file: &Path, text: &str) -> Vec<SeedProblem> {
+    // `#cloud-config-archive` (a list of parts) and other `#cloud-config…` headers are not a
+    // cloud-config mapping: only the exact header is checked against the schema.
+    if text.lines().next().map(str::trim_end) != Some("#cloud-config") {
+        return Vec::new();
+    }
     let doc = match load_yaml(file, text) {
         Ok(d) => d,
         Err(problems) => return problems,
@@ -929,6 +934,10 @@ mod tests {
         assert_eq!(cc(ok), Vec::<String>::new());
         assert_eq!(cc("#cloud-config\n"), Vec::<String>::new());
         assert_eq!(cc("#cloud-config\n{}\n"), Vec::<String>::new());
+        assert_eq!(
+            cc("#cloud-config-archive\n- type: text/cloud-config\n  content: x\n"),
+            Vec::<String>::new()
+        );
     }
 
     #[test]
