@@ -421,6 +421,19 @@ fn check_seed_file_names(dir: &Path) -> Result<(), SeedError> {
             source,
         })?;
         let name = entry.file_name().to_string_lossy().into_owned();
+        // On a case-insensitive file system (the stick's FAT) `USER-DATA` *is* `user-data`:
+        // the same file answers to both names.
+        let lower = name.to_ascii_lowercase();
+        if lower != name && [USER_DATA, META_DATA, NETWORK_CONFIG].contains(&lower.as_str()) {
+            use std::os::unix::fs::MetadataExt;
+            let same = |a: &Path, b: &Path| match (fs::metadata(a), fs::metadata(b)) {
+                (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+                _ => false,
+            };
+            if same(&entry.path(), &dir.join(&lower)) {
+                continue;
+            }
+        }
         if let Some(message) = misnamed_seed_file(&name) {
             problems.push(SeedProblem {
                 path: dir.join(entry.file_name()),
@@ -1848,6 +1861,8 @@ mod tests {
             ("meta_data.json", META_DATA),
             ("network_config", NETWORK_CONFIG),
             ("network-config.yaml", NETWORK_CONFIG),
+            // Not found by cloud-init on a case-sensitive file system.
+            ("USER-DATA", USER_DATA),
         ] {
             let dir = tempfile::tempdir().unwrap();
             // Even next to a correct file: the misnamed one would be silently left out.
