@@ -79,6 +79,36 @@ fn no_output_left(out: &Path) {
     assert!(!Path::new(&partial).exists(), "the .partial file was left");
 }
 
+/// The byte range of the stick's ESP (GPT partition `IMPRINT`).
+fn esp_range(stick: &Path) -> (u64, u64) {
+    let g = gpt::GptConfig::new().open(stick).unwrap();
+    let esp = g
+        .partitions()
+        .values()
+        .find(|p| p.name == "IMPRINT")
+        .unwrap()
+        .clone();
+    (
+        esp.first_lba * 512,
+        (esp.last_lba + 1 - esp.first_lba) * 512,
+    )
+}
+
+/// A file from the stick's ESP, read with the fatfs crate.
+fn esp_file(stick: &Path, path: &str) -> Vec<u8> {
+    let (start, len) = esp_range(stick);
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(stick)
+        .unwrap();
+    let slice = imprint_core::blockdev::PartitionSlice::new(&mut f, start, len);
+    let fat = fatfs::FileSystem::new(slice, fatfs::FsOptions::new()).unwrap();
+    let mut out = Vec::new();
+    std::io::Read::read_to_end(&mut fat.root_dir().open_file(path).unwrap(), &mut out).unwrap();
+    out
+}
+
 #[test]
 fn build_refuses_a_broken_seed_and_leaves_no_output() {
     let t = tempfile::tempdir().unwrap();
@@ -89,12 +119,20 @@ fn build_refuses_a_broken_seed_and_leaves_no_output() {
     let out = t.path().join("stick.img");
     let ud = seed.join("user-data");
 
-    // A good seed builds, and its user-data lands on the stick byte for byte (checked below).
+    // A good seed builds, and its user-data lands on the stick byte for byte (a BOM, CRLF
+    // line ends and comments included: checked, never rewritten).
+    let exact = "\u{feff}#cloud-config\r\n# ops account\r\nusers:\r\n  - name: ops\r\n    \
+                 lock_passwd: yes\r\n";
+    fs::write(&ud, exact).unwrap();
+    ok(build(&img, &boot, &seed, &out));
+    assert_eq!(
+        esp_file(&out, "imprint/seed/user-data"),
+        exact.as_bytes(),
+        "user-data on the stick"
+    );
+    fs::remove_file(&out).unwrap();
     let good = "#cloud-config\nusers:\n  - name: ops\n    lock_passwd: true\n";
     fs::write(&ud, good).unwrap();
-    ok(build(&img, &boot, &seed, &out));
-    assert!(out.exists());
-    fs::remove_file(&out).unwrap();
 
     // Broken YAML, a wrong type and a misspelt key: every problem, file:line:column.
     fs::write(
@@ -337,19 +375,7 @@ fn reports_from_a_stick_image() {
     // Put the reports where the appliance writes them: imprint/reports/ on the stick's ESP.
     let src = t.path().join("src");
     fleet(&src);
-    let (start, len) = {
-        let g = gpt::GptConfig::new().open(&out).unwrap();
-        let esp = g
-            .partitions()
-            .values()
-            .find(|p| p.name == "IMPRINT")
-            .unwrap()
-            .clone();
-        (
-            esp.first_lba * 512,
-            (esp.last_lba + 1 - esp.first_lba) * 512,
-        )
-    };
+    let (start, len) = esp_range(&out);
     {
         let mut f = fs::OpenOptions::new()
             .read(true)
