@@ -302,6 +302,22 @@ impl Cidr {
             && Cidr::bits(ip) & self.mask() == Cidr::bits(self.addr) & self.mask()
     }
 
+    /// For IPv4 with room for hosts (prefix up to /30): `Some("network")` or
+    /// `Some("broadcast")` when the address is its subnet's network or broadcast address.
+    pub fn reserved_host(&self) -> Option<&'static str> {
+        if !self.addr.is_ipv4() || self.prefix > 30 {
+            return None;
+        }
+        let host = Cidr::bits(self.addr) & !self.mask() & 0xffff_ffff;
+        if host == 0 {
+            Some("network")
+        } else if host == !self.mask() & 0xffff_ffff {
+            Some("broadcast")
+        } else {
+            None
+        }
+    }
+
     /// The subnet, e.g. `192.168.1.0/24` for `192.168.1.54/24`.
     pub fn network(&self) -> Cidr {
         let n = Cidr::bits(self.addr) & self.mask();
@@ -683,6 +699,17 @@ impl Config {
                         ),
                     );
                 }
+                if let Some(what) = n.address.reserved_host() {
+                    issue(
+                        at("network.address"),
+                        format!(
+                            "{} is the {what} address of {}, not a host's: pick another \
+                             address or check the /prefix",
+                            n.address.addr,
+                            n.address.network()
+                        ),
+                    );
+                }
                 for (j, domain) in n.search.iter().enumerate() {
                     if let Err(msg) = check_hostname(domain.strip_suffix('.').unwrap_or(domain)) {
                         issue(
@@ -1044,6 +1071,18 @@ mod tests {
             ),
             (
                 r#"{"mac": "02:00:00:00:00:09", "hostname": "a",
+                    "network": {"address": "192.168.1.255/24"}}"#,
+                "seed.machines[1].network.address",
+                "192.168.1.255 is the broadcast address of 192.168.1.0/24",
+            ),
+            (
+                r#"{"mac": "02:00:00:00:00:09", "hostname": "a",
+                    "network": {"address": "10.0.0.0/8"}}"#,
+                "seed.machines[1].network.address",
+                "10.0.0.0 is the network address of 10.0.0.0/8",
+            ),
+            (
+                r#"{"mac": "02:00:00:00:00:09", "hostname": "a",
                     "network": {"address": "10.0.0.5/8", "search": ["lab.example", "bad domain"]}}"#,
                 "seed.machines[1].network.search[1]",
                 "not a DNS domain",
@@ -1056,6 +1095,18 @@ mod tests {
             assert_eq!(found.len(), 1, "{entry}: {found:?}");
             assert_eq!(found[0].field, field, "{entry}");
             assert!(found[0].message.contains(needle), "{entry}: {found:?}");
+        }
+        // Fine: a point-to-point /31 and a /32 have no network or broadcast address.
+        for a in [
+            "10.0.0.0/31",
+            "10.0.0.1/31",
+            "10.0.0.255/32",
+            "2001:db8::/64",
+        ] {
+            Config::from_json(&machines(&format!(
+                r#"{{"mac": "02:00:00:00:00:09", "hostname": "a", "network": {{"address": "{a}"}}}}"#
+            )))
+            .unwrap();
         }
         // Fine: a gateway inside the subnet, a locally administered MAC, a trailing-dot domain.
         Config::from_json(&machines(
