@@ -297,6 +297,13 @@ fn install(
     let sys = Path::new("/sys");
     let identity = MachineIdentity::read(sys).context("reading the machine's identity")?;
     rep.machine = Some(identity.clone());
+    // A strict fleet (`unknown_machines: refuse`) never writes a machine its table lacks:
+    // stopped here, before any disk is looked at.
+    if let Err(e) = seed::check_known_machine(config, &identity) {
+        rep.status = Status::Declined;
+        consoles.line(&format!("imprint: {e}"));
+        return Ok(Ending::Stopped);
+    }
     rep.hardware = hardware_summary();
     // Rendered before any disk is chosen or touched: a seed that cannot be made for this
     // machine (no table entry and no serial or MAC for the hostname pattern) stops here.

@@ -10,6 +10,7 @@ mod commands;
 mod fetch;
 mod flash;
 mod prepare;
+mod reports;
 mod sign;
 mod stick;
 
@@ -139,6 +140,23 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the fleet from the appliance's reports: machine, hostname, status, image, when,
+    /// how long, target disk.
+    ///
+    /// SOURCE is a folder of report files, a mounted stick (its imprint/reports/), or a stick
+    /// image file or device (read only). Failed runs are listed with their error below the table.
+    Reports {
+        /// Folder, mounted stick, stick image or stick device.
+        source: PathBuf,
+        /// Print the rows as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Print a config.json fragment with a seed.machines entry for every machine seen
+        /// (from inventory or install reports): fill in hostnames and addresses, then merge it
+        /// into your config.
+        #[arg(long, conflicts_with = "json")]
+        machines: bool,
+    },
     /// Show an imprint image's manifest.
     Inspect {
         /// The imprint image (.img.zst), or its http:// or https:// URL.
@@ -244,6 +262,11 @@ fn main() -> ExitCode {
             image,
             json,
         } => commands::disks(config.as_deref(), image.as_deref(), json),
+        Command::Reports {
+            source,
+            json,
+            machines,
+        } => reports::reports(&source, json, machines),
         Command::Inspect {
             image,
             json,

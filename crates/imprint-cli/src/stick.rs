@@ -173,7 +173,7 @@ fn gather(opts: &BuildOptions) -> Result<Inputs> {
     esp_files.insert(CONFIG_PATH.to_owned(), config);
 
     if let Some(dir) = &opts.seed {
-        seed::validate_seed_dir(dir)?;
+        seed::check_seed_dir_for_build(dir)?;
         for name in [USER_DATA, META_DATA, NETWORK_CONFIG] {
             let path = dir.join(name);
             if path.symlink_metadata().is_ok() {

@@ -304,12 +304,20 @@ fn sector_size_mismatch_is_refused_and_matching_4k_image_installs() {
     let ss = 4096;
     let last_lba = (got.len() / ss - 1) as u64;
     let le64 = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
-    // Byte for byte the image, except LBA 1 (the primary header, rewritten for the moved
-    // backup) ...
-    assert_eq!(&got[..ss], &want[..ss], "protective MBR sector");
+    // Byte for byte the image, except the protective MBR's size field (fitted to the disk),
+    // LBA 1 (the primary header, rewritten for the moved backup) and the image's old backup
+    // header in its last 4096-byte LBA (cleared) ...
+    assert_eq!(&got[..446 + 12], &want[..446 + 12], "protective MBR");
+    let size_field = u32::from_le_bytes(got[446 + 12..446 + 16].try_into().unwrap());
+    assert_eq!(u64::from(size_field), last_lba, "protective MBR fitted");
+    assert_eq!(&got[446 + 16..ss], &want[446 + 16..ss], "protective MBR");
     assert!(
-        got[2 * ss..want.len()] == want[2 * ss..],
-        "LBA 2 to the image's end"
+        got[2 * ss..want.len() - ss] == want[2 * ss..want.len() - ss],
+        "LBA 2 to the image's last LBA"
+    );
+    assert!(
+        got[want.len() - ss..want.len()].iter().all(|&b| b == 0),
+        "the image's old backup header is cleared"
     );
     // ... whose header points at a backup header on the disk's last 4096-byte LBA, which
     // points back at LBA 1.

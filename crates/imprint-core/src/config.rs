@@ -41,6 +41,20 @@ pub struct Config {
     /// Minisign public keys (base64, the second line of a `.pub` file) trusted to sign
     /// images, in addition to the keys baked into the live image.
     pub trusted_keys: Vec<String>,
+    /// What to do with a machine that has no entry in `seed.machines`.
+    pub unknown_machines: UnknownMachines,
+}
+
+/// What the appliance does with a machine that is not in `seed.machines`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UnknownMachines {
+    /// Install it, with a hostname from `seed.hostname_pattern` and the template's network
+    /// (the default: a lab where any NUC may be imaged).
+    #[default]
+    Allow,
+    /// Write nothing to it: a strict fleet images only machines it knows.
+    Refuse,
 }
 
 impl Default for Config {
@@ -54,6 +68,7 @@ impl Default for Config {
             seed: SeedConfig::default(),
             require_signature: false,
             trusted_keys: Vec::new(),
+            unknown_machines: UnknownMachines::Allow,
         }
     }
 }
@@ -276,22 +291,51 @@ fn gateway_reachable(addr: &Cidr, gw: IpAddr) -> bool {
 }
 
 impl Cidr {
-    /// Whether `ip` is in this address's subnet.
+    fn mask(&self) -> u128 {
+        let bits = if self.addr.is_ipv4() { 32 } else { 128 };
+        let host = bits - u32::from(self.prefix);
+        (!0u128).checked_shl(host).unwrap_or(0) & (!0u128 >> (128 - bits))
+    }
+
+    fn bits(addr: IpAddr) -> u128 {
+        match addr {
+            IpAddr::V4(a) => u128::from(u32::from(a)),
+            IpAddr::V6(a) => u128::from(a),
+        }
+    }
+
+    /// Whether `ip` is in this address's subnet (same family, same network bits).
     pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.addr, ip) {
-            (IpAddr::V4(a), IpAddr::V4(b)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u32::from(a) & mask == u32::from(b) & mask
-            }
-            (IpAddr::V6(a), IpAddr::V6(b)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u128::from(a) & mask == u128::from(b) & mask
-            }
-            _ => false,
+        ip.is_ipv4() == self.addr.is_ipv4()
+            && Cidr::bits(ip) & self.mask() == Cidr::bits(self.addr) & self.mask()
+    }
+
+    /// For IPv4 with room for hosts (prefix up to /30): `Some("network")` or
+    /// `Some("broadcast")` when the address is its subnet's network or broadcast address.
+    pub fn reserved_host(&self) -> Option<&'static str> {
+        if !self.addr.is_ipv4() || self.prefix > 30 {
+            return None;
+        }
+        let host = Cidr::bits(self.addr) & !self.mask() & 0xffff_ffff;
+        if host == 0 {
+            Some("network")
+        } else if host == !self.mask() & 0xffff_ffff {
+            Some("broadcast")
+        } else {
+            None
+        }
+    }
+
+    /// The subnet, e.g. `192.168.1.0/24` for `192.168.1.54/24`.
+    pub fn network(&self) -> Cidr {
+        let n = Cidr::bits(self.addr) & self.mask();
+        let addr = match self.addr {
+            IpAddr::V4(_) => IpAddr::V4(std::net::Ipv4Addr::from(n as u32)),
+            IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::from(n)),
+        };
+        Cidr {
+            addr,
+            prefix: self.prefix,
         }
     }
 }
@@ -576,6 +620,15 @@ impl Config {
         }
 
         let s = &self.seed;
+        if self.unknown_machines == UnknownMachines::Refuse && s.machines.is_empty() {
+            issue(
+                "unknown_machines".into(),
+                "\"refuse\" with an empty seed.machines table would refuse every machine: \
+                 add the machines (`imprint reports --machines` makes the table from inventory \
+                 reports)"
+                    .into(),
+            );
+        }
         if let Err(m) = check_hostname_pattern(&s.hostname_pattern) {
             issue("seed.hostname_pattern".into(), m);
         }
@@ -616,14 +669,26 @@ impl Config {
             }
             if m.mac.is_some_and(|mac| mac.is_zero()) {
                 issue(at("mac"), "00:00:00:00:00:00 identifies no NIC".into());
+            } else if let Some(mac) = m.mac.filter(|mac| mac.0[0] & 1 == 1) {
+                // The I/G bit: broadcast and multicast addresses are never a NIC's own.
+                issue(
+                    at("mac"),
+                    format!(
+                        "{mac} is a {} address, never a NIC's own: this entry can never match \
+                         (copy the MAC from the machine's screen or inventory report)",
+                        if mac.0 == [0xff; 6] {
+                            "broadcast"
+                        } else {
+                            "multicast"
+                        }
+                    ),
+                );
             }
-            for (field, mac) in [
-                ("mac", m.mac),
-                (
-                    "network.interface",
-                    m.network.as_ref().and_then(|n| n.interface),
-                ),
-            ] {
+            // (The entry's own `mac` is checked above.)
+            for (field, mac) in [(
+                "network.interface",
+                m.network.as_ref().and_then(|n| n.interface),
+            )] {
                 // Bit 0 of the first octet marks group (multicast/broadcast) addresses: no
                 // NIC has one as its own address.
                 if let Some(mac) = mac.filter(|m| m.0[0] & 1 == 1) {
@@ -676,6 +741,25 @@ impl Config {
                         ),
                     );
                 }
+                if let Some(what) = n.address.reserved_host() {
+                    issue(
+                        at("network.address"),
+                        format!(
+                            "{} is the {what} address of {}, not a host's: pick another \
+                             address or check the /prefix",
+                            n.address.addr,
+                            n.address.network()
+                        ),
+                    );
+                }
+                for (j, domain) in n.search.iter().enumerate() {
+                    if let Err(msg) = check_hostname(domain.strip_suffix('.').unwrap_or(domain)) {
+                        issue(
+                            at(&format!("network.search[{j}]")),
+                            format!("not a DNS domain: {msg}"),
+                        );
+                    }
+                }
                 if let Some(gw) = n.gateway {
                     if gw.is_ipv4() != n.address.addr.is_ipv4() {
                         issue(
@@ -691,32 +775,10 @@ impl Config {
                         issue(
                             at("network.gateway"),
                             format!(
-                                "{gw} is outside {}'s subnet: the machine could not reach it",
-                                n.address
+                                "{gw} is outside the machine's subnet {}: the machine could not \
+                                 reach it (check the address's /prefix)",
+                                n.address.network()
                             ),
-                        );
-                    }
-                }
-                if let IpAddr::V4(a) = n.address.addr {
-                    if n.address.prefix <= 30 {
-                        let bits = u32::from(a);
-                        let host = u32::MAX >> n.address.prefix;
-                        if bits & host == 0 || bits & host == host {
-                            issue(
-                                at("network.address"),
-                                format!(
-                                    "{} is the network or broadcast address of its subnet",
-                                    n.address
-                                ),
-                            );
-                        }
-                    }
-                }
-                for (j, d) in n.search.iter().enumerate() {
-                    if let Err(msg) = check_hostname(d.trim_end_matches('.')) {
-                        issue(
-                            at(&format!("network.search[{j}]")),
-                            format!("not a DNS domain: {msg}"),
                         );
                     }
                 }
@@ -1018,6 +1080,106 @@ mod tests {
     }
 
     #[test]
+    fn machines_entries_that_can_never_match() {
+        let machines = |m: &str| format!(r#"{{"seed": {{"machines": [{m}]}}}}"#);
+        // A malformed MAC: the parse error names line, column, entry index and field.
+        let e = Config::from_json(&machines(r#"{"mac": "aa:bb:cc:00:00", "hostname": "a"}"#))
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "line 1, column 47: seed.machines[0].mac: \"aa:bb:cc:00:00\" is not a MAC address \
+             (expected six hex pairs like aa:bb:cc:dd:ee:ff)"
+        );
+        for (entry, field, needle) in [
+            (
+                r#"{"mac": "ff:ff:ff:ff:ff:ff", "hostname": "a"}"#,
+                "seed.machines[1].mac",
+                "ff:ff:ff:ff:ff:ff is a broadcast address, never a NIC's own",
+            ),
+            (
+                r#"{"mac": "01:00:5e:00:00:01", "hostname": "a"}"#,
+                "seed.machines[1].mac",
+                "01:00:5e:00:00:01 is a multicast address, never a NIC's own",
+            ),
+            (
+                r#"{"dmi_serial": "  ", "hostname": "a"}"#,
+                "seed.machines[1].dmi_serial",
+                "identifies no machine",
+            ),
+            (
+                r#"{"mac": "02:00:00:00:00:09", "hostname": "a",
+                    "network": {"address": "192.168.1.54/24", "gateway": "192.168.2.1"}}"#,
+                "seed.machines[1].network.gateway",
+                "192.168.2.1 is outside the machine's subnet 192.168.1.0/24",
+            ),
+            (
+                r#"{"mac": "02:00:00:00:00:09", "hostname": "a",
+                    "network": {"address": "2001:db8::54/64", "gateway": "2001:db9::1"}}"#,
+                "seed.machines[1].network.gateway",
+                "2001:db9::1 is outside the machine's subnet 2001:db8::/64",
+            ),
+            (
+                r#"{"mac": "02:00:00:00:00:09", "hostname": "a",
+                    "network": {"address": "192.168.1.255/24"}}"#,
+                "seed.machines[1].network.address",
+                "192.168.1.255 is the broadcast address of 192.168.1.0/24",
+            ),
+            (
+                r#"{"mac": "02:00:00:00:00:09", "hostname": "a",
+                    "network": {"address": "10.0.0.0/8"}}"#,
+                "seed.machines[1].network.address",
+                "10.0.0.0 is the network address of 10.0.0.0/8",
+            ),
+            (
+                r#"{"mac": "02:00:00:00:00:09", "hostname": "a",
+                    "network": {"address": "10.0.0.5/8", "search": ["lab.example", "bad domain"]}}"#,
+                "seed.machines[1].network.search[1]",
+                "not a DNS domain",
+            ),
+        ] {
+            let text = machines(&format!(
+                r#"{{"mac": "02:00:00:00:00:01", "hostname": "ok"}}, {entry}"#
+            ));
+            let found = issues(&text);
+            assert_eq!(found.len(), 1, "{entry}: {found:?}");
+            assert_eq!(found[0].field, field, "{entry}");
+            assert!(found[0].message.contains(needle), "{entry}: {found:?}");
+        }
+        // Fine: a point-to-point /31 and a /32 have no network or broadcast address.
+        for a in [
+            "10.0.0.0/31",
+            "10.0.0.1/31",
+            "10.0.0.255/32",
+            "2001:db8::/64",
+        ] {
+            Config::from_json(&machines(&format!(
+                r#"{{"mac": "02:00:00:00:00:09", "hostname": "a", "network": {{"address": "{a}"}}}}"#
+            )))
+            .unwrap();
+        }
+        // Fine: a gateway inside the subnet, a locally administered MAC, a trailing-dot domain.
+        Config::from_json(&machines(
+            r#"{"mac": "02:00:00:00:00:09", "hostname": "a",
+                "network": {"address": "10.1.2.3/8", "gateway": "10.255.0.1",
+                            "search": ["lab.example."]}}"#,
+        ))
+        .unwrap();
+    }
+
+    #[test]
+    fn refuse_needs_a_machines_table() {
+        let found = issues(r#"{"unknown_machines": "refuse"}"#);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].field, "unknown_machines");
+        assert!(found[0].message.contains("would refuse every machine"));
+        let e = Config::from_json(r#"{"unknown_machines": "deny"}"#).unwrap_err();
+        assert!(
+            e.to_string().contains("expected `allow` or `refuse`"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn byte_sizes() {
         for (s, v) in [
             ("512", 512),
@@ -1079,12 +1241,12 @@ mod tests {
         let text: Vec<String> = got.iter().map(|i| i.to_string()).collect();
         assert!(
             text.iter().any(|t| t.contains("seed.machines[0].mac")
-                && t.contains("ff:ff:ff:ff:ff:ff is a broadcast or multicast address")),
+                && t.contains("ff:ff:ff:ff:ff:ff is a broadcast address")),
             "{text:#?}"
         );
         assert!(
             text.iter()
-                .any(|t| t.contains("10.0.0.1 is outside 192.168.1.54/24's subnet")),
+                .any(|t| t.contains("10.0.0.1 is outside the machine's subnet 192.168.1.0/24")),
             "{text:#?}"
         );
         assert!(

@@ -15,6 +15,8 @@
 //! - [`report`]: the typed install report the appliance writes to the stick.
 //! - [`discover`], [`select`], [`config`], [`seed`]: what the appliance needs to find the
 //!   internal disk, decide on it, and render the cloud-init NoCloud seed.
+//! - [`seed_schema`] (feature `seed-schema`, host only): the seed checked the way cloud-init
+//!   reads it — YAML 1.1 and cloud-init's JSON schema — with line and column.
 //!
 //! System roots (`/sys`, `/proc`, `/dev`) are parameters wherever discovery happens, so the
 //! policy is tested against fake trees.
@@ -32,6 +34,8 @@ pub mod progress;
 pub mod remote;
 pub mod report;
 pub mod seed;
+#[cfg(feature = "seed-schema")]
+pub mod seed_schema;
 pub mod select;
 pub mod signature;
 pub mod stick;

@@ -182,6 +182,26 @@ pub enum SeedError {
         /// How it differs.
         reason: String,
     },
+    /// The seed templates break cloud-init's rules (each problem names file, line, column).
+    #[error("{}", problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Check {
+        /// Every problem found, in file order.
+        problems: Vec<SeedProblem>,
+    },
+    /// `unknown_machines` is `refuse` and no machines-table entry matches this machine.
+    #[error(
+        "this machine is not in seed.machines and unknown_machines is \"refuse\": nothing is \
+         written to it. To install it, add an entry keyed by {}",
+        unknown_machine_keys(macs, serial.as_deref(), uuid.as_deref())
+    )]
+    UnknownMachine {
+        /// The machine's NIC MACs (wired first).
+        macs: Vec<MacAddr>,
+        /// Its DMI serial, if the firmware has a real one.
+        serial: Option<String>,
+        /// Its DMI product UUID.
+        uuid: Option<String>,
+    },
     /// The root partition for `root-filesystem` placement could not be determined.
     #[error("seed.root_partition: {reason}")]
     RootPartition {
@@ -325,6 +345,163 @@ fn check_network_config(path: &Path, text: &str) -> Result<(), SeedError> {
     }
 }
 
+/// One thing wrong in a seed file, where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeedProblem {
+    /// The file.
+    pub path: PathBuf,
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column (in characters).
+    pub column: usize,
+    /// The key path, e.g. `users[0].lock_passwd` (empty: the whole file).
+    pub key_path: String,
+    /// What is wrong; never quotes a value from the file.
+    pub message: String,
+}
+
+impl std::fmt::Display for SeedProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}:{}: ", self.path.display(), self.line, self.column)?;
+        if !self.key_path.is_empty() {
+            write!(f, "{}: ", self.key_path)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// What a file name in a seed folder was probably meant to be: the NoCloud names are exact,
+/// and cloud-init silently ignores `userdata`, `user-data.yaml`, `network_config` … — a
+/// machine nobody can log into. `vendor-data` is a real NoCloud file that imprint does not
+/// carry.
+fn misnamed_seed_file(name: &str) -> Option<String> {
+    if [USER_DATA, META_DATA, NETWORK_CONFIG].contains(&name) {
+        return None;
+    }
+    let lower = name.to_ascii_lowercase();
+    let stem = [
+        ".yaml",
+        ".yml",
+        ".json",
+        ".txt",
+        ".cfg",
+        ".conf",
+        ".cloud-config",
+    ]
+    .iter()
+    .find_map(|ext| lower.strip_suffix(ext))
+    .unwrap_or(&lower);
+    let squashed: String = stem
+        .chars()
+        .filter(|c| !matches!(c, '-' | '_' | '.' | ' '))
+        .collect();
+    let meant = match squashed.as_str() {
+        "userdata" | "cloudconfig" | "clouduserdata" => USER_DATA,
+        "metadata" => META_DATA,
+        "networkconfig" | "network" | "netplan" => NETWORK_CONFIG,
+        "vendordata" => {
+            return Some(
+                "imprint carries only user-data, meta-data and network-config: put these \
+                 settings into user-data"
+                    .into(),
+            )
+        }
+        _ => return None,
+    };
+    Some(format!(
+        "cloud-init ignores a file of this name: did you mean {meant}? (rename it to exactly \
+         {meant})"
+    ))
+}
+
+/// Refuses files in `dir` whose name looks like a misspelt seed file.
+fn check_seed_file_names(dir: &Path) -> Result<(), SeedError> {
+    let entries = fs::read_dir(dir).map_err(|source| SeedError::Read {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut problems = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|source| SeedError::Read {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        // On a case-insensitive file system (the stick's FAT) `USER-DATA` *is* `user-data`:
+        // the same file answers to both names.
+        let lower = name.to_ascii_lowercase();
+        if lower != name && [USER_DATA, META_DATA, NETWORK_CONFIG].contains(&lower.as_str()) {
+            use std::os::unix::fs::MetadataExt;
+            let same = |a: &Path, b: &Path| match (fs::metadata(a), fs::metadata(b)) {
+                (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+                _ => false,
+            };
+            if same(&entry.path(), &dir.join(&lower)) {
+                continue;
+            }
+        }
+        if let Some(message) = misnamed_seed_file(&name) {
+            problems.push(SeedProblem {
+                path: dir.join(entry.file_name()),
+                line: 1,
+                column: 1,
+                key_path: String::new(),
+                message,
+            });
+        }
+    }
+    problems.sort_by(|a, b| a.path.cmp(&b.path));
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(SeedError::Check { problems })
+    }
+}
+
+/// The host's check of a seed folder given to `imprint build`/`flash`: everything
+/// [`validate_seed_dir`] checks, and the folder must hold at least one seed file — an empty
+/// one is almost always the wrong folder.
+pub fn check_seed_dir_for_build(dir: &Path) -> Result<SeedTemplates, SeedError> {
+    let templates = validate_seed_dir(dir)?;
+    if [USER_DATA, META_DATA, NETWORK_CONFIG]
+        .iter()
+        .all(|name| !dir.join(name).exists())
+    {
+        return Err(SeedError::Template {
+            path: dir.to_path_buf(),
+            reason: "the seed folder holds no user-data, meta-data or network-config: put your \
+                     #cloud-config in user-data there, or leave out --seed to build without \
+                     a seed"
+                .into(),
+        });
+    }
+    Ok(templates)
+}
+
+/// With the `seed-schema` feature: the YAML and schema checks of one template; `Ok` without it.
+#[cfg_attr(not(feature = "seed-schema"), allow(unused_variables))]
+fn check_yaml_template(path: &Path, name: &str, data: &[u8]) -> Result<(), SeedError> {
+    #[cfg(feature = "seed-schema")]
+    {
+        let Ok(text) = std::str::from_utf8(data) else {
+            return Err(SeedError::Template {
+                path: path.to_path_buf(),
+                reason: "not UTF-8 text".into(),
+            });
+        };
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+        let problems = match name {
+            USER_DATA => crate::seed_schema::check_cloud_config(path, text),
+            META_DATA => crate::seed_schema::check_meta_data(path, text),
+            _ => crate::seed_schema::check_network_config(path, text),
+        };
+        if !problems.is_empty() {
+            return Err(SeedError::Check { problems });
+        }
+    }
+    Ok(())
+}
+
 /// Reads and checks the seed templates in `dir` (`user-data`, `meta-data`,
 /// `network-config`). Each file is optional, the folder is not.
 pub fn validate_seed_dir(dir: &Path) -> Result<SeedTemplates, SeedError> {
@@ -338,10 +515,14 @@ pub fn validate_seed_dir(dir: &Path) -> Result<SeedTemplates, SeedError> {
             reason: "not a folder".into(),
         });
     }
+    check_seed_file_names(dir)?;
     let ud_path = dir.join(USER_DATA);
     let (user_data, user_data_kind) = match read_optional(&ud_path)? {
         Some(b) => {
             let kind = classify_user_data(&ud_path, &b)?;
+            if kind == UserDataKind::CloudConfig {
+                check_yaml_template(&ud_path, USER_DATA, &b)?;
+            }
             (b, kind)
         }
         None => (b"#cloud-config\n{}\n".to_vec(), UserDataKind::Empty),
@@ -354,6 +535,7 @@ pub fn validate_seed_dir(dir: &Path) -> Result<SeedTemplates, SeedError> {
                 path: md_path.clone(),
                 reason: "not UTF-8 text".into(),
             })?;
+            check_yaml_template(&md_path, META_DATA, text.as_bytes())?;
             parse_meta_data(&md_path, &text)?
         }
         None => Map::new(),
@@ -366,6 +548,7 @@ pub fn validate_seed_dir(dir: &Path) -> Result<SeedTemplates, SeedError> {
                 path: nc_path.clone(),
                 reason: "not UTF-8 text".into(),
             })?;
+            check_yaml_template(&nc_path, NETWORK_CONFIG, &b)?;
             check_network_config(&nc_path, text)?;
             Some(b)
         }
@@ -389,6 +572,70 @@ pub fn validate_seed_dir(dir: &Path) -> Result<SeedTemplates, SeedError> {
         meta_data,
         network_config,
     })
+}
+
+fn unknown_machine_keys(macs: &[MacAddr], serial: Option<&str>, uuid: Option<&str>) -> String {
+    let mut keys = Vec::new();
+    if !macs.is_empty() {
+        let list: Vec<String> = macs.iter().map(ToString::to_string).collect();
+        keys.push(format!("\"mac\" (one of {})", list.join(", ")));
+    }
+    // Firmware strings are untrusted: quoted and escaped, never raw.
+    if let Some(s) = serial {
+        keys.push(format!("\"dmi_serial\": {s:?}"));
+    }
+    if let Some(u) = uuid {
+        keys.push(format!("\"dmi_uuid\": {u:?}"));
+    }
+    if keys.is_empty() {
+        "a MAC or DMI serial (this machine reports neither)".into()
+    } else {
+        keys.join(" or ")
+    }
+}
+
+/// Decides whether the appliance may write this machine, before any disk is touched:
+/// `Ok(Some(i))` when `seed.machines[i]` is its entry, `Ok(None)` when it has none and
+/// `unknown_machines` is `allow` (it gets the hostname pattern), and an error when it has
+/// none and `unknown_machines` is `refuse` (a strict fleet), or when two entries match.
+pub fn check_known_machine(
+    config: &crate::config::Config,
+    identity: &MachineIdentity,
+) -> Result<Option<usize>, SeedError> {
+    let hits: Vec<(usize, MachineMatch)> = config
+        .seed
+        .machines
+        .iter()
+        .enumerate()
+        .filter_map(|(i, e)| entry_matches(e, identity).map(|m| (i, with_entry(m, i))))
+        .collect();
+    match hits.as_slice() {
+        [] if config.unknown_machines == crate::config::UnknownMachines::Refuse => {
+            let mut nics: Vec<_> = identity.nics.iter().filter(|n| !n.mac.is_zero()).collect();
+            nics.sort_by_key(|n| n.wireless);
+            Err(SeedError::UnknownMachine {
+                macs: nics.iter().map(|n| n.mac).collect(),
+                serial: identity.serial().map(str::to_string),
+                uuid: identity.dmi.product_uuid.clone(),
+            })
+        }
+        [] => Ok(None),
+        [(i, _)] => Ok(Some(*i)),
+        _ => Err(SeedError::AmbiguousMachine {
+            entries: hits
+                .iter()
+                .map(|(i, m)| {
+                    let key = match m {
+                        MachineMatch::Mac { mac, .. } => format!("mac {mac}"),
+                        MachineMatch::DmiSerial { .. } => "dmi_serial".into(),
+                        MachineMatch::DmiUuid { .. } => "dmi_uuid".into(),
+                        MachineMatch::Pattern { .. } => "pattern".into(),
+                    };
+                    (*i, key)
+                })
+                .collect(),
+        }),
+    }
 }
 
 /// How the machine was recognised.
@@ -1421,6 +1668,64 @@ mod tests {
     }
 
     #[test]
+    fn strict_fleets_refuse_unknown_machines() {
+        let config = |unknown: &str, machines: &str| {
+            Config::from_json(&format!(
+                r#"{{"unknown_machines": "{unknown}", "seed": {{"machines": {machines}}}}}"#
+            ))
+            .unwrap()
+        };
+        let other = r#"[{"mac": "00:11:22:33:44:55", "hostname": "elsewhere"}]"#;
+        // Default (allow): an unknown machine is written, with the pattern hostname.
+        assert_eq!(
+            Config::from_json("{}").unwrap().unknown_machines,
+            crate::config::UnknownMachines::Allow
+        );
+        assert_eq!(
+            check_known_machine(&config("allow", other), &identity()).unwrap(),
+            None
+        );
+        // Refuse: the error names every key the operator could add.
+        let e = check_known_machine(&config("refuse", other), &identity()).unwrap_err();
+        assert!(matches!(e, SeedError::UnknownMachine { .. }));
+        assert_eq!(
+            e.to_string(),
+            "this machine is not in seed.machines and unknown_machines is \"refuse\": nothing \
+             is written to it. To install it, add an entry keyed by \"mac\" (one of \
+             aa:bb:cc:00:00:01, aa:bb:cc:00:00:02) or \"dmi_serial\": \"BTTN1234ABCD\" or \
+             \"dmi_uuid\": \"8C1F3A2E-0000-1111-2222-333344445555\""
+        );
+        // Known machines pass in both modes, by any key.
+        for m in [
+            r#"[{"mac": "00:11:22:33:44:55", "hostname": "x"}, {"mac": "AA-BB-CC-00-00-02", "hostname": "nuc-01"}]"#,
+            r#"[{"mac": "00:11:22:33:44:55", "hostname": "x"}, {"dmi_serial": " bttn1234abcd ", "hostname": "nuc-01"}]"#,
+            r#"[{"mac": "00:11:22:33:44:55", "hostname": "x"}, {"dmi_uuid": "8c1f3a2e-0000-1111-2222-333344445555", "hostname": "nuc-01"}]"#,
+        ] {
+            assert_eq!(
+                check_known_machine(&config("refuse", m), &identity()).unwrap(),
+                Some(1),
+                "{m}"
+            );
+        }
+        // Two entries for one machine stay an error, never a guess.
+        let two = r#"[{"mac": "aa:bb:cc:00:00:01", "hostname": "a"}, {"dmi_serial": "BTTN1234ABCD", "hostname": "b"}]"#;
+        assert!(matches!(
+            check_known_machine(&config("allow", two), &identity()),
+            Err(SeedError::AmbiguousMachine { .. })
+        ));
+        // Firmware strings are escaped in the message.
+        let mut id = identity();
+        id.dmi.product_serial = Some("X\u{1b}[2J".into());
+        let e = check_known_machine(&config("refuse", other), &id)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            !e.contains('\u{1b}') && e.contains(r#""X\u{1b}[2J""#),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn two_matching_entries_are_an_error() {
         let cfg = seed_config(
             r#"[{"mac": "aa:bb:cc:00:00:01", "hostname": "a"},
@@ -1513,7 +1818,15 @@ mod tests {
             (USER_DATA, "hello\n", "#cloud-config"),
             (META_DATA, "public-keys:\n  - ssh-ed25519 AAAA\n", "JSON"),
             (META_DATA, "just text\n", "key: value"),
-            (META_DATA, "[1]", "line 1"),
+            (
+                META_DATA,
+                "[1]",
+                if cfg!(feature = "seed-schema") {
+                    ":1:1: meta-data is a list"
+                } else {
+                    "line 1"
+                },
+            ),
             (NETWORK_CONFIG, "ethernets: {}\n", "version"),
             (NETWORK_CONFIG, "version: 2\n\tethernets: {}\n", "tab"),
         ] {
@@ -1533,6 +1846,121 @@ mod tests {
             validate_seed_dir(dir.path()).unwrap();
         }
         assert!(validate_seed_dir(&d.join("missing")).is_err());
+    }
+
+    #[test]
+    fn misnamed_seed_files_are_refused() {
+        for (name, meant) in [
+            ("userdata", USER_DATA),
+            ("user-data.yaml", USER_DATA),
+            ("User_Data.yml", USER_DATA),
+            ("cloud-config.yaml", USER_DATA),
+            ("metadata", META_DATA),
+            ("meta_data.json", META_DATA),
+            ("network_config", NETWORK_CONFIG),
+            ("network-config.yaml", NETWORK_CONFIG),
+            // Not found by cloud-init on a case-sensitive file system.
+            ("USER-DATA", USER_DATA),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            // Even next to a correct file: the misnamed one would be silently left out.
+            write(dir.path(), USER_DATA, "#cloud-config\n");
+            write(dir.path(), name, "#cloud-config\n");
+            let e = validate_seed_dir(dir.path()).unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "{}:1:1: cloud-init ignores a file of this name: did you mean {meant}? \
+                     (rename it to exactly {meant})",
+                    dir.path().join(name).display()
+                )
+            );
+        }
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "vendor-data", "#cloud-config\n");
+        let e = validate_seed_dir(dir.path()).unwrap_err().to_string();
+        assert!(e.ends_with("vendor-data:1:1: imprint carries only user-data, meta-data and network-config: put these settings into user-data"), "{e}");
+        // Other files (notes, backups) are left alone.
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["README.md", "user-data.bak", "notes.txt"] {
+            write(dir.path(), name, "x");
+        }
+        write(dir.path(), USER_DATA, "#cloud-config\n");
+        validate_seed_dir(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn an_empty_seed_folder_is_refused_at_build_time() {
+        let dir = tempfile::tempdir().unwrap();
+        // The appliance accepts it (the defaults are a complete seed) …
+        validate_seed_dir(dir.path()).unwrap();
+        // … but a build with an empty --seed folder almost always names the wrong folder.
+        write(dir.path(), "README.md", "notes");
+        let e = check_seed_dir_for_build(dir.path())
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            format!(
+                "{}: the seed folder holds no user-data, meta-data or network-config: put your \
+                 #cloud-config in user-data there, or leave out --seed to build without a seed",
+                dir.path().display()
+            )
+        );
+        write(dir.path(), META_DATA, "instance-id: x\n");
+        check_seed_dir_for_build(dir.path()).unwrap();
+    }
+
+    #[cfg(feature = "seed-schema")]
+    #[test]
+    fn seed_dir_schema_errors_name_file_line_and_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        write(
+            d,
+            USER_DATA,
+            "\u{feff}#cloud-config\nusers:\n  - name: ops\n    lock_passwd: maybe\n    sudo: 5\n",
+        );
+        let e = validate_seed_dir(d).unwrap_err();
+        let SeedError::Check { problems } = &e else {
+            panic!("{e:?}")
+        };
+        let ud = d.join(USER_DATA);
+        assert_eq!(
+            problems
+                .iter()
+                .map(|p| (p.path.clone(), p.line, p.column, p.key_path.as_str()))
+                .collect::<Vec<_>>(),
+            [
+                (ud.clone(), 4, 18, "users[0].lock_passwd"),
+                (ud.clone(), 5, 11, "users[0].sudo")
+            ]
+        );
+        assert_eq!(
+            e.to_string().lines().next().unwrap(),
+            format!(
+                "{}:4:18: users[0].lock_passwd: expected boolean, found text",
+                ud.display()
+            )
+        );
+        // Scripts, templates and multipart archives are not YAML: not parsed.
+        write(
+            d,
+            USER_DATA,
+            "## template: jinja\n#cloud-config\nhostname: {{ v1.x }}\n",
+        );
+        validate_seed_dir(d).unwrap();
+        write(d, USER_DATA, "#cloud-config\n");
+        write(d, NETWORK_CONFIG, "version: 2\nethernet: {}\n");
+        let e = validate_seed_dir(d).unwrap_err().to_string();
+        assert!(
+            e.contains("network-config:2:1: ethernet: unknown key"),
+            "{e}"
+        );
+        fs::remove_file(d.join(NETWORK_CONFIG)).unwrap();
+        write(d, META_DATA, "instance-id: [a\n");
+        let e = validate_seed_dir(d).unwrap_err().to_string();
+        assert!(e.contains("meta-data:2:1: not valid YAML"), "{e}");
     }
 
     /// A sparse disk image with a GPT like an installed OS's: an ESP and a root partition,
