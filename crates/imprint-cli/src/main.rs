@@ -10,6 +10,7 @@ mod bootfiles;
 mod commands;
 mod flash;
 mod manual;
+mod picker;
 mod prepare;
 mod sign;
 mod stick;
@@ -96,12 +97,13 @@ enum Command {
     ///
     /// Refuses a device that is not USB or removable (unless --force), or that is mounted,
     /// used as swap or held by another device; shows model, size and serial and asks first
-    /// (unless --yes).
+    /// (unless --yes). Without DEVICE, on a terminal: choose from a list of the USB and
+    /// removable disks (model, size, serial).
     Flash {
         #[command(flatten)]
         stick: StickArgs,
-        /// The USB stick (whole disk, e.g. /dev/sdb).
-        device: PathBuf,
+        /// The USB stick (whole disk, e.g. /dev/sdb) [default: choose from a list].
+        device: Option<PathBuf>,
         /// Do not ask for confirmation.
         #[arg(short, long)]
         yes: bool,
@@ -221,6 +223,10 @@ fn main() -> ExitCode {
             yes,
             force,
         } => stick.into_build(PathBuf::new()).and_then(|build| {
+            let device = match device {
+                Some(device) => device,
+                None => picker::pick(std::path::Path::new("/sys"))?,
+            };
             flash::flash(&flash::FlashOptions {
                 build,
                 device,
