@@ -11,9 +11,10 @@
 //! 5. `build/boot` in a checkout: under the current directory, then under the checkout the
 //!    binary was built in (`target/…/imprint` of a tree holding `image-build/build`)
 //!
-//! `--boot` and `$IMPRINT_BOOT` are the user's word: when one is given and incomplete, that is
-//! the error, with no silent fall-back to another copy. Otherwise the error lists every place
-//! looked at and why each was passed over, and says how to get the files.
+//! `--boot` and `$IMPRINT_BOOT` are the user's word: the folder is used as given, with no silent
+//! fall-back to another copy, and checked with the other inputs (config, seed and image first;
+//! `stick::build` names a missing file). Otherwise the error lists every place looked at and
+//! why each was passed over, and says how to get the files.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -73,10 +74,10 @@ pub fn locate(flag: Option<PathBuf>) -> Result<PathBuf> {
 /// The lookup itself; see the module documentation for the order.
 pub fn locate_in(places: &Places) -> Result<PathBuf> {
     if let Some(dir) = &places.flag {
-        return explicit(dir, "--boot");
+        return Ok(dir.clone());
     }
     if let Some(dir) = places.env.as_ref().filter(|v| !v.is_empty()) {
-        return explicit(Path::new(dir), &format!("${ENV}"));
+        return Ok(PathBuf::from(dir));
     }
     let mut looked: Vec<(PathBuf, &str, String)> = Vec::new();
     for (dir, what) in fallbacks(places) {
@@ -122,18 +123,6 @@ fn fallbacks(places: &Places) -> Vec<(PathBuf, &'static str)> {
         ));
     }
     out
-}
-
-/// A folder the user named: it must be complete.
-fn explicit(dir: &Path, source: &str) -> Result<PathBuf> {
-    match missing(dir) {
-        None => Ok(dir.to_path_buf()),
-        Some(why) => bail!(
-            "{source} {}: {why}; it must hold the live image's boot files ({}); {HOW_TO_GET}",
-            dir.display(),
-            BOOT_FILES.join(", ")
-        ),
-    }
 }
 
 /// Why `dir` is not a boot-file folder, or `None` if it is one.
@@ -265,26 +254,19 @@ mod tests {
     }
 
     #[test]
-    fn an_explicit_folder_that_is_incomplete_is_an_error_not_a_fallback() {
+    fn an_explicit_folder_is_used_as_given_not_a_fallback() {
         let t = tempfile::tempdir().unwrap();
         let r = t.path();
         let mut p = world(r);
         boot_dir(&p.system);
+        // Incomplete, or missing: still the user's choice; `stick::build` says what is missing
+        // after checking config, seed and image.
         let env = boot_dir(&r.join("env"));
         fs::remove_file(env.join("initrd.img")).unwrap();
         p.env = Some(env.clone().into_os_string());
-        let err = format!("{:#}", locate_in(&p).unwrap_err());
-        assert!(
-            err.starts_with(&format!(
-                "$IMPRINT_BOOT {}: incomplete, missing initrd.img",
-                env.display()
-            )),
-            "{err}"
-        );
+        assert_eq!(locate_in(&p).unwrap(), env);
         p.flag = Some(r.join("nowhere"));
-        let err = format!("{:#}", locate_in(&p).unwrap_err());
-        assert!(err.contains("--boot "), "{err}");
-        assert!(err.contains("nowhere: no such folder"), "{err}");
+        assert_eq!(locate_in(&p).unwrap(), r.join("nowhere"));
         // An empty variable counts as unset.
         p.flag = None;
         p.env = Some(OsString::new());
