@@ -4,11 +4,14 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
+mod bootfiles;
 mod commands;
 mod fetch;
 mod flash;
+mod manual;
+mod picker;
 mod prepare;
 mod reports;
 mod sign;
@@ -111,12 +114,13 @@ enum Command {
     ///
     /// Refuses a device that is not USB or removable (unless --force), or that is mounted,
     /// used as swap or held by another device; shows model, size and serial and asks first
-    /// (unless --yes).
+    /// (unless --yes). Without DEVICE, on a terminal: choose from a list of the USB and
+    /// removable disks (model, size, serial).
     Flash {
         #[command(flatten)]
         stick: StickArgs,
-        /// The USB stick (whole disk, e.g. /dev/sdb).
-        device: PathBuf,
+        /// The USB stick (whole disk, e.g. /dev/sdb) [default: choose from a list].
+        device: Option<PathBuf>,
         /// Do not ask for confirmation.
         #[arg(short, long)]
         yes: bool,
@@ -172,6 +176,26 @@ enum Command {
         #[arg(long, value_name = "PUBFILE")]
         trust: Vec<PathBuf>,
     },
+    /// Print the shell completion script for SHELL on standard output.
+    ///
+    /// bash: `imprint completions bash > /etc/bash_completion.d/imprint`;
+    /// zsh: `imprint completions zsh > "${fpath[1]}/_imprint"`;
+    /// fish: `imprint completions fish > ~/.config/fish/completions/imprint.fish`.
+    /// The .deb and the release tarball already carry all three.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: manual::CompletionShell,
+    },
+    /// Print the man page (roff) on standard output, or write every page into --dir.
+    ///
+    /// Read it with `imprint man | man -l -`. With --dir: imprint.1 and one page per subcommand
+    /// (imprint-build.1, ...), as the .deb and the release tarball carry them.
+    Man {
+        /// Write imprint.1 and the subcommands' pages into this folder.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 /// What goes onto a provisioning stick (`build` and `flash`).
@@ -186,20 +210,20 @@ struct StickArgs {
     /// Appliance configuration (JSON) [default: the built-in defaults].
     #[arg(long)]
     config: Option<PathBuf>,
-    /// The live image's boot files, made by image-build/build.
-    #[arg(long, default_value = "build/boot")]
-    boot: PathBuf,
+    /// The live image's boot files [default: $IMPRINT_BOOT, else <binary's folder>/../share/imprint/boot, else /usr/share/imprint/boot, else build/boot of a checkout].
+    #[arg(long, value_name = "DIR")]
+    boot: Option<PathBuf>,
 }
 
 impl StickArgs {
-    fn into_build(self, output: PathBuf) -> stick::BuildOptions {
-        stick::BuildOptions {
+    fn into_build(self, output: PathBuf) -> anyhow::Result<stick::BuildOptions> {
+        Ok(stick::BuildOptions {
+            boot: bootfiles::locate(self.boot)?,
             image: self.image,
             seed: self.seed,
             config: self.config,
-            boot: self.boot,
             output,
-        }
+        })
     }
 }
 
@@ -245,17 +269,26 @@ fn main() -> ExitCode {
             target,
             json,
         } => commands::verify(&image, &target, json),
-        Command::Build { stick, output } => stick::build(&stick.into_build(output)).map(|_| ()),
+        Command::Build { stick, output } => stick
+            .into_build(output)
+            .and_then(|opts| stick::build(&opts))
+            .map(|_| ()),
         Command::Flash {
             stick,
             device,
             yes,
             force,
-        } => flash::flash(&flash::FlashOptions {
-            build: stick.into_build(PathBuf::new()),
-            device,
-            yes,
-            force,
+        } => stick.into_build(PathBuf::new()).and_then(|build| {
+            let device = match device {
+                Some(device) => device,
+                None => picker::pick(std::path::Path::new("/sys"))?,
+            };
+            flash::flash(&flash::FlashOptions {
+                build,
+                device,
+                yes,
+                force,
+            })
         }),
         Command::Disks {
             config,
@@ -273,6 +306,14 @@ fn main() -> ExitCode {
             check,
             trust,
         } => commands::inspect(&image, json, check, &trust),
+        Command::Completions { shell } => {
+            manual::completions(Cli::command(), shell, &mut std::io::stdout().lock())
+        }
+        Command::Man { dir } => manual::man(
+            Cli::command(),
+            dir.as_deref(),
+            &mut std::io::stdout().lock(),
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
