@@ -574,28 +574,20 @@ mod tests {
             GptTable::read(&mut Cursor::new(vec![0u8; 4096]), 512),
             Err(GptTableError::NoHeader { lba: 1 })
         ));
-        // A header claiming 2^32-1 entries of 128 bytes: refused before any allocation.
-        let mut bad = img.clone();
-        bad[512 + 80..512 + 84].copy_from_slice(&u32::MAX.to_le_bytes());
-        let mut h = bad[512..512 + 92].to_vec();
-        h[16..20].fill(0);
-        let c = crc32(&h);
-        bad[512 + 16..512 + 20].copy_from_slice(&c.to_le_bytes());
-        assert!(matches!(
-            GptTable::read(&mut Cursor::new(&bad), 512),
-            Err(GptTableError::Invalid { .. })
-        ));
-        // Odd entry size.
-        let mut bad = img;
-        bad[512 + 84..512 + 88].copy_from_slice(&200u32.to_le_bytes());
-        let mut h = bad[512..512 + 92].to_vec();
-        h[16..20].fill(0);
-        let c = crc32(&h);
-        bad[512 + 16..512 + 20].copy_from_slice(&c.to_le_bytes());
-        assert!(matches!(
-            GptTable::read(&mut Cursor::new(&bad), 512),
-            Err(GptTableError::Invalid { .. })
-        ));
+        // A header field set to `value` (with a valid header CRC) is refused, not trusted:
+        // 2^32-1 entries of 128 bytes (refused before any allocation), an odd entry size.
+        for (at, value) in [(80, u32::MAX), (84, 200)] {
+            let mut bad = img.clone();
+            bad[512 + at..512 + at + 4].copy_from_slice(&value.to_le_bytes());
+            let mut h = bad[512..512 + 92].to_vec();
+            h[16..20].fill(0);
+            let c = crc32(&h);
+            bad[512 + 16..512 + 20].copy_from_slice(&c.to_le_bytes());
+            assert!(matches!(
+                GptTable::read(&mut Cursor::new(&bad), 512),
+                Err(GptTableError::Invalid { .. })
+            ));
+        }
         assert!(matches!(
             GptTable::read(&mut Cursor::new(vec![0u8; 4096]), 1000),
             Err(GptTableError::SectorSize(1000))

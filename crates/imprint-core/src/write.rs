@@ -1265,30 +1265,24 @@ mod tests {
             ((a.entry.last_lba + 1 - a.entry.first_lba) * 512) as usize,
             1,
         );
-        let e = write_planned(
-            &img,
-            &tgt,
-            &plan,
-            &[a],
-            None,
-            &WriteOptions::default(),
-            &NoProgress,
-        )
-        .unwrap_err();
+        let refuse = |a: Addition| {
+            write_planned(
+                &img,
+                &tgt,
+                &plan,
+                &[a],
+                None,
+                &WriteOptions::default(),
+                &NoProgress,
+            )
+            .unwrap_err()
+        };
+        let e = refuse(a);
         assert_eq!(e.disk_state(), DiskState::Untouched, "{e}");
         // Past the usable area.
         let mut a = addition(&plan, 4 << 20);
         a.entry.last_lba += 1;
-        let e = write_planned(
-            &img,
-            &tgt,
-            &plan,
-            &[a],
-            None,
-            &WriteOptions::default(),
-            &NoProgress,
-        )
-        .unwrap_err();
+        let e = refuse(a);
         assert!(matches!(e, WriteError::BadAddition { .. }), "{e}");
         assert_eq!(
             std::fs::read(&disk).unwrap(),
