@@ -478,7 +478,7 @@ mod tests {
     use super::*;
 
     /// A GPT image made by the `gpt` crate's writer: `size` bytes, one partition.
-    fn image(size: u64, ss: u32) -> Vec<u8> {
+    pub(super) fn image(size: u64, ss: u32) -> Vec<u8> {
         let lbs = lb(ss).unwrap();
         let mut disk = Cursor::new(vec![0u8; size as usize]);
         let pmbr =
@@ -619,5 +619,50 @@ mod tests {
         let hdr_at = back.len() - 512;
         assert_eq!(&back[hdr_at..hdr_at + 8], b"EFI PART");
         assert_eq!(le_u32(&back[hdr_at..], 84), 256);
+    }
+}
+
+/// Property tests: whatever bytes stand where a GPT should be, reading them gives a table whose
+/// entry array is within its bounds, or an error — never a panic (PID 1 reads old disks'
+/// tables). `PROPTEST_CASES=100000` runs them longer.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn valid(ss: u32) -> Vec<u8> {
+        super::tests::image(4 << 20, ss)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..40_000)) {
+            for ss in [512u32, 4096] {
+                if let Ok(t) = GptTable::read(&mut Cursor::new(&bytes), ss) {
+                    prop_assert!(t.entry_bytes().len() as u64 <= MAX_ARRAY);
+                }
+            }
+        }
+
+        #[test]
+        fn corrupted_tables_are_refused_or_consistent(
+            ss in prop_oneof![Just(512u32), Just(4096u32)],
+            flips in proptest::collection::vec((0usize..4 * 4096 + 16_384, any::<u8>()), 1..8),
+            disk_mib in 4u64..64,
+        ) {
+            let mut img = valid(ss);
+            for (at, x) in flips {
+                img[at] ^= x | 1;
+            }
+            if let Ok(t) = GptTable::read(&mut Cursor::new(&img), ss) {
+                // A table that reads is laid out or refused for any disk size, never a panic.
+                let _ = t.lay_out(disk_mib << 20, &img[..ss as usize]);
+                let _ = t.partitions();
+                let _ = t.free_slot();
+            }
+        }
     }
 }

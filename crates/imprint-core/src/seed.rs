@@ -2203,3 +2203,41 @@ mod tests {
         assert!(pick_root_partition(&parts, &missing).is_err());
     }
 }
+
+/// Property tests: any bytes as seed files are accepted or refused with an error naming the
+/// file — never a panic (PID 1 reads the seed from a stick anyone may have edited).
+/// `PROPTEST_CASES=100000` runs them longer.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_seed_files_never_panic(
+            user in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..2048)),
+            meta in proptest::option::of("[ -~\n\t:{}\\[\\]\"]{0,400}"),
+            net in proptest::option::of("(version: [0-9]\n)?[ -~\n:{}\\[\\]\"]{0,400}"),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            if let Some(u) = &user {
+                fs::write(dir.path().join(USER_DATA), u).unwrap();
+            }
+            if let Some(m) = &meta {
+                fs::write(dir.path().join(META_DATA), m).unwrap();
+            }
+            if let Some(n) = &net {
+                fs::write(dir.path().join(NETWORK_CONFIG), n).unwrap();
+            }
+            if let Ok(t) = validate_seed_dir(dir.path()) {
+                // Whatever passed is copied byte for byte.
+                if let Some(u) = &user {
+                    prop_assert_eq!(&t.user_data, u);
+                }
+            }
+        }
+    }
+}
