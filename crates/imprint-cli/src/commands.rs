@@ -5,10 +5,11 @@ use std::io::IsTerminal;
 use std::path::Path;
 use std::time::Duration;
 
+use crate::progress::{BarProgress, JsonProgress, LineProgress};
 use anyhow::{bail, Context, Result};
 use imprint_core::blockdev::{OpenOptionsTarget, Target, TargetError, TargetKind};
 use imprint_core::manifest::{Image, ImageError, Manifest};
-use imprint_core::progress::{human_bytes, BarProgress, JsonProgress, LineProgress, Progress};
+use imprint_core::progress::{human_bytes, Progress};
 use imprint_core::signature::{self, SignatureError, TrustedKey};
 use imprint_core::verify::{self, VerifyError};
 use imprint_core::write::{self, WriteError, WriteOptions};

@@ -13,6 +13,7 @@ mod flash;
 mod manual;
 mod picker;
 mod prepare;
+mod progress;
 mod reports;
 mod sign;
 mod stick;
