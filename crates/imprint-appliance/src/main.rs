@@ -18,6 +18,7 @@ mod efi;
 mod esp;
 mod flow;
 mod fnmatch;
+mod handover;
 mod modules;
 mod mount;
 mod power;
