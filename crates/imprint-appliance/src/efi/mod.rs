@@ -384,16 +384,7 @@ mod tests {
 
     use super::*;
     use crate::efi::load_option::test_util::{efibootmgr_bytes, esp, ucs2, LOADER};
-
-    fn write_raw(dir: &Path, name: &str, attributes: u32, data: &[u8]) {
-        let mut bytes = attributes.to_le_bytes().to_vec();
-        bytes.extend_from_slice(data);
-        fs::write(variable_path(dir, name), bytes).unwrap();
-    }
-
-    fn read_raw(dir: &Path, name: &str) -> Vec<u8> {
-        fs::read(variable_path(dir, name)).unwrap()
-    }
+    use crate::efi::vars::test_util::{read_raw, write_raw};
 
     #[test]
     fn efi_ensure_creates_a_new_entry_at_the_first_free_number() {

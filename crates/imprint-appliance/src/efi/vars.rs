@@ -233,18 +233,28 @@ mod ioctl {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
-mod tests {
+pub(crate) mod test_util {
+    //! Raw variable files in a fake efivarfs folder, for the EFI modules' tests.
     use super::*;
 
-    fn write_raw(dir: &Path, name: &str, attributes: u32, data: &[u8]) {
+    /// Writes variable `name` as efivarfs stores it: attribute word, then the data.
+    pub fn write_raw(dir: &Path, name: &str, attributes: u32, data: &[u8]) {
         let mut bytes = attributes.to_le_bytes().to_vec();
         bytes.extend_from_slice(data);
         fs::write(variable_path(dir, name), bytes).unwrap();
     }
 
-    fn read_raw(dir: &Path, name: &str) -> Vec<u8> {
+    /// Variable `name`'s file, attribute word included.
+    pub fn read_raw(dir: &Path, name: &str) -> Vec<u8> {
         fs::read(variable_path(dir, name)).unwrap()
     }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::test_util::{read_raw, write_raw};
+    use super::*;
 
     #[test]
     fn efi_write_over_an_immutable_file_restores_the_flag() {
