@@ -53,7 +53,8 @@ pub(crate) const ESP_TYPE: &str = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b";
 const STICK_MNT: &str = "/run/imprint/stick";
 /// Where the target's root filesystem is mounted for root-filesystem seed placement.
 const ROOT_MNT: &str = "/run/imprint/root";
-/// Printed when the flow ends, for the end-to-end tests.
+/// Printed when the flow ends — after the stick is unmounted, so everything it records is on
+/// it — for the end-to-end tests.
 pub const DONE_MARKER: &str = "IMPRINT-DONE";
 
 /// How the run ended, deciding what happens next.
@@ -103,14 +104,13 @@ pub fn run(env: &BootEnv, consoles: &mut Consoles) -> ! {
     match install(env, consoles, stick.path(), &config, &mut rep) {
         Ok(Ending::Provisioned) => {
             save_report(consoles, &rep, stick.path());
-            consoles.line(DONE_MARKER);
             finish(consoles, config.after, stick)
         }
         Ok(Ending::Stopped) => {
             save_report(consoles, &rep, stick.path());
+            unmount(consoles, stick);
             consoles.line(DONE_MARKER);
             consoles.line("imprint: nothing was written; power the machine off when you are done");
-            unmount(consoles, stick);
             wait_or_poweroff(consoles, config.fatal_poweroff_after_secs)
         }
         Err(e) => fail(
@@ -188,6 +188,7 @@ fn wait_or_poweroff(consoles: &mut Consoles, after: Option<u64>) -> ! {
 
 fn finish(consoles: &mut Consoles, after: After, stick: Mount) -> ! {
     unmount(consoles, stick);
+    consoles.line(DONE_MARKER);
     match after {
         After::Reboot => {
             consoles.line("imprint: rebooting into the installed system");

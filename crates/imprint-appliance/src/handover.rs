@@ -141,12 +141,8 @@ pub(crate) fn record_provisioned(
         old
     };
     text.push_str(&block);
-    let tmp = path.with_extension("cfg.new");
-    std::fs::write(&tmp, &text).with_context(|| format!("writing {}", tmp.display()))?;
-    File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .with_context(|| format!("syncing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("renaming to {}", path.display()))?;
+    imprint_core::durable::replace_file(&path, text.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(block)
 }
 

@@ -9,6 +9,7 @@
 //!   last, move the backup GPT.
 //! - [`verify`]: reading a target back and proving it holds an image.
 //! - [`gpt_table`]: the one GPT reader and layout (guarded, entries kept verbatim).
+//! - [`durable`]: replacing a small file so it is whole on the medium (FAT included).
 //! - [`input`]: opening user-given files: non-regular files refused, small files size-capped.
 //! - `remote` (feature `remote`): images from an `http(s)://` URL through a resumable reader.
 //! - [`progress`]: progress events for terminals, logs and the appliance (`--json`).
@@ -24,6 +25,7 @@
 pub mod blockdev;
 pub mod config;
 pub mod discover;
+pub mod durable;
 pub mod gpt_table;
 pub mod input;
 pub mod loopdev;

@@ -273,19 +273,14 @@ impl Report {
                 .is_some_and(|d| d.serial.as_deref() == Some(disk_serial))
     }
 
-    /// Writes the report to `dir/<install id>.json` (temp file, fsync, rename, fsync dir).
+    /// Writes the report to `dir/<install id>.json`, whole on the medium (FAT included) when
+    /// this returns: see [`crate::durable::replace_file`].
     pub fn save(&self, dir: &Path) -> std::io::Result<PathBuf> {
-        use std::io::Write;
         std::fs::create_dir_all(dir)?;
         let path = dir.join(format!("{}.json", self.install_id));
-        let tmp = dir.join(format!("{}.json.tmp", self.install_id));
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?)?;
-        f.write_all(b"\n")?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, &path)?;
-        std::fs::File::open(dir)?.sync_all()?;
+        let mut bytes = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
+        bytes.push(b'\n');
+        crate::durable::replace_file(&path, &bytes)?;
         Ok(path)
     }
 }

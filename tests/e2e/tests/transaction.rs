@@ -39,12 +39,15 @@ fn seed(d: &Path) -> PathBuf {
 }
 
 fn no_secrets(log: &str, stick: &Path) {
-    assert!(log.contains("imprint: install "), "the appliance ran");
+    // That the appliance ran is its report on the stick (a console line can be split by a
+    // kernel message printed in the middle of it).
+    let reports = stick_reports(stick).unwrap();
+    assert!(!reports.is_empty(), "the appliance ran and wrote a report");
     assert!(
         !log.contains("SECRET"),
         "a user-data secret reached the console"
     );
-    for r in stick_reports(stick).unwrap() {
+    for r in reports {
         assert!(
             !r.to_string().contains("SECRET"),
             "a secret in the report: {r}"
