@@ -4,6 +4,7 @@
 use std::fs::{self, File};
 use std::path::Path;
 
+use imprint_core::gpt_table::GptTable;
 use imprint_core::stick::ESP_LABEL;
 
 use crate::boot::list_dir;
@@ -73,49 +74,14 @@ pub fn find_esp(sys: &Path, dev: &Path, partuuid: &str) -> Option<EspPartition> 
     }
 }
 
-/// The unique GUID of GPT partition `partn` (1-based) on the disk at `path`, lower-case.
+/// The unique GUID of GPT partition `partn` (1-based) on the disk at `path`, lower-case,
+/// read through core's one GPT reader (CRCs checked; a damaged or strange table is `None`,
+/// never a panic).
 fn gpt_partition_guid(path: &Path, sector: u64, partn: u64) -> Option<String> {
-    use std::io::{Read, Seek, SeekFrom};
     let mut disk = File::open(path).ok()?;
-    let mut header = [0u8; 92];
-    disk.seek(SeekFrom::Start(sector)).ok()?;
-    disk.read_exact(&mut header).ok()?;
-    if &header[..8] != b"EFI PART" {
-        return None;
-    }
-    let le64 = |b: &[u8]| b.try_into().ok().map(u64::from_le_bytes);
-    let le32 = |b: &[u8]| b.try_into().ok().map(u32::from_le_bytes);
-    let entries_lba = le64(&header[72..80])?;
-    let count = u64::from(le32(&header[80..84])?);
-    let size = u64::from(le32(&header[84..88])?);
-    if partn == 0 || partn > count || size < 128 {
-        return None;
-    }
-    let mut entry = [0u8; 128];
-    let offset = entries_lba
-        .checked_mul(sector)?
-        .checked_add((partn - 1).checked_mul(size)?)?;
-    disk.seek(SeekFrom::Start(offset)).ok()?;
-    disk.read_exact(&mut entry).ok()?;
-    let g = &entry[16..32];
-    if g.iter().all(|&b| b == 0) {
-        return None;
-    }
-    // Mixed endian: the first three fields little-endian, the rest as stored.
-    Some(format!(
-        "{:08x}-{:04x}-{:04x}-{:02x}{:02x}-{:02x}{:02x}{:02x}{:02x}{:02x}{:02x}",
-        u32::from_le_bytes([g[0], g[1], g[2], g[3]]),
-        u16::from_le_bytes([g[4], g[5]]),
-        u16::from_le_bytes([g[6], g[7]]),
-        g[8],
-        g[9],
-        g[10],
-        g[11],
-        g[12],
-        g[13],
-        g[14],
-        g[15]
-    ))
+    let table = GptTable::read(&mut disk, u32::try_from(sector).ok()?).ok()?;
+    let p = table.partitions().remove(&u32::try_from(partn).ok()?)?;
+    Some(p.part_guid.hyphenated().to_string())
 }
 
 #[cfg(test)]
@@ -225,27 +191,32 @@ mod tests {
         assert_eq!(find_esp(sys2.path(), dev.path(), "x"), None);
     }
 
-    /// A disk image whose GPT has partition 1 with the given unique GUID (raw bytes), with
-    /// `sector`-byte sectors.
-    fn gpt_disk(path: &Path, sector: u64, guid: [u8; 16]) {
-        let mut disk = vec![0u8; (sector * 40) as usize];
-        let h = sector as usize;
-        disk[h..h + 8].copy_from_slice(b"EFI PART");
-        disk[h + 72..h + 80].copy_from_slice(&2u64.to_le_bytes());
-        disk[h + 80..h + 84].copy_from_slice(&128u32.to_le_bytes());
-        disk[h + 84..h + 88].copy_from_slice(&128u32.to_le_bytes());
-        let e = 2 * sector as usize;
-        disk[e + 16..e + 32].copy_from_slice(&guid);
-        fs::write(path, disk).unwrap();
+    /// A disk image with a GPT (CRCs and all, written by the `gpt` crate) whose partition 1
+    /// has the unique GUID `guid`, with `sector`-byte sectors.
+    fn gpt_disk(path: &Path, sector: u64, guid: uuid::Uuid) {
+        let size = sector * 2048;
+        let mut disk = std::io::Cursor::new(vec![0u8; size as usize]);
+        let lbs = gpt::disk::LogicalBlockSize::try_from(sector).unwrap();
+        gpt::mbr::ProtectiveMBR::with_lb_size(u32::try_from(size / sector - 1).unwrap())
+            .overwrite_lba0(&mut disk)
+            .unwrap();
+        let mut g = gpt::GptConfig::new()
+            .writable(true)
+            .logical_block_size(lbs)
+            .create_from_device(&mut disk, None)
+            .unwrap();
+        g.add_partition("IMPRINT", sector * 64, gpt::partition_types::EFI, 0, None)
+            .unwrap();
+        let mut parts = g.partitions().clone();
+        parts.get_mut(&1).unwrap().part_guid = guid;
+        g.update_partitions(parts).unwrap();
+        g.write().unwrap();
+        fs::write(path, disk.into_inner()).unwrap();
     }
 
     #[test]
     fn esp_guid_is_read_from_the_gpt_when_uevent_lacks_it() {
-        // 12345678-aaaa-bbbb-cccc-1234567890ab as GPT stores it (mixed endian).
-        let guid = [
-            0x78, 0x56, 0x34, 0x12, 0xaa, 0xaa, 0xbb, 0xbb, 0xcc, 0xcc, 0x12, 0x34, 0x56, 0x78,
-            0x90, 0xab,
-        ];
+        let guid = uuid::Uuid::parse_str("12345678-aaaa-bbbb-cccc-1234567890ab").unwrap();
         for sector in [512u64, 4096] {
             let sys = fake_sys();
             write(
@@ -275,6 +246,13 @@ mod tests {
                 gpt_partition_guid(&dev.path().join("sdb"), sector, 129),
                 None
             );
+            // A damaged entry array (its CRC no longer matches) is no GUID, not a panic and
+            // not a guess: the partition's name decides, as when no GPT is readable.
+            let path = dev.path().join("sdb");
+            let mut bytes = fs::read(&path).unwrap();
+            bytes[2 * sector as usize + 17] ^= 0xff;
+            fs::write(&path, bytes).unwrap();
+            assert_eq!(gpt_partition_guid(&path, sector, 1), None);
         }
     }
 
