@@ -4,7 +4,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use imprint_core::discover;
 use imprint_core::progress::{Phase, Progress};
@@ -118,22 +118,24 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// Where the progress renderer finds the consoles (PID 1's own mounts).
-const SYS: &str = "/sys";
-const DEV: &str = "/dev";
-
 /// Progress bars for the write engine on every console (`indicatif` drawing to a terminal that
 /// writes to all consoles), at 2 redraws a second so a serial console keeps up.
 #[derive(Debug)]
 pub struct ConsoleProgress {
     bar: std::sync::Mutex<Option<(indicatif::ProgressBar, Phase)>>,
+    /// Where the consoles are found (`/sys`, `/dev` on the live system).
+    sys: PathBuf,
+    dev: PathBuf,
 }
 
 impl ConsoleProgress {
-    /// No bar yet; each phase opens the consoles afresh (one may have gone away).
-    pub fn new() -> Self {
+    /// No bar yet; each phase opens the consoles under `sys` and `dev` afresh (one may have
+    /// gone away).
+    pub fn new(sys: &Path, dev: &Path) -> Self {
         ConsoleProgress {
             bar: std::sync::Mutex::new(None),
+            sys: sys.to_path_buf(),
+            dev: dev.to_path_buf(),
         }
     }
 }
@@ -145,14 +147,11 @@ struct AllConsoles {
 }
 
 impl AllConsoles {
-    fn open() -> Self {
-        let names = Consoles::names(Path::new(SYS));
+    fn open(sys: &Path, dev: &Path) -> Self {
+        let names = Consoles::names(sys);
         let mut files = Vec::new();
         for n in names {
-            if let Ok(f) = std::fs::OpenOptions::new()
-                .write(true)
-                .open(Path::new(DEV).join(&n))
-            {
+            if let Ok(f) = std::fs::OpenOptions::new().write(true).open(dev.join(&n)) {
                 files.push(std::sync::Mutex::new(f));
             }
         }
@@ -216,8 +215,10 @@ impl indicatif::TermLike for AllConsoles {
 
 impl Progress for ConsoleProgress {
     fn begin(&self, phase: Phase, total: u64) {
-        let target =
-            indicatif::ProgressDrawTarget::term_like_with_hz(Box::new(AllConsoles::open()), 2);
+        let target = indicatif::ProgressDrawTarget::term_like_with_hz(
+            Box::new(AllConsoles::open(&self.sys, &self.dev)),
+            2,
+        );
         let bar = indicatif::ProgressBar::with_draw_target(Some(total), target);
         bar.set_style(
             indicatif::ProgressStyle::with_template(
@@ -244,7 +245,7 @@ impl Progress for ConsoleProgress {
                 bar.finish_and_clear();
             }
         }
-        let _ = AllConsoles::open().put(&format!(
+        let _ = AllConsoles::open(&self.sys, &self.dev).put(&format!(
             "imprint: {} done: {} in {:.1} s ({:.0} MB/s)\r\n",
             phase.name(),
             discover::human_bytes(bytes),

@@ -34,7 +34,7 @@ use imprint_core::stick::{CONFIG_PATH, PAYLOAD_TYPE_GUID, REPORTS_DIR, SEED_DIR}
 use imprint_core::write::{self, WriteOptions};
 use nix::mount::MsFlags;
 
-use crate::boot::BootEnv;
+use crate::boot::{BootEnv, Roots};
 use crate::console::{ConsoleProgress, Consoles};
 use crate::handover::{
     already_installed, esp_volume_serial, handed_over_before, record_provisioned,
@@ -58,6 +58,7 @@ const ROOT_MNT: &str = "/run/imprint/root";
 pub const DONE_MARKER: &str = "IMPRINT-DONE";
 
 /// How the run ended, deciding what happens next.
+#[derive(Debug)]
 enum Ending {
     /// Installed or already installed: the next boot goes to the disk.
     Provisioned,
@@ -245,8 +246,8 @@ pub(crate) fn find_partition_by_type(
 }
 
 /// The stick's payload partition: the partition of the stick's disk with imprint's type GUID.
-fn payload_partition(stick_disk: &str) -> Result<PathBuf> {
-    let disk_dev = Path::new("/dev").join(stick_disk);
+fn payload_partition(roots: &Roots, stick_disk: &str) -> Result<PathBuf> {
+    let disk_dev = roots.dev.join(stick_disk);
     // USB sticks have 512-byte sectors; a 4Kn card reader would present 4096.
     let g = read_gpt(&disk_dev, 512)
         .or_else(|_| read_gpt(&disk_dev, 4096))
@@ -257,7 +258,7 @@ fn payload_partition(stick_disk: &str) -> Result<PathBuf> {
             disk_dev.display()
         )
     })?;
-    partition_device(stick_disk, num)
+    partition_device(roots, stick_disk, num)
 }
 
 fn install(
@@ -275,7 +276,7 @@ fn install(
     let templates =
         seed::validate_seed_dir(&stick.join(SEED_DIR)).context("checking the seed on the stick")?;
 
-    let payload = payload_partition(&esp.disk)?;
+    let payload = payload_partition(&env.roots, &esp.disk)?;
     let image = Image::open(&payload)
         .with_context(|| format!("opening the image on the stick ({})", payload.display()))?;
     let m = image.manifest().clone();
@@ -296,7 +297,7 @@ fn install(
     // Before any disk is touched (docs/signing.md).
     let signature_verified = check_signature(consoles, &image, config, rep)?;
 
-    let sys = Path::new("/sys");
+    let sys = &env.roots.sys;
     let identity = MachineIdentity::read(sys).context("reading the machine's identity")?;
     rep.machine = Some(identity.clone());
     // A strict fleet (`unknown_machines: refuse`) never writes a machine its table lacks:
@@ -348,7 +349,7 @@ fn install(
         }
         Selection::Ambiguous { candidates, .. } => {
             consoles.line(&format!("imprint: ambiguous: {}", selection.reason()));
-            match ask_choice(consoles, candidates)? {
+            match ask_choice(consoles, &env.roots, candidates)? {
                 Some(d) => d,
                 None => {
                     rep.status = Status::Declined;
@@ -380,7 +381,7 @@ fn install(
     };
     rep.timing("discover", t0.elapsed().as_secs_f64());
 
-    let dev = Path::new("/dev").join(&target_disk.name);
+    let dev = env.roots.dev.join(&target_disk.name);
     if !config.reinstall && already_installed(consoles, &image, &dev, &target_disk, stick) {
         consoles.line(&format!(
             "imprint: {} already holds {} from an earlier successful install; not reinstalling (config: reinstall=false)",
@@ -409,7 +410,9 @@ fn install(
     }
 
     let has_data = target_disk.has_partitions() || !first_mib_is_zero(&dev);
-    if config.confirm.required(has_data) && !confirm(consoles, &target_disk, &m.name, m.raw_size)? {
+    if config.confirm.required(has_data)
+        && !confirm(consoles, &env.roots, &target_disk, &m.name, m.raw_size)?
+    {
         rep.status = Status::Declined;
         consoles.line("imprint: declined; nothing was written");
         return Ok(Ending::Stopped);
@@ -419,8 +422,15 @@ fn install(
     // to the commit; the image, the seed partition and the final partition table are all
     // written and read back before the single commit.
     let t = Instant::now();
-    let target = Target::open(&dev, &OpenOptionsTarget::default())
-        .with_context(|| format!("opening {}", dev.display()))?;
+    let target = Target::open(
+        &dev,
+        &OpenOptionsTarget {
+            sys_root: env.roots.sys.clone(),
+            proc_root: env.roots.proc.clone(),
+            ..Default::default()
+        },
+    )
+    .with_context(|| format!("opening {}", dev.display()))?;
     let plan = write::plan(&image, &target)
         .with_context(|| format!("checking {} against {}", m.name, dev.display()))?;
     let table = plan.table().ok_or_else(|| {
@@ -444,7 +454,7 @@ fn install(
             (Vec::new(), None, Some((num, offset, len)))
         }
     };
-    let progress = ConsoleProgress::new();
+    let progress = ConsoleProgress::new(&env.roots.sys, &env.roots.dev);
     let opts = WriteOptions {
         verify: true,
         zeroout: true,
@@ -459,7 +469,8 @@ fn install(
         let mut work =
             |t: &Target| -> std::result::Result<(), Box<dyn std::error::Error + Send + Sync>> {
                 if let Some((num, offset, len)) = root {
-                    let placed = seed_into_root(t.path(), offset, len, &rendered).map_err(|e| {
+                    let placed = seed_into_root(&env.roots.dev, t.path(), offset, len, &rendered)
+                        .map_err(|e| {
                         format!("putting the seed into root partition {num}: {e:#}")
                     })?;
                     in_root = Some(placed);
@@ -571,6 +582,7 @@ fn check_signature(
 /// the commit: the kernel knows no partition there yet), then reads it back through a fresh
 /// read-only mount.
 fn seed_into_root(
+    dev: &Path,
     disk: &Path,
     offset: u64,
     len: u64,
@@ -578,7 +590,7 @@ fn seed_into_root(
 ) -> Result<seed::SeedPlacement> {
     let dir = Path::new(ROOT_MNT).join(seed::ROOTFS_SEED_DIR);
     let placement = {
-        let lo = LoopDevice::attach(Path::new("/dev"), disk, offset, len, false)?;
+        let lo = LoopDevice::attach(dev, disk, offset, len, false)?;
         let m = Mount::new(
             lo.path(),
             Path::new(ROOT_MNT),
@@ -591,7 +603,7 @@ fn seed_into_root(
         m.unmount()?;
         placed
     };
-    let lo = LoopDevice::attach(Path::new("/dev"), disk, offset, len, true)?;
+    let lo = LoopDevice::attach(dev, disk, offset, len, true)?;
     let m = Mount::new(
         lo.path(),
         Path::new(ROOT_MNT),
@@ -607,8 +619,8 @@ fn seed_into_root(
 
 /// The device of partition `num` of `disk`. Partition devices are named by the kernel (sda2,
 /// nvme0n1p2, mmcblk0p2): find it in sysfs rather than guess.
-fn partition_device(disk: &str, num: u32) -> Result<PathBuf> {
-    let sysdir = Path::new("/sys/block").join(disk);
+fn partition_device(roots: &Roots, disk: &str, num: u32) -> Result<PathBuf> {
+    let sysdir = roots.sys.join("block").join(disk);
     for e in std::fs::read_dir(&sysdir)?.flatten() {
         if std::fs::read_to_string(e.path().join("partition"))
             .unwrap_or_default()
@@ -617,7 +629,7 @@ fn partition_device(disk: &str, num: u32) -> Result<PathBuf> {
             .ok()
             == Some(num)
         {
-            return Ok(Path::new("/dev").join(e.file_name()));
+            return Ok(roots.dev.join(e.file_name()));
         }
     }
     bail!("the kernel shows no partition {num} on {disk} (partition table not re-read?)")
@@ -669,3 +681,6 @@ fn hardware_summary() -> Option<Hardware> {
         kernel: sysinfo::System::kernel_version(),
     })
 }
+
+#[cfg(test)]
+mod tests;

@@ -260,11 +260,10 @@ pub fn ask<T>(
     }
 }
 
-/// Opens the consoles with a person behind them (see [`prompt_consoles`]) on the running system.
-fn system_inputs() -> Vec<Input> {
-    let roots = Roots::system();
+/// Opens the consoles with a person behind them (see [`prompt_consoles`]) under `roots`.
+fn system_inputs(roots: &Roots) -> Vec<Input> {
     let cmdline = Cmdline::read(&roots.proc).unwrap_or_default();
-    prompt_consoles(&roots, &cmdline)
+    prompt_consoles(roots, &cmdline)
         .iter()
         .filter_map(|n| Input::open(&roots.dev, n).ok())
         .collect()
@@ -272,8 +271,12 @@ fn system_inputs() -> Vec<Input> {
 
 /// Asks which of the equally good disks to use; `None` when declined or when nobody can
 /// answer.
-pub fn ask_choice(consoles: &mut Consoles, candidates: &[Disk]) -> Result<Option<Disk>> {
-    let mut inputs = system_inputs();
+pub fn ask_choice(
+    consoles: &mut Consoles,
+    roots: &Roots,
+    candidates: &[Disk],
+) -> Result<Option<Disk>> {
+    let mut inputs = system_inputs(roots);
     if inputs.is_empty() {
         consoles.line("imprint: no keyboard or serial console to ask on");
         return Ok(None);
@@ -307,7 +310,13 @@ pub fn ask_choice(consoles: &mut Consoles, candidates: &[Disk]) -> Result<Option
 }
 
 /// Shows what will be erased and asks for a yes; anything but yes (or nobody to ask) is no.
-pub fn confirm(consoles: &mut Consoles, disk: &Disk, image: &str, size: u64) -> Result<bool> {
+pub fn confirm(
+    consoles: &mut Consoles,
+    roots: &Roots,
+    disk: &Disk,
+    image: &str,
+    size: u64,
+) -> Result<bool> {
     let parts: Vec<String> = disk
         .partitions
         .iter()
@@ -327,7 +336,7 @@ pub fn confirm(consoles: &mut Consoles, disk: &Disk, image: &str, size: u64) -> 
         image,
         discover::human_bytes(size)
     ));
-    let mut inputs = system_inputs();
+    let mut inputs = system_inputs(roots);
     if inputs.is_empty() {
         consoles.line("imprint: confirmation required (config `confirm`) but no keyboard or serial console to ask on; set `confirm: never` and pin the target to install unattended");
         return Ok(false);

@@ -435,10 +435,12 @@ impl fmt::Display for DiskTable<'_> {
 }
 
 /// Builds fake `/sys` trees shaped like the real one (whole-disk symlinks from `block/` into
-/// `devices/…`), shared by the discover and select tests.
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-pub(crate) mod fixture {
+/// `devices/…`), shared by the discover and select tests and (feature `test-util`) the
+/// appliance's flow tests.
+#[cfg(any(test, feature = "test-util"))]
+#[doc(hidden)]
+#[allow(clippy::unwrap_used, clippy::new_without_default, missing_docs)]
+pub mod fixture {
     use std::fs;
     use std::os::unix::fs::symlink;
     use std::path::{Path, PathBuf};
