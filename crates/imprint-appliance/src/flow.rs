@@ -494,7 +494,7 @@ fn install(
         wrep.verify_seconds,
         m.raw_size as f64 / wrep.verify_seconds.max(1e-3) / 1048576.0
     ));
-    rep.write = serde_json::to_value(&wrep).unwrap_or_default();
+    rep.write = Some(wrep);
     rep.timing("write_and_verify", t.elapsed().as_secs_f64());
     drop(target);
 
@@ -509,8 +509,8 @@ fn install(
         rendered.hostname_source.describe()
     ));
     rep.seed = Some(SeedInfo {
-        summary: serde_json::to_value(&summary).unwrap_or_default(),
-        placement: serde_json::to_value(&placement).unwrap_or_default(),
+        summary,
+        placement: placement.clone(),
     });
     rep.timing("seed", t.elapsed().as_secs_f64());
     rep.status = Status::Installed;

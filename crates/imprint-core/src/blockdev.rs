@@ -35,7 +35,7 @@ mod ioctl {
 }
 
 /// What kind of thing a target is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum TargetKind {
     /// A whole-disk block device.

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 
 use gpt::partition::Partition as GptPartition;
 use gpt::partition_types;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
@@ -52,7 +52,7 @@ pub const NETWORK_CONFIG: &str = "network-config";
 const MIB: u64 = 1 << 20;
 
 /// What kind of user-data the template is (the first line decides, as in cloud-init).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum UserDataKind {
     /// `#cloud-config`.
@@ -639,7 +639,7 @@ pub fn check_known_machine(
 }
 
 /// How the machine was recognised.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "by", rename_all = "kebab-case")]
 pub enum MachineMatch {
     /// A machines-table entry keyed by one of its NICs' MAC.
@@ -668,7 +668,7 @@ pub enum MachineMatch {
 
 /// Which rule named the machine. An install never fails over a hostname: the rules are tried
 /// in this order and the last always yields one.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "rule", rename_all = "kebab-case")]
 pub enum HostnameSource {
     /// The machines-table entry that matched.
@@ -718,7 +718,7 @@ impl HostnameSource {
 }
 
 /// Where the network-config came from.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum NetworkSource {
     /// The entry's simple static form, rendered to v2.
@@ -760,7 +760,7 @@ pub struct RenderedSeed {
 }
 
 /// One file of the seed, as the report shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileSummary {
     /// `user-data`, `meta-data`, `network-config`.
     pub name: String,
@@ -772,7 +772,7 @@ pub struct FileSummary {
 
 /// What the report says about the seed. Contents are never included: user-data and
 /// network-config (Wi-Fi passwords) may hold secrets.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SeedSummary {
     /// The instance-id.
     pub instance_id: String,
@@ -1154,7 +1154,7 @@ pub fn render_for_disk(
 }
 
 /// Where the seed landed, for the report.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "placement", rename_all = "kebab-case")]
 pub enum SeedPlacement {
     /// A `CIDATA` partition on the disk.

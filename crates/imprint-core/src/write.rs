@@ -35,7 +35,7 @@
 use std::time::Instant;
 
 use crossbeam_channel::bounded;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::io::Read;
 
 use sha2::{Digest, Sha256};
@@ -77,7 +77,7 @@ impl Default for WriteOptions {
 }
 
 /// What a successful write did, with timings (goes into reports).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WriteReport {
     /// Image name.
     pub image_name: String,
@@ -110,7 +110,7 @@ pub struct WriteReport {
 }
 
 /// The partition table the commit wrote.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TableSummary {
     /// Where the image had its backup header (cleared there when it is not the disk's end).
     pub image_backup_lba: u64,

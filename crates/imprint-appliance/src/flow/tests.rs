@@ -383,12 +383,21 @@ fn installs_on_the_internal_disk_and_never_on_the_stick_or_a_usb_disk() {
     assert!(m.holds_image(&nvme));
     assert_eq!(fs::metadata(&nvme).unwrap().len(), DISK);
     let meta = cidata_meta(&nvme);
-    let hostname = rep.seed.as_ref().unwrap().summary["hostname"].clone();
-    assert!(
-        meta.contains(&format!("\"local-hostname\": {hostname}"))
-            || meta.contains(&format!("local-hostname: {}", hostname.as_str().unwrap())),
-        "{meta}"
+    let seed = &rep.seed.as_ref().unwrap().summary;
+    assert_eq!(seed.hostname, "flow-7");
+    assert_eq!(
+        seed.hostname_source,
+        imprint_core::seed::HostnameSource::SeedMetaData
     );
+    let meta: serde_json::Value = serde_json::from_str(&meta).unwrap();
+    assert_eq!(meta["local-hostname"], "flow-7");
+    // The key paths `imprint reports` reads, and the report read back as the next boot does.
+    let saved: Report = serde_json::from_value(serde_json::to_value(&rep).unwrap()).unwrap();
+    let v = serde_json::to_value(&saved).unwrap();
+    assert_eq!(v["seed"]["summary"]["hostname"], "flow-7");
+    assert_eq!(v["seed"]["placement"]["placement"], "cidata-partition");
+    assert_eq!(v["write"]["verified"], true);
+    assert_eq!(saved.write.as_ref().unwrap().raw_size, IMAGE);
     assert_eq!(sha(&m.dev("sdc")), usb, "the USB disk is untouched");
     assert_eq!(sha(&m.dev("sdb")), stick, "the stick's disk is untouched");
     // The stick records the install for its GRUB: the seed volume and the installed ESP.
