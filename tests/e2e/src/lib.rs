@@ -784,6 +784,81 @@ pub fn copy(from: &Path, to: &Path) -> Result<(), E2eError> {
         })
 }
 
+/// Checks what the appliance left in the firmware's variable store `vars` (an OVMF VARS file
+/// after the VM stopped) against the install's report: `BootNext` is the reported entry, that
+/// `Boot####` boots the reported partition (number and GUID) of the installed disk through
+/// the reported loader under the reported description, and `BootOrder` lists it at the
+/// reported position. `Err` says what differs.
+pub fn check_next_boot(vars: &Path, report: &serde_json::Value) -> Result<(), String> {
+    let nb = &report["next_boot"];
+    if nb["set"] != true {
+        return Err(format!("the report says no boot entry was set: {nb}"));
+    }
+    let name = nb["boot_entry"]
+        .as_str()
+        .ok_or("no boot_entry in the report")?;
+    let num = name
+        .strip_prefix("Boot")
+        .and_then(|n| u16::from_str_radix(n, 16).ok())
+        .ok_or_else(|| format!("boot_entry {name:?} is not Boot####"))?;
+    let store = ovmf_vars::read(vars).map_err(|e| e.to_string())?;
+    if store.boot_next() != Some(num) {
+        return Err(format!(
+            "BootNext is {:?}, the report says {name}",
+            store.boot_next()
+        ));
+    }
+    let data = store
+        .boot_entry(num)
+        .ok_or_else(|| format!("{name} is not in the variable store"))?;
+    let opt = ovmf_vars::load_option(data).map_err(|e| e.to_string())?;
+    let want = |k: &str| nb[k].as_str().map(str::to_ascii_lowercase);
+    let checks = [
+        (
+            "description",
+            Some(opt.description.to_ascii_lowercase()),
+            want("description"),
+        ),
+        (
+            "partition GUID",
+            opt.partition_guid.clone(),
+            want("esp_partuuid"),
+        ),
+        (
+            "loader",
+            opt.file_path.as_deref().map(str::to_ascii_lowercase),
+            want("loader"),
+        ),
+        (
+            "partition number",
+            opt.partition.map(|p| p.to_string()),
+            nb["esp_partition"].as_u64().map(|p| p.to_string()),
+        ),
+    ];
+    for (what, got, expected) in checks {
+        if got.is_none() || got != expected {
+            return Err(format!(
+                "{name}: {what} is {got:?}, the report says {expected:?}"
+            ));
+        }
+    }
+    if opt.attributes & 1 == 0 {
+        return Err(format!("{name} is not active"));
+    }
+    let order = store.boot_order().unwrap_or_default();
+    let pos = order
+        .iter()
+        .position(|&n| n == num)
+        .ok_or_else(|| format!("BootOrder {order:04X?} does not list {name}"))?;
+    let said = nb["boot_order"].as_str().unwrap_or_default();
+    if !said.contains(&format!("position {pos}")) {
+        return Err(format!(
+            "{name} is at position {pos} of BootOrder {order:04X?}; the report says {said:?}"
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

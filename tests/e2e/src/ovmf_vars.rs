@@ -275,6 +275,75 @@ fn guid_text(b: &[u8]) -> String {
     s
 }
 
+/// A `Boot####` option (`EFI_LOAD_OPTION`), decoded as far as the tests need: where it
+/// boots (the hard-drive node's partition and GUID, the file path) and how it is labelled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadOption {
+    /// `LOAD_OPTION_*` bits (1 = active).
+    pub attributes: u32,
+    /// The description shown in the firmware's boot menu.
+    pub description: String,
+    /// The GPT partition number of the first hard-drive node.
+    pub partition: Option<u32>,
+    /// That node's partition GUID, lower-case text.
+    pub partition_guid: Option<String>,
+    /// The file path node's path, e.g. `\EFI\BOOT\BOOTX64.EFI`.
+    pub file_path: Option<String>,
+}
+
+fn utf16z(b: &[u8]) -> (String, usize) {
+    let units: Vec<u16> = b
+        .chunks_exact(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        .take_while(|&u| u != 0)
+        .collect();
+    (String::from_utf16_lossy(&units), (units.len() + 1) * 2)
+}
+
+/// Decodes an `EFI_LOAD_OPTION`: attributes, the UCS-2 description, then the device path
+/// (nodes of type, subtype, 16-bit length; media/hard-drive = 4/1, media/file-path = 4/4).
+pub fn load_option(data: &[u8]) -> Result<LoadOption, OvmfVarsError> {
+    if data.len() < 8 {
+        return Err(format_err("load option shorter than its header"));
+    }
+    let attributes = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+    let path_len = usize::from(u16::from_le_bytes([data[4], data[5]]));
+    let (description, used) = utf16z(&data[6..]);
+    let start = 6 + used;
+    let path = data
+        .get(start..start + path_len)
+        .ok_or_else(|| format_err("load option's device path runs past its data"))?;
+    let mut opt = LoadOption {
+        attributes,
+        description,
+        partition: None,
+        partition_guid: None,
+        file_path: None,
+    };
+    let mut at = 0;
+    while at + 4 <= path.len() {
+        let (ty, sub) = (path[at], path[at + 1]);
+        let len = usize::from(u16::from_le_bytes([path[at + 2], path[at + 3]]));
+        if len < 4 || at + len > path.len() {
+            return Err(format_err(format!(
+                "device path node at {at} has length {len}"
+            )));
+        }
+        let node = &path[at + 4..at + len];
+        match (ty, sub) {
+            (0x7f, 0xff) => break,
+            (4, 1) if node.len() >= 38 && opt.partition.is_none() => {
+                opt.partition = Some(u32::from_le_bytes([node[0], node[1], node[2], node[3]]));
+                opt.partition_guid = Some(guid_text(&node[20..36]));
+            }
+            (4, 4) => opt.file_path = Some(utf16z(node).0),
+            _ => {}
+        }
+        at += len;
+    }
+    Ok(opt)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -322,6 +391,47 @@ mod tests {
         }
         fd.resize(0x48 + store_size as usize, 0xff);
         fd
+    }
+
+    #[test]
+    fn load_options_decode_to_partition_guid_and_loader() {
+        let ucs2 = |s: &str| -> Vec<u8> {
+            s.encode_utf16()
+                .chain([0])
+                .flat_map(u16::to_le_bytes)
+                .collect()
+        };
+        // HD(2, GPT, 12345678-aaaa-bbbb-cccc-1234567890ab, 2048, 4096)/\EFI\BOOT\BOOTX64.EFI
+        let mut hd = vec![4u8, 1, 42, 0];
+        hd.extend_from_slice(&2u32.to_le_bytes());
+        hd.extend_from_slice(&2048u64.to_le_bytes());
+        hd.extend_from_slice(&4096u64.to_le_bytes());
+        hd.extend_from_slice(&[
+            0x78, 0x56, 0x34, 0x12, 0xaa, 0xaa, 0xbb, 0xbb, 0xcc, 0xcc, 0x12, 0x34, 0x56, 0x78,
+            0x90, 0xab,
+        ]);
+        hd.extend_from_slice(&[2, 2]);
+        let file = ucs2("\\EFI\\BOOT\\BOOTX64.EFI");
+        let mut fp = vec![4u8, 4];
+        fp.extend_from_slice(&u16::try_from(file.len() + 4).unwrap().to_le_bytes());
+        fp.extend_from_slice(&file);
+        let path: Vec<u8> = [hd, fp, vec![0x7f, 0xff, 4, 0]].concat();
+        let mut data = 1u32.to_le_bytes().to_vec();
+        data.extend_from_slice(&u16::try_from(path.len()).unwrap().to_le_bytes());
+        data.extend_from_slice(&ucs2("imprint: QEMU NVMe Ctrl NVME0001"));
+        data.extend_from_slice(&path);
+        let o = load_option(&data).unwrap();
+        assert_eq!(o.attributes, 1);
+        assert_eq!(o.description, "imprint: QEMU NVMe Ctrl NVME0001");
+        assert_eq!(o.partition, Some(2));
+        assert_eq!(
+            o.partition_guid.as_deref(),
+            Some("12345678-aaaa-bbbb-cccc-1234567890ab")
+        );
+        assert_eq!(o.file_path.as_deref(), Some("\\EFI\\BOOT\\BOOTX64.EFI"));
+        // Truncated: an error, not a panic.
+        assert!(load_option(&data[..data.len() - 10]).is_err());
+        assert!(load_option(&data[..5]).is_err());
     }
 
     #[test]

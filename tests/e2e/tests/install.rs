@@ -15,7 +15,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use imprint_e2e::fixtures::{old_disk, sha256_file, stick_reports};
-use imprint_e2e::{boot_dir, imprint_bin, run, workspace_root, Firmware, VmBuilder};
+use imprint_e2e::{
+    boot_dir, check_next_boot, imprint_bin, ovmf_vars, run, workspace_root, Firmware, VmBuilder,
+};
 
 fn sha(path: &Path) -> String {
     sha256_file(path).unwrap()
@@ -200,7 +202,9 @@ fn whole_story(fw: Firmware, prune: bool) {
     assert_eq!(r["write"]["verified"], true);
     assert_eq!(r["seed"]["summary"]["hostname"], "nuc-demo-01");
     assert_eq!(r["seed"]["summary"]["matched"]["by"], "mac");
-    assert_eq!(r["next_boot"]["set"], true);
+    // What the firmware holds: BootNext and a Boot#### for the installed disk's ESP, listed
+    // in BootOrder, exactly as the report says.
+    check_next_boot(&vars1, r).unwrap();
     let text = r.to_string();
     assert!(
         !text.contains("provisioned by imprint") && !text.contains("runcmd"),
@@ -241,6 +245,11 @@ fn whole_story(fw: Firmware, prune: bool) {
     let vars2 = d.join("vars-after-os.fd");
     std::fs::copy(v2.vars_path(), &vars2).unwrap();
     drop(v2);
+    assert_eq!(
+        ovmf_vars::read(&vars2).unwrap().boot_next(),
+        None,
+        "the firmware consumed BootNext"
+    );
     assert_eq!(reports(&stick).len(), 1, "no second run of the appliance");
 
     // Power-on 3, stick still in: the stick's GRUB boots the installed system (the default

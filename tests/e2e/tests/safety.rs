@@ -16,7 +16,7 @@ use std::time::Duration;
 use imprint_e2e::fixtures::{
     old_disk, run_until_done as done, sha256_file, small_image, stick_reports, stick_with,
 };
-use imprint_e2e::{imprint_bin, Firmware, VmBuilder};
+use imprint_e2e::{check_next_boot, imprint_bin, Firmware, VmBuilder};
 
 fn small_os(dir: &Path, sector_size: u32) -> PathBuf {
     small_image(dir, &format!("small-{sector_size}"), sector_size, None).unwrap()
@@ -148,6 +148,7 @@ fn choosing_among_ambiguous_disks_installs_on_the_chosen_one_only() {
         String::from_utf8_lossy(&verify.stderr)
     );
     assert_eq!(reports(&stick)[0]["status"], "installed");
+    check_next_boot(v.vars_path(), &reports(&stick)[0]).unwrap();
     no_secrets(&log, &stick);
 }
 
@@ -178,7 +179,7 @@ fn usb_ssd_next_to_the_internal_disk_is_never_chosen() {
     let nvme = disk(d, "nvme.img", GIB);
     let usb = disk(d, "usb.img", 2 * GIB);
     let su = sha(&usb);
-    let (_v, log) = run_until_done(
+    let (v, log) = run_until_done(
         nuc(d, "vm", &stick)
             .usb_disk(&usb, "USBSSD01")
             .nvme(&nvme, "NVME0001"),
@@ -186,6 +187,7 @@ fn usb_ssd_next_to_the_internal_disk_is_never_chosen() {
     assert!(log.contains("imprint: target nvme0n1"), "{log}");
     assert_eq!(sha(&usb), su, "the USB SSD is untouched");
     assert_eq!(reports(&stick)[0]["status"], "installed");
+    check_next_boot(v.vars_path(), &reports(&stick)[0]).unwrap();
     no_secrets(&log, &stick);
 }
 
@@ -215,10 +217,11 @@ fn a_4096_byte_image_installs_on_a_4kn_disk() {
     let img = small_os(d, 4096);
     let stick = stick(d, "4k", &img, DEFAULT);
     let k4 = disk(d, "4k.img", GIB);
-    let (_v, log) = run_until_done(nuc(d, "vm", &stick).nvme_4kn(&k4, "NVME4KN1"));
+    let (v, log) = run_until_done(nuc(d, "vm", &stick).nvme_4kn(&k4, "NVME4KN1"));
     assert!(log.contains("seed written and read back"), "{log}");
     let r = &reports(&stick)[0];
     assert_eq!(r["status"], "installed");
+    check_next_boot(v.vars_path(), r).unwrap();
     assert_eq!(r["seed"]["placement"]["sector_size"], 4096);
     // The disk itself: verifies against the image, and its table (4096-byte sectors) has the
     // seed partition and the backup header at the disk's last sector.
@@ -439,7 +442,7 @@ fn a_power_cut_mid_write_leaves_no_partition_table_and_the_next_boot_installs() 
     assert!(bytes[bytes.len() - MIB as usize..].iter().all(|&b| b == 0));
     drop(bytes);
     // Power on again: the disk looks empty (no partition table), the install runs to the end.
-    let (_v, log) = run_until_done(
+    let (v, log) = run_until_done(
         nuc(d, "vm2", &stick)
             .nvme(&nvme, "NVME0001")
             .vars_from(&vars),
@@ -458,6 +461,7 @@ fn a_power_cut_mid_write_leaves_no_partition_table_and_the_next_boot_installs() 
         String::from_utf8_lossy(&verify.stderr)
     );
     assert_eq!(reports(&stick).last().unwrap()["status"], "installed");
+    check_next_boot(v.vars_path(), reports(&stick).last().unwrap()).unwrap();
     no_secrets(&log, &stick);
 }
 

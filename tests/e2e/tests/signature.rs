@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use imprint_e2e::fixtures::{old_disk, run_until_done, sha256_file, small_image, stick_reports};
-use imprint_e2e::{boot_dir, imprint_bin, run, Firmware, Vm, VmBuilder, STICK_ESP_OFFSET};
+use imprint_e2e::{
+    boot_dir, check_next_boot, imprint_bin, run, Firmware, Vm, VmBuilder, STICK_ESP_OFFSET,
+};
 
 const GIB: u64 = 1 << 30;
 /// The default hostname pattern falls back to the MAC where qemu has no DMI serial.
@@ -193,7 +195,7 @@ fn image_signed_by_a_trusted_key_installs() {
     let img = small_os(d, "signed", Some(&d.join("release.key")));
     let stick = stick(d, "good", &img, &config(true, &b64));
     let target = disk(d, "nvme.img", GIB);
-    let (_v, log) = boot(d, &stick, &target);
+    let (v, log) = boot(d, &stick, &target);
     assert!(
         log.contains(&format!("image signed by key {id}: signature verified")),
         "{log}"
@@ -206,6 +208,7 @@ fn image_signed_by_a_trusted_key_installs() {
     imprint(&[&"verify", &img, &target]);
     let r = report(&stick);
     assert_eq!(r["status"], "installed");
+    check_next_boot(v.vars_path(), &r).unwrap();
     assert_eq!(
         r["image"]["signature"],
         serde_json::json!({ "signed": true, "key_id": id, "verified": true })

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use imprint_core::gpt_table::GptTable;
 use imprint_e2e::fixtures::{old_disk, sha256_file, small_image, stick_reports, stick_with};
-use imprint_e2e::{run, Firmware, VmBuilder};
+use imprint_e2e::{check_next_boot, run, Firmware, VmBuilder};
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -185,6 +185,7 @@ fn a_bare_machine_with_no_nic_and_no_serial_is_named_by_its_seed() {
     );
     let r = &stick_reports(&stick).unwrap()[0];
     assert_eq!(r["status"], "installed");
+    check_next_boot(v.vars_path(), r).unwrap();
     assert_eq!(r["seed"]["summary"]["hostname"], "bare-metal-7");
     assert_eq!(
         r["seed"]["summary"]["hostname_source"]["rule"],
@@ -364,6 +365,7 @@ fn root_filesystem_placement_lands_inside_the_transaction() {
     );
     let r = &stick_reports(&stick).unwrap()[0];
     assert_eq!(r["status"], "installed");
+    check_next_boot(v.vars_path(), r).unwrap();
     assert_eq!(r["seed"]["placement"]["placement"], "directory", "{r}");
     // The seed files inside the installed root filesystem, read with debugfs through a loop
     // device over the partition (the disk's table is the image's, plus nothing).

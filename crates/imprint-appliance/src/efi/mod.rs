@@ -348,6 +348,17 @@ pub enum BootOrderChange {
     Inserted { position: usize },
 }
 
+impl std::fmt::Display for BootOrderChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BootOrderChange::AlreadyPresent { position } => {
+                write!(f, "already listed at position {position} (unchanged)")
+            }
+            BootOrderChange::Inserted { position } => write!(f, "inserted at position {position}"),
+        }
+    }
+}
+
 /// Makes sure `BootOrder` lists option `num`, changing as little as possible.
 ///
 /// Policy: an option already listed stays where it is. Otherwise it goes right after the
