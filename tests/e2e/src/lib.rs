@@ -865,6 +865,52 @@ mod tests {
     use super::*;
 
     #[test]
+    fn check_next_boot_holds_the_firmware_to_the_report() {
+        use ovmf_vars::tests::{load_option_bytes, synthetic_store, GUID};
+        use ovmf_vars::VAR_ADDED;
+        let loader = "\\EFI\\BOOT\\BOOTX64.EFI";
+        let entry = load_option_bytes("imprint: QEMU NVMe Ctrl NVME0001", 1, GUID, loader);
+        let report = serde_json::json!({ "next_boot": {
+            "set": true, "boot_entry": "Boot0003", "description": "imprint: QEMU NVMe Ctrl NVME0001",
+            "esp_partition": 1, "esp_partuuid": "12345678-AAAA-BBBB-CCCC-1234567890AB",
+            "loader": loader, "boot_order": "inserted at position 1" } });
+        let t = tempfile::tempdir().unwrap();
+        let check = |vars: &[(&str, u8, &[u8])], report: &serde_json::Value| {
+            let path = t.path().join("vars.fd");
+            std::fs::write(&path, synthetic_store(vars)).unwrap();
+            check_next_boot(&path, report)
+        };
+        let order: &[u8] = &[1, 0, 3, 0];
+        let good = [
+            ("BootNext", VAR_ADDED, &[3u8, 0][..]),
+            ("Boot0003", VAR_ADDED, &entry[..]),
+            ("BootOrder", VAR_ADDED, order),
+        ];
+        check(&good, &report).unwrap();
+        // Each way the firmware can disagree with the report is caught.
+        let mut no_next = good;
+        no_next[0].2 = &[4, 0];
+        assert!(check(&no_next, &report).unwrap_err().contains("BootNext"));
+        let other_guid = load_option_bytes("imprint: QEMU NVMe Ctrl NVME0001", 1, [7; 16], loader);
+        let mut wrong_disk = good;
+        wrong_disk[1].2 = &other_guid;
+        assert!(check(&wrong_disk, &report)
+            .unwrap_err()
+            .contains("partition GUID"));
+        let mut not_listed = good;
+        not_listed[2].2 = &[1, 0];
+        assert!(check(&not_listed, &report)
+            .unwrap_err()
+            .contains("does not list"));
+        let mut first = good;
+        first[2].2 = &[3, 0, 1, 0];
+        assert!(check(&first, &report).unwrap_err().contains("position 0"));
+        let mut unset = report.clone();
+        unset["next_boot"]["set"] = false.into();
+        assert!(check(&good, &unset).is_err());
+    }
+
+    #[test]
     fn qemu_args_attach_every_drive_where_asked() {
         let b = VmBuilder::new("/w", Firmware::SecureBoot)
             .stick("/s.img")

@@ -346,7 +346,7 @@ pub fn load_option(data: &[u8]) -> Result<LoadOption, OvmfVarsError> {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
@@ -360,7 +360,7 @@ mod tests {
     }
 
     /// A firmware volume with an authenticated store holding `vars` (name, state, data).
-    fn synthetic_store(vars: &[(&str, u8, &[u8])]) -> Vec<u8> {
+    pub(crate) fn synthetic_store(vars: &[(&str, u8, &[u8])]) -> Vec<u8> {
         let mut fd = vec![0u8; 0x48];
         fd[40..44].copy_from_slice(FV_SIGNATURE);
         fd[48..50].copy_from_slice(&0x48u16.to_le_bytes());
@@ -393,33 +393,46 @@ mod tests {
         fd
     }
 
-    #[test]
-    fn load_options_decode_to_partition_guid_and_loader() {
-        let ucs2 = |s: &str| -> Vec<u8> {
-            s.encode_utf16()
-                .chain([0])
-                .flat_map(u16::to_le_bytes)
-                .collect()
-        };
-        // HD(2, GPT, 12345678-aaaa-bbbb-cccc-1234567890ab, 2048, 4096)/\EFI\BOOT\BOOTX64.EFI
+    /// An `EFI_LOAD_OPTION` as the appliance writes one: active, `description`,
+    /// HD(`partition`, GPT, `guid` as stored, 2048, 4096)/`loader`.
+    pub(crate) fn load_option_bytes(
+        description: &str,
+        partition: u32,
+        guid: [u8; 16],
+        loader: &str,
+    ) -> Vec<u8> {
         let mut hd = vec![4u8, 1, 42, 0];
-        hd.extend_from_slice(&2u32.to_le_bytes());
+        hd.extend_from_slice(&partition.to_le_bytes());
         hd.extend_from_slice(&2048u64.to_le_bytes());
         hd.extend_from_slice(&4096u64.to_le_bytes());
-        hd.extend_from_slice(&[
-            0x78, 0x56, 0x34, 0x12, 0xaa, 0xaa, 0xbb, 0xbb, 0xcc, 0xcc, 0x12, 0x34, 0x56, 0x78,
-            0x90, 0xab,
-        ]);
+        hd.extend_from_slice(&guid);
         hd.extend_from_slice(&[2, 2]);
-        let file = ucs2("\\EFI\\BOOT\\BOOTX64.EFI");
+        let file = ucs2(loader);
         let mut fp = vec![4u8, 4];
         fp.extend_from_slice(&u16::try_from(file.len() + 4).unwrap().to_le_bytes());
         fp.extend_from_slice(&file);
         let path: Vec<u8> = [hd, fp, vec![0x7f, 0xff, 4, 0]].concat();
         let mut data = 1u32.to_le_bytes().to_vec();
         data.extend_from_slice(&u16::try_from(path.len()).unwrap().to_le_bytes());
-        data.extend_from_slice(&ucs2("imprint: QEMU NVMe Ctrl NVME0001"));
+        data.extend_from_slice(&ucs2(description));
         data.extend_from_slice(&path);
+        data
+    }
+
+    /// 12345678-aaaa-bbbb-cccc-1234567890ab as GPT and device paths store it.
+    pub(crate) const GUID: [u8; 16] = [
+        0x78, 0x56, 0x34, 0x12, 0xaa, 0xaa, 0xbb, 0xbb, 0xcc, 0xcc, 0x12, 0x34, 0x56, 0x78, 0x90,
+        0xab,
+    ];
+
+    #[test]
+    fn load_options_decode_to_partition_guid_and_loader() {
+        let data = load_option_bytes(
+            "imprint: QEMU NVMe Ctrl NVME0001",
+            2,
+            GUID,
+            "\\EFI\\BOOT\\BOOTX64.EFI",
+        );
         let o = load_option(&data).unwrap();
         assert_eq!(o.attributes, 1);
         assert_eq!(o.description, "imprint: QEMU NVMe Ctrl NVME0001");
