@@ -194,24 +194,16 @@ mod tests {
     /// A disk image with a GPT (CRCs and all, written by the `gpt` crate) whose partition 1
     /// has the unique GUID `guid`, with `sector`-byte sectors.
     fn gpt_disk(path: &Path, sector: u64, guid: uuid::Uuid) {
-        let size = sector * 2048;
-        let mut disk = std::io::Cursor::new(vec![0u8; size as usize]);
-        let lbs = gpt::disk::LogicalBlockSize::try_from(sector).unwrap();
-        gpt::mbr::ProtectiveMBR::with_lb_size(u32::try_from(size / sector - 1).unwrap())
-            .overwrite_lba0(&mut disk)
-            .unwrap();
-        let mut g = gpt::GptConfig::new()
-            .writable(true)
-            .logical_block_size(lbs)
-            .create_from_device(&mut disk, None)
-            .unwrap();
-        g.add_partition("IMPRINT", sector * 64, gpt::partition_types::EFI, 0, None)
-            .unwrap();
-        let mut parts = g.partitions().clone();
-        parts.get_mut(&1).unwrap().part_guid = guid;
-        g.update_partitions(parts).unwrap();
-        g.write().unwrap();
-        fs::write(path, disk.into_inner()).unwrap();
+        let bytes = vec![0u8; (sector * 2048) as usize];
+        let ss = u32::try_from(sector).unwrap();
+        let disk = imprint_core::test_util::with_gpt(bytes, ss, None, |g| {
+            g.add_partition("IMPRINT", sector * 64, gpt::partition_types::EFI, 0, None)
+                .unwrap();
+            let mut parts = g.partitions().clone();
+            parts.get_mut(&1).unwrap().part_guid = guid;
+            g.update_partitions(parts).unwrap();
+        });
+        fs::write(path, disk).unwrap();
     }
 
     #[test]

@@ -479,20 +479,10 @@ mod tests {
 
     /// A GPT image made by the `gpt` crate's writer: `size` bytes, one partition.
     pub(super) fn image(size: u64, ss: u32) -> Vec<u8> {
-        let lbs = lb(ss).unwrap();
-        let mut disk = Cursor::new(vec![0u8; size as usize]);
-        let pmbr =
-            gpt::mbr::ProtectiveMBR::with_lb_size(u32::try_from(size / u64::from(ss) - 1).unwrap());
-        pmbr.overwrite_lba0(&mut disk).unwrap();
-        let mut g = gpt::GptConfig::new()
-            .writable(true)
-            .logical_block_size(lbs)
-            .create_from_device(&mut disk, None)
-            .unwrap();
-        g.add_partition("root", 1 << 20, gpt::partition_types::LINUX_FS, 0, None)
-            .unwrap();
-        g.write().unwrap();
-        disk.into_inner()
+        crate::test_util::with_gpt(vec![0u8; size as usize], ss, None, |g| {
+            g.add_partition("root", 1 << 20, gpt::partition_types::LINUX_FS, 0, None)
+                .unwrap();
+        })
     }
 
     #[test]

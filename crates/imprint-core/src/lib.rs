@@ -41,5 +41,8 @@ pub mod seed_schema;
 pub mod select;
 pub mod signature;
 pub mod stick;
+#[cfg(any(test, feature = "test-util"))]
+#[doc(hidden)]
+pub mod test_util;
 pub mod verify;
 pub mod write;

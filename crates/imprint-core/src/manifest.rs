@@ -1090,26 +1090,17 @@ pub(crate) mod tests {
         }
         // A real GPT over it (protective MBR, both headers, one partition), as the write
         // engine checks the image's table before writing.
-        let lb = gpt::disk::LogicalBlockSize::try_from(ss as u64).unwrap();
-        let mut disk = std::io::Cursor::new(v);
-        gpt::mbr::ProtectiveMBR::with_lb_size(u32::try_from(size / ss - 1).unwrap())
-            .overwrite_lba0(&mut disk)
-            .unwrap();
-        let mut g = gpt::GptConfig::new()
-            .writable(true)
-            .logical_block_size(lb)
-            .create_from_device(&mut disk, Some(uuid::Uuid::from_u128(0x1234)))
-            .unwrap();
         let first = if size >= 4 << 20 {
             1u64 << 20
         } else {
             64 << 10
         } / ss as u64;
         let len = (size / ss) as u64 - first - (64 << 10) / ss as u64;
-        g.add_partition_at("data", 1, first, len, gpt::partition_types::LINUX_FS, 0)
-            .unwrap();
-        g.write().unwrap();
-        disk.into_inner()
+        let disk_guid = Some(uuid::Uuid::from_u128(0x1234));
+        crate::test_util::with_gpt(v, ss as u32, disk_guid, |g| {
+            g.add_partition_at("data", 1, first, len, gpt::partition_types::LINUX_FS, 0)
+                .unwrap();
+        })
     }
 
     pub(crate) fn pack_bytes(raw: &[u8], out: &Path) -> Manifest {

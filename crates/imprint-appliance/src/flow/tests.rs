@@ -6,6 +6,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{Cursor, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::symlink;
@@ -14,12 +15,12 @@ use std::time::Duration;
 
 use imprint_core::blockdev::{OpenOptionsTarget, Target};
 use imprint_core::config::Config;
-use imprint_core::discover::fixture::{FakeDisk, FakeSys};
 use imprint_core::gpt_table::GptTable;
 use imprint_core::manifest::{self, Image, PackOptions};
 use imprint_core::progress::NoProgress;
 use imprint_core::report::{Report, Status};
 use imprint_core::stick::{PAYLOAD_TYPE_GUID, REPORTS_DIR, SEED_DIR};
+use imprint_core::test_util::{with_gpt, FakeDisk, FakeSys};
 use imprint_core::verify::verify_image;
 use sha2::{Digest, Sha256};
 
@@ -260,23 +261,15 @@ fn old_disk(p: &Path) {
 /// The OS image: a GPT with an EFI System Partition (FAT, holding the removable-media
 /// loader, so the stick can hand over to it) and a root partition of patterned bytes.
 fn os_image() -> Vec<u8> {
-    let lb = gpt::disk::LogicalBlockSize::Lb512;
-    let mut disk = Cursor::new(vec![0u8; IMAGE as usize]);
-    gpt::mbr::ProtectiveMBR::with_lb_size(u32::try_from(IMAGE / 512 - 1).unwrap())
-        .overwrite_lba0(&mut disk)
-        .unwrap();
-    let mut g = gpt::GptConfig::new()
-        .writable(true)
-        .logical_block_size(lb)
-        .create_from_device(&mut disk, Some(uuid::Uuid::from_u128(0xF10)))
-        .unwrap();
-    g.add_partition("EFI", 4 * MIB, gpt::partition_types::EFI, 0, None)
-        .unwrap();
-    g.add_partition("root", 8 * MIB, gpt::partition_types::LINUX_FS, 0, None)
-        .unwrap();
-    let parts = g.partitions().clone();
-    g.write().unwrap();
-    let mut raw = disk.into_inner();
+    let mut parts = BTreeMap::new();
+    let disk_guid = Some(uuid::Uuid::from_u128(0xF10));
+    let mut raw = with_gpt(vec![0u8; IMAGE as usize], 512, disk_guid, |g| {
+        g.add_partition("EFI", 4 * MIB, gpt::partition_types::EFI, 0, None)
+            .unwrap();
+        g.add_partition("root", 8 * MIB, gpt::partition_types::LINUX_FS, 0, None)
+            .unwrap();
+        parts = g.partitions().clone();
+    });
     let (esp, root) = (&parts[&1], &parts[&2]);
     // The ESP: a FAT with /EFI/BOOT/BOOTX64.EFI.
     let mut fat = Cursor::new(vec![
@@ -309,26 +302,16 @@ fn os_image() -> Vec<u8> {
 
 /// The stick's partition table: 1 = its ESP, 2 = the payload (imprint's type GUID).
 fn stick_table() -> Vec<u8> {
-    let size = 8 * MIB;
-    let mut disk = Cursor::new(vec![0u8; size as usize]);
-    gpt::mbr::ProtectiveMBR::with_lb_size(u32::try_from(size / 512 - 1).unwrap())
-        .overwrite_lba0(&mut disk)
-        .unwrap();
-    let mut g = gpt::GptConfig::new()
-        .writable(true)
-        .logical_block_size(gpt::disk::LogicalBlockSize::Lb512)
-        .create_from_device(&mut disk, None)
-        .unwrap();
-    g.add_partition("IMPRINT", 2 * MIB, gpt::partition_types::EFI, 0, None)
-        .unwrap();
     let payload = gpt::partition_types::Type {
         guid: PAYLOAD_TYPE_GUID.parse().unwrap(),
         os: gpt::partition_types::OperatingSystem::None,
     };
-    g.add_partition("payload", 4 * MIB, payload, 0, None)
-        .unwrap();
-    g.write().unwrap();
-    disk.into_inner()
+    with_gpt(vec![0u8; (8 * MIB) as usize], 512, None, |g| {
+        g.add_partition("IMPRINT", 2 * MIB, gpt::partition_types::EFI, 0, None)
+            .unwrap();
+        g.add_partition("payload", 4 * MIB, payload, 0, None)
+            .unwrap();
+    })
 }
 
 /// `meta-data` from the CIDATA partition of the disk at `dev`.
