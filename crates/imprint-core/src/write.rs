@@ -1673,6 +1673,185 @@ mod tests {
         }
     }
 
+    /// Damages the target behind the engine's back: once the writer reports `at` bytes
+    /// written, flips a byte at each of `flips` (inside the block just written, which the
+    /// read-back has not reached: the writer reports the block to it only after this) and
+    /// notes whether both ends of the target were still zero then. Every later buffer of the
+    /// write phase is slowed down, so a write that runs to its end is plain to see.
+    struct Saboteur {
+        disk: std::path::PathBuf,
+        at: u64,
+        flips: Vec<u64>,
+        /// (current phase, damage done, both ends zero while streaming)
+        state: std::sync::Mutex<(Option<Phase>, bool, Option<bool>)>,
+    }
+
+    impl Progress for Saboteur {
+        fn begin(&self, phase: Phase, _: u64) {
+            self.state.lock().unwrap().0 = Some(phase);
+        }
+        fn advance(&self, done: u64) {
+            use std::os::unix::fs::FileExt;
+            let mut st = self.state.lock().unwrap();
+            if st.0 != Some(Phase::Write) {
+                return;
+            }
+            if st.1 {
+                drop(st);
+                std::thread::sleep(std::time::Duration::from_millis(250));
+                return;
+            }
+            if done < self.at {
+                return;
+            }
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&self.disk)
+                .unwrap();
+            for &o in &self.flips {
+                let mut b = [0u8; 1];
+                f.read_exact_at(&mut b, o).unwrap();
+                f.write_all_at(&[b[0] ^ 0x5A], o).unwrap();
+            }
+            f.sync_all().unwrap();
+            let len = f.metadata().unwrap().len();
+            let mut end = vec![0u8; HOLD as usize];
+            let mut zero = true;
+            for o in [0, len - HOLD] {
+                f.read_exact_at(&mut end, o).unwrap();
+                zero &= end.iter().all(|&b| b == 0);
+            }
+            st.1 = true;
+            st.2 = Some(zero);
+        }
+        fn end(&self, _: Phase, _: u64, _: f64) {}
+    }
+
+    /// A 40 MiB image (1 MiB chunks) damaged on the target while it is being written, read
+    /// back 4 MiB behind the writer: `(error, target bytes, both ends zero mid-stream)`.
+    fn damaged_mid_stream(
+        dir: &Path,
+        ss: usize,
+        at: u64,
+        flips: &[u64],
+    ) -> (WriteError, Vec<u8>, Option<bool>) {
+        let raw = fake_gpt_raw(40 << 20, ss);
+        let img_path = dir.join("i.img.zst");
+        pack_bytes(&raw, &img_path);
+        let img = Image::open(&img_path).unwrap();
+        let disk = dir.join("disk");
+        let tgt = file_target(&disk, 48 << 20, ss as u32);
+        let plan = plan(&img, &tgt).unwrap();
+        let sab = Saboteur {
+            disk: disk.clone(),
+            at,
+            flips: flips.to_vec(),
+            state: Default::default(),
+        };
+        let e = write_transaction(
+            &img,
+            &tgt,
+            &plan,
+            &[],
+            None,
+            &WriteOptions::default(),
+            &sab,
+            4 << 20,
+        )
+        .unwrap_err();
+        let zero_ends = sab.state.lock().unwrap().2;
+        (e, std::fs::read(&disk).unwrap(), zero_ends)
+    }
+
+    #[test]
+    fn the_read_back_trails_the_write_and_stops_it_at_a_chunk_damaged_mid_stream() {
+        for ss in [512usize, 4096] {
+            let dir = tempfile::tempdir().unwrap();
+            // Damaged once 16 MiB are written: a byte in chunk 14 (a data MiB).
+            let (e, got, zero_ends) =
+                damaged_mid_stream(dir.path(), ss, 16 << 20, &[(14 << 20) + 99]);
+            let WriteError::Verify(VerifyError::Mismatch {
+                chunk, start, end, ..
+            }) = &e
+            else {
+                panic!("ss {ss}: {e}");
+            };
+            assert_eq!((*chunk, *start, *end), (14, 14 << 20, 15 << 20), "ss {ss}");
+            assert!(
+                e.to_string()
+                    .contains("chunk 14 (bytes 14680064..15728640)"),
+                "{e}"
+            );
+            // The image's chunk 14 is fine: the disk is blamed.
+            assert!(!e.is_image_fault(), "{e}");
+            assert_eq!(e.disk_state(), DiskState::NoPartitionTable);
+            // While the payload streamed, neither end held a partition table; nor after.
+            assert_eq!(zero_ends, Some(true), "ss {ss}");
+            assert!(got[..HOLD as usize].iter().all(|&b| b == 0), "ss {ss}");
+            let last = got.len() - HOLD as usize;
+            assert!(got[last..].iter().all(|&b| b == 0), "ss {ss}");
+            // Found during the stream: the write stopped before the image's last data MiB
+            // (still the disk's old 0xEE bytes), which it would have reached without the
+            // read-back.
+            assert!(
+                got[36 << 20..37 << 20].iter().all(|&b| b == 0xEE),
+                "ss {ss}: the write ran on to the end"
+            );
+        }
+    }
+
+    #[test]
+    fn of_two_chunks_damaged_mid_stream_the_lower_offset_is_named() {
+        for ss in [512usize, 4096] {
+            let dir = tempfile::tempdir().unwrap();
+            let (e, _, _) = damaged_mid_stream(
+                dir.path(),
+                ss,
+                16 << 20,
+                &[(14 << 20) + 5, (12 << 20) + 4 * ss as u64],
+            );
+            assert!(
+                matches!(
+                    e,
+                    WriteError::Verify(VerifyError::Mismatch {
+                        chunk: 12,
+                        start: 12582912,
+                        ..
+                    })
+                ),
+                "ss {ss}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_plan_hands_its_decoded_stream_to_the_write() {
+        for ss in [512usize, 4096] {
+            let dir = tempfile::tempdir().unwrap();
+            let raw = fake_gpt_raw(6 << 20, ss);
+            let img_path = dir.path().join("i.img.zst");
+            pack_bytes(&raw, &img_path);
+            let img = Image::open(&img_path).unwrap();
+            let disk = dir.path().join("disk");
+            let tgt = file_target(&disk, raw.len() as u64, ss as u32);
+            let plan = plan(&img, &tgt).unwrap();
+            // The image file is gone after the plan: a write that opened it again would fail.
+            std::fs::remove_file(&img_path).unwrap();
+            let opts = WriteOptions::default();
+            let rep = write_planned(&img, &tgt, &plan, &[], None, &opts, &NoProgress).unwrap();
+            assert!(rep.verified);
+            assert_eq!(std::fs::read(&disk).unwrap(), raw, "ss {ss}");
+            assert!(rep.first_byte_seconds > 0.0, "{}", rep.first_byte_seconds);
+            // The plan's stream is used once; a second write opens the image again (and here
+            // cannot), before touching the target.
+            let e = write_planned(&img, &tgt, &plan, &[], None, &opts, &NoProgress).unwrap_err();
+            assert!(matches!(e, WriteError::Image(_)), "{e}");
+            assert_eq!(e.disk_state(), DiskState::Untouched);
+            assert_eq!(std::fs::read(&disk).unwrap(), raw, "ss {ss}");
+        }
+    }
+
     #[test]
     fn too_small_and_sector_mismatch_leave_target_untouched() {
         let dir = tempfile::tempdir().unwrap();
