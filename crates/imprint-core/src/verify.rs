@@ -223,7 +223,7 @@ const MAX_WORKERS: usize = 8;
 const POOL_BUDGET: usize = 48 << 20;
 /// The pool's budget while the read-back trails the writer, whose own buffers are in use at
 /// the same time.
-const TRAIL_POOL_BUDGET: usize = 24 << 20;
+const TRAIL_POOL_BUDGET: usize = 16 << 20;
 
 /// Hashing threads: one per core the process may use, at most [`MAX_WORKERS`].
 pub fn hash_workers() -> usize {

@@ -53,8 +53,9 @@ use crate::verify::{self, Held, Trail, VerifyError};
 pub const HOLD: u64 = 1 << 20;
 /// Size of one I/O buffer.
 const BUF: usize = 4 << 20;
-/// Buffers in flight between decoder, hasher and writer (bounds memory use: ~24 MiB).
-const NBUF: usize = 6;
+/// Buffers in flight between decoder, router and writer (bounds memory use: 16 MiB; the
+/// read-back's pool runs beside them, so the two together stay well under 64 MiB).
+const NBUF: usize = 4;
 /// The read-back flushes and reads at least this much of what the writer wrote at a time:
 /// about 16 device cache flushes per GiB, and at most this much left to read back when the
 /// write ends.
@@ -1146,14 +1147,19 @@ fn stream(
             let t = Instant::now();
             let wipe = HOLD.min(size);
             progress.begin(Phase::Wipe, 2 * wipe);
-            let wiped = (|| {
-                target.zero_range(0, wipe).map_err(io_err(0, wipe))?;
-                target
-                    .zero_range(size - wipe, wipe)
-                    .map_err(io_err(size - wipe, wipe))?;
+            // Both ends at once (each is a zeroing request the device may take its time over),
+            // then one flush: no payload byte is written before both are durable.
+            let wiped = std::thread::scope(|w| {
+                let tail = w.spawn(|| target.zero_range(size - wipe, wipe));
+                let head = target.zero_range(0, wipe).map_err(io_err(0, wipe));
+                let tail = tail
+                    .join()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("wipe thread panicked")))
+                    .map_err(io_err(size - wipe, wipe));
+                head.and(tail)?;
                 target.sync()?;
                 Ok::<(), WriteError>(())
-            })();
+            });
             if let Err(e) = wiped {
                 return (Err(e), None);
             }
