@@ -7,16 +7,21 @@
 //! 1. **Plan** ([`plan`]): size, sector size and alignment are checked, and the image's own
 //!    GPT is decoded from its first MiB, checked ([`GptTable`]) and laid out for the target —
 //!    all before a single byte is written. The caller adds what the install brings besides the
-//!    image ([`Addition`]: the cloud-init seed partition), checked against the plan too.
+//!    image ([`Addition`]: the cloud-init seed partition), checked against the plan too. The
+//!    plan keeps the image's stream, so the write decodes on from there (one open, one decode).
 //! 2. **Wipe**: the target's first and last MiB are zeroed and synced. From here on the target
 //!    carries no partition table: not the old one (a half-overwritten old OS cannot boot), not a
 //!    new one.
-//! 3. **Stream**: a decoder thread inflates the payload into aligned buffers, the calling thread
-//!    routes them, a writer thread writes them with `O_DIRECT`. The image's first and last MiB
-//!    — which hold the primary and backup GPT — are *held back in memory*. Runs of zeros are
-//!    written with `BLKZEROOUT`. The stream must end exactly at `raw_size`, cleanly.
-//! 4. **Verify**: everything written is read back bypassing the page cache and compared chunk by
-//!    chunk with the manifest's digests (the held regions are spliced in from memory).
+//! 3. **Stream**: a decoder thread inflates the payload into aligned buffers (starting while the
+//!    wipe runs), the calling thread routes them, a writer thread writes them with `O_DIRECT`.
+//!    The image's first and last MiB — which hold the primary and backup GPT — are *held back
+//!    in memory*. Runs of zeros are written with `BLKZEROOUT`. The stream must end exactly at
+//!    `raw_size`, cleanly.
+//! 4. **Verify**, alongside the stream: a reader follows the writer, flushes what it wrote,
+//!    reads it back bypassing the page cache and compares it chunk by chunk with the
+//!    manifest's digests (the held regions are spliced in from memory as the stream publishes
+//!    them; see [`verify`]'s `Trail` for what "read back" means). A bad chunk stops the stream;
+//!    of several failures the lowest offset is reported.
 //! 5. **Final table, in memory**: the image's entries plus the additions' entries, the backup
 //!    header at the disk's last sector, the protective MBR fitted to the disk; the image's own
 //!    backup header is cleared from the held last MiB, which is then written and read back.
