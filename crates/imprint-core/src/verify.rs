@@ -3,7 +3,7 @@
 //! [`verify_chunks`] reads a target back: every chunk, read bypassing the page cache, must hash
 //! to the manifest's chunk digest; regions still held in memory are spliced in as
 //! [`Overlay`]s. A mismatch names the chunk and its byte range. The write engine runs the same
-//! reader *behind* its writer ([`Trail`]): it reads back what the writer has written and
+//! reader *behind* its writer (`Trail`): it reads back what the writer has written and
 //! flushed while the writer goes on, and stops the writer at the first bad chunk.
 //!
 //! [`verify_image`] is `imprint verify`: a disk holding the image byte for byte (written by dd,
@@ -82,7 +82,7 @@ impl<'a> Region<'a> {
 /// stream when it finds a bad chunk.
 ///
 /// "Read back from the disk" means here: the writer wrote with `O_DIRECT` (the bytes are not
-/// in the page cache), the reader flushed the device's write cache over them (`fsync`, a
+/// in the page cache), the reader flushed the device's write cache over them (`fdatasync`, a
 /// FLUSH to the device) and then reads them with `O_DIRECT`. That is what the sequential
 /// read-back did too (sync, then read the whole disk). Neither can force a device to answer
 /// a read from its media rather than from its own cache; the flush makes what is read back

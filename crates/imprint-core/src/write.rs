@@ -1206,7 +1206,10 @@ fn stream(
         let verify_thread = opts.verify.then(|| {
             let trailing = &trailing;
             s.spawn(move || -> Result<(), WriteError> {
-                target.drop_caches()?;
+                if let Err(e) = target.drop_caches() {
+                    stop.store(true, Ordering::Relaxed);
+                    return Err(e.into());
+                }
                 let held = [
                     Held {
                         offset: 0,
@@ -1313,7 +1316,9 @@ fn stream(
                 None,
             )
         });
-        let streamed = decoded.is_ok() && routed.is_ok() && written.is_ok();
+        // Stopped by the read-back: not a finished write phase.
+        let streamed =
+            decoded.is_ok() && routed.is_ok() && written.is_ok() && !stop.load(Ordering::Relaxed);
         let t = Instant::now();
         if streamed {
             write_seconds = started.elapsed().as_secs_f64();
