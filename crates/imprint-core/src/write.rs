@@ -76,7 +76,7 @@ pub struct WriteOptions {
     /// Before touching the target, read the whole compressed payload and check its sha256:
     /// a damaged payload is then refused with the target untouched.
     pub precheck_payload: bool,
-    /// Where [`WriteReport::first_byte_seconds`] counts from (the `imprint` command's start,
+    /// Where [`WriteReport::first_byte_seconds`] counts from (the start of `imprint`'s `main`,
     /// PID 1's); the plan's start when `None`.
     pub started: Option<Instant>,
 }
