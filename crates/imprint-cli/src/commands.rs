@@ -146,7 +146,9 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
             return match v {
                 VerifyError::Image(_) => 3,
                 VerifyError::Target(t) => target_code(t),
-                VerifyError::ReadIo { .. } => 5,
+                VerifyError::ReadIo { .. }
+                | VerifyError::Flush { .. }
+                | VerifyError::Interrupted { .. } => 5,
                 _ => 6,
             };
         }
@@ -512,6 +514,7 @@ fn write_opened(
     let wopts = WriteOptions {
         verify,
         precheck_payload: precheck,
+        started: Some(crate::started()),
         ..Default::default()
     };
     let report = write::write_image(img, tgt, &wopts, progress.as_ref())
@@ -547,9 +550,8 @@ fn write_opened(
         );
         if report.verified {
             outln!(
-                "verified: read back in {:.1} s ({:.0} MB/s), sha256 {}",
+                "verified: read back alongside the write, done {:.1} s after it, sha256 {}",
                 report.verify_seconds,
-                mbps(report.raw_size, report.verify_seconds),
                 report.image_sha256
             );
         } else {

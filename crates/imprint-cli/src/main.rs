@@ -228,7 +228,15 @@ impl StickArgs {
     }
 }
 
+/// When this process started (as near as `main` can tell): where `imprint write` counts its
+/// time to the first byte on the disk from.
+fn started() -> std::time::Instant {
+    static STARTED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *STARTED.get_or_init(std::time::Instant::now)
+}
+
 fn main() -> ExitCode {
+    started();
     let cli = Cli::parse();
     commands::remove_temporaries_on_signals();
     let json = matches!(

@@ -483,6 +483,12 @@ impl Target {
         self.file.sync_all().map_err(self.err("syncing data to"))
     }
 
+    /// Flushes written data to stable storage (`fdatasync`: on a block device a cache FLUSH),
+    /// returning the bare error so callers can name the range it covered.
+    pub fn flush_data(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
     /// Drops the kernel's cached pages of the device so later reads come from the disk.
     pub fn drop_caches(&self) -> Result<(), TargetError> {
         if self.kind == TargetKind::BlockDevice {

@@ -725,10 +725,15 @@ impl Image {
         if self.raw {
             return Ok(Box::new(payload));
         }
-        let dec = zstd::stream::read::Decoder::new(payload).map_err(|source| ImageError::Io {
-            path: self.path.clone(),
-            source,
-        })?;
+        // zstd decodes straight out of this buffer (`with_buffer`), not out of a buffer of its
+        // own filled from ours: one copy of the whole payload fewer. The payload's own 1 MiB
+        // buffer is bypassed for reads this large.
+        let dec =
+            zstd::stream::read::Decoder::with_buffer(BufReader::with_capacity(1 << 20, payload))
+                .map_err(|source| ImageError::Io {
+                    path: self.path.clone(),
+                    source,
+                })?;
         Ok(Box::new(dec))
     }
 

@@ -688,7 +688,7 @@ impl Read for RemoteReader {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -725,7 +725,7 @@ mod tests {
     /// connection. With `validator` false it sends no ETag; with `cut_first`, the first answer
     /// promises its whole range but the connection closes after `cap / 2` bytes. Returns its
     /// port and a request counter.
-    fn capped_server(
+    pub(crate) fn capped_server(
         file: Vec<u8>,
         cap: usize,
         validator: bool,

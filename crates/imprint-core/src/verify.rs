@@ -1,8 +1,10 @@
 //! Reading a target back and proving it holds an image.
 //!
-//! [`verify_chunks`] is the engine's read-back: every chunk of the target, read bypassing the
-//! page cache, must hash to the manifest's chunk digest; regions the engine still holds in
-//! memory are spliced in as [`Overlay`]s. A mismatch names the chunk and its byte range.
+//! [`verify_chunks`] reads a target back: every chunk, read bypassing the page cache, must hash
+//! to the manifest's chunk digest; regions still held in memory are spliced in as
+//! [`Overlay`]s. A mismatch names the chunk and its byte range. The write engine runs the same
+//! reader *behind* its writer (`Trail`): it reads back what the writer has written and
+//! flushed while the writer goes on, and stops the writer at the first bad chunk.
 //!
 //! [`verify_image`] is `imprint verify`: a disk holding the image byte for byte (written by dd,
 //! even on a larger disk) verifies, and so does one a successful install changed on purpose —
@@ -13,8 +15,9 @@
 use std::io::{Cursor, Read, Seek, SeekFrom};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::OnceLock;
 
-use crossbeam_channel::{bounded, unbounded};
+use crossbeam_channel::{bounded, unbounded, Receiver};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -31,6 +34,71 @@ pub struct Overlay<'a> {
     pub offset: u64,
     /// The bytes.
     pub data: &'a [u8],
+}
+
+/// Bytes the engine holds in memory and publishes once the stream has passed them: the
+/// image's first and last MiB during an overlapped read-back.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Held<'a> {
+    /// Where the bytes belong.
+    pub offset: u64,
+    /// How many there will be.
+    pub len: u64,
+    /// Set by the stream before any byte at or past `offset + len` is reported written.
+    pub data: &'a OnceLock<AlignedBuf>,
+}
+
+/// What stands in for the target's content in a range: bytes known now, or held bytes
+/// published later.
+#[derive(Debug, Clone, Copy)]
+enum Region<'a> {
+    Now(Overlay<'a>),
+    Later(Held<'a>),
+}
+
+impl<'a> Region<'a> {
+    fn offset(&self) -> u64 {
+        match self {
+            Region::Now(o) => o.offset,
+            Region::Later(h) => h.offset,
+        }
+    }
+    fn len(&self) -> u64 {
+        match self {
+            Region::Now(o) => o.data.len() as u64,
+            Region::Later(h) => h.len,
+        }
+    }
+    /// The bytes, once known.
+    fn data(&self) -> Option<&'a [u8]> {
+        match self {
+            Region::Now(o) => Some(o.data),
+            Region::Later(h) => h.data.get().map(AlignedBuf::as_slice),
+        }
+    }
+}
+
+/// How the engine's read-back trails its writer: what it may read, and how it stops the
+/// stream when it finds a bad chunk.
+///
+/// "Read back from the disk" means here: the writer wrote with `O_DIRECT` (the bytes are not
+/// in the page cache), the reader flushed the device's write cache over them (`fdatasync`, a
+/// FLUSH to the device) and then reads them with `O_DIRECT`. That is what the sequential
+/// read-back did too (sync, then read the whole disk). Neither can force a device to answer
+/// a read from its media rather than from its own cache; the flush makes what is read back
+/// what the device has acknowledged as durable, and a flush error is reported for the range
+/// it covered.
+#[derive(Debug)]
+pub(crate) struct Trail<'a> {
+    /// End offsets of the image written so far, in order, sent by the writer after each write
+    /// returned; closed when the writer stops (done or failed). The writer publishes held
+    /// bytes ([`Held`]) before it reports any offset past them.
+    pub written: Receiver<u64>,
+    /// Flush and read at least this many bytes at a time (where the image has them): a
+    /// device cache flush per buffer would cost more than the overlap saves.
+    pub flush_every: u64,
+    /// Set when the read-back fails (a bad chunk, a read or flush error): the stream stops.
+    pub stop: &'a AtomicBool,
 }
 
 /// Why verification failed.
@@ -73,6 +141,27 @@ pub enum VerifyError {
         /// What differs.
         reason: String,
     },
+    /// Flushing written bytes to the device before reading them back failed.
+    #[error("flushing bytes {start}..{end} of {target} to the device before reading them back")]
+    Flush {
+        /// Target path.
+        target: String,
+        /// First byte written since the last flush.
+        start: u64,
+        /// End of what the flush covered.
+        end: u64,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The read-back stopped because the write stopped first (the write's error says why).
+    #[error("the read-back of {target} stopped at offset {offset}: the write stopped before it")]
+    Interrupted {
+        /// Target path.
+        target: String,
+        /// How far the read-back got.
+        offset: u64,
+    },
     /// The target is smaller than the image.
     #[error("{target} is smaller than the image ({size} < {raw_size} bytes): it cannot hold it")]
     TooSmall {
@@ -105,7 +194,23 @@ pub fn verify_chunks(
     overlays: &[Overlay<'_>],
     progress: &dyn Progress,
 ) -> Result<(), VerifyError> {
-    verify_chunks_with(target, m, overlays, progress, hash_workers(), PIECE)
+    let regions: Vec<Region<'_>> = overlays.iter().copied().map(Region::Now).collect();
+    verify_chunks_with(target, m, &regions, None, progress, hash_workers(), PIECE)
+}
+
+/// The engine's overlapped read-back: [`verify_chunks`] behind a writer ([`Trail`]), with the
+/// held regions spliced in as the stream publishes them. Reports progress through `progress`
+/// with no `begin`/`end` (the engine shows it as its verify phase once the write ends).
+pub(crate) fn verify_trailing(
+    target: &Target,
+    m: &Manifest,
+    held: &[Held<'_>],
+    trail: Trail<'_>,
+    progress: &dyn Progress,
+    workers: usize,
+) -> Result<(), VerifyError> {
+    let regions: Vec<Region<'_>> = held.iter().copied().map(Region::Later).collect();
+    verify_chunks_with(target, m, &regions, Some(trail), progress, workers, PIECE)
 }
 
 /// Bytes read per `read_at`: large enough for a deep request on a disk, small enough that a
@@ -116,6 +221,9 @@ const PIECE: usize = 4 << 20;
 const MAX_WORKERS: usize = 8;
 /// The buffer pool never exceeds this many bytes (peak RSS of `imprint write` stays < 64 MiB).
 const POOL_BUDGET: usize = 48 << 20;
+/// The pool's budget while the read-back trails the writer, whose own buffers are in use at
+/// the same time.
+const TRAIL_POOL_BUDGET: usize = 16 << 20;
 
 /// Hashing threads: one per core the process may use, at most [`MAX_WORKERS`].
 pub fn hash_workers() -> usize {
@@ -126,10 +234,10 @@ pub fn hash_workers() -> usize {
 }
 
 /// Buffers in the pool for `workers` hashing threads of `piece`-byte pieces: two per worker
-/// (one being hashed, one queued) and two for the reader to fill ahead, within
-/// [`POOL_BUDGET`] and never fewer than two.
-fn pool_size(workers: usize, piece: usize) -> usize {
-    (2 * workers + 2).min(POOL_BUDGET / piece).max(2)
+/// (one being hashed, one queued) and two for the reader to fill ahead, within `budget`
+/// bytes and never fewer than two.
+fn pool_size(workers: usize, piece: usize, budget: usize) -> usize {
+    (2 * workers + 2).min(budget / piece).max(2)
 }
 
 /// A piece of one chunk, read into a pool buffer.
@@ -142,11 +250,60 @@ struct Piece {
     buf: AlignedBuf,
 }
 
-/// [`verify_chunks`] with the worker count and piece size as parameters (tests vary them).
+/// Where the reader stands with a trailing writer: what has been written, and flushed.
+struct Follow<'a> {
+    trail: Trail<'a>,
+    written: u64,
+    flushed: u64,
+    /// The writer stopped: nothing past `written` will come.
+    closed: bool,
+}
+
+impl Follow<'_> {
+    /// Waits until `[.., need)` is written and flushed. Flushes at least `flush_every` bytes
+    /// at a time where the image has them. `Ok(false)`: the writer stopped before `need`.
+    fn reach(&mut self, target: &Target, need: u64, raw: u64) -> Result<bool, (u64, VerifyError)> {
+        if need <= self.flushed {
+            return Ok(true);
+        }
+        let want = need.max(self.flushed.saturating_add(self.trail.flush_every).min(raw));
+        while self.written < want && !self.closed {
+            match self.trail.written.recv() {
+                Ok(w) => self.written = self.written.max(w),
+                Err(_) => self.closed = true,
+            }
+        }
+        // Take whatever else the writer finished meanwhile: one flush covers it too.
+        while let Ok(w) = self.trail.written.try_recv() {
+            self.written = self.written.max(w);
+        }
+        if self.written < need {
+            return Ok(false);
+        }
+        let end = self.written;
+        target.flush_data().map_err(|source| {
+            (
+                self.flushed,
+                VerifyError::Flush {
+                    target: target.path().display().to_string(),
+                    start: self.flushed,
+                    end,
+                    source,
+                },
+            )
+        })?;
+        self.flushed = end;
+        Ok(true)
+    }
+}
+
+/// [`verify_chunks`] with the regions held in memory, the trailing writer (if any), the
+/// worker count and piece size as parameters (tests vary them).
 fn verify_chunks_with(
     target: &Target,
     m: &Manifest,
-    overlays: &[Overlay<'_>],
+    regions: &[Region<'_>],
+    trail: Option<Trail<'_>>,
     progress: &dyn Progress,
     workers: usize,
     piece: usize,
@@ -155,11 +312,20 @@ fn verify_chunks_with(
     let raw = m.raw_size;
     let chunks = m.chunk_count();
     let start_time = std::time::Instant::now();
-    progress.begin(Phase::Verify, raw);
+    let trailing = trail.is_some();
+    if !trailing {
+        progress.begin(Phase::Verify, raw);
+    }
+    let stop = trail.as_ref().map(|t| t.stop);
     let workers = workers.max(1);
     // Pieces never straddle a chunk, and stay a multiple of 4 KiB for O_DIRECT.
     let piece = (piece.min(m.chunk_size as usize) / 4096).max(1) * 4096;
-    let nbuf = pool_size(workers, piece);
+    let budget = if trailing {
+        TRAIL_POOL_BUDGET
+    } else {
+        POOL_BUDGET
+    };
+    let nbuf = pool_size(workers, piece, budget);
 
     // The lowest chunk known to differ (u64::MAX: none yet). Only ever lowered, so every chunk
     // below its final value is read and hashed; chunks above it are skipped.
@@ -177,33 +343,69 @@ fn verify_chunks_with(
         work_txs.push(tx);
         work_rxs.push(rx);
     }
+    // Stops the trailing writer (when there is one).
+    let halt = || {
+        if let Some(s) = stop {
+            s.store(true, Ordering::Relaxed);
+        }
+    };
 
     let hash_panicked = AtomicBool::new(false);
     let (read, mismatch, checked) = std::thread::scope(|s| {
         let fail_at = &fail_at;
         let hash_panicked = &hash_panicked;
+        let halt = &halt;
         // Each stage owns its channel ends, so a stage that stops (done, failed or panicked)
         // unblocks the others instead of leaving them waiting forever.
-        let reader = s.spawn(move || -> Result<(), (u64, std::io::Error)> {
+        let reader = s.spawn(move || -> Result<bool, (u64, VerifyError)> {
+            let read_err = |offset: u64, source: std::io::Error| {
+                (
+                    offset,
+                    VerifyError::ReadIo {
+                        target: target.path().display().to_string(),
+                        offset,
+                        source,
+                    },
+                )
+            };
+            let mut follow = trail.map(|trail| Follow {
+                trail,
+                written: 0,
+                flushed: 0,
+                closed: false,
+            });
             let mut offset = 0u64;
             while offset < raw {
                 let chunk = offset / m.chunk_size;
                 if chunk > fail_at.load(Ordering::Relaxed) || hash_panicked.load(Ordering::Relaxed)
                 {
-                    return Ok(());
+                    return Ok(true);
                 }
-                let Ok(mut buf) = free_rx.recv() else {
-                    return Ok(());
-                };
                 let chunk_end = m.chunk_range(chunk).1;
                 let n = (chunk_end - offset).min(piece as u64) as usize;
+                if let Some(f) = follow.as_mut() {
+                    // The bytes must be on the target, and held bytes overlapping the piece
+                    // published: wait for the writer to pass the end of both.
+                    let end = offset + n as u64;
+                    let need = regions
+                        .iter()
+                        .filter(|r| r.offset() < end && r.offset() + r.len() > offset)
+                        .map(|r| r.offset() + r.len())
+                        .fold(end, u64::max);
+                    if !f.reach(target, need.min(raw), raw)? {
+                        return Ok(false);
+                    }
+                }
+                let Ok(mut buf) = free_rx.recv() else {
+                    return Ok(true);
+                };
                 // O_DIRECT needs whole sectors: an image whose size is not a multiple of
                 // 4 KiB ends in a partial read, rounded up as far as the target reaches.
                 let room = target.size().saturating_sub(offset).max(n as u64);
                 let span = (n.next_multiple_of(4096) as u64).min(room) as usize;
                 target
                     .read_at(&mut buf.as_mut_slice()[..span], offset)
-                    .map_err(|e| (offset, e))?;
+                    .map_err(|e| read_err(offset, e))?;
                 let p = Piece {
                     chunk,
                     offset,
@@ -212,11 +414,11 @@ fn verify_chunks_with(
                     buf,
                 };
                 if work_txs[(chunk % workers as u64) as usize].send(p).is_err() {
-                    return Ok(());
+                    return Ok(true);
                 }
                 offset += n as u64;
             }
-            Ok(())
+            Ok(true)
         });
         let mut hashers = Vec::with_capacity(workers);
         for rx in work_rxs {
@@ -225,15 +427,19 @@ fn verify_chunks_with(
             hashers.push(s.spawn(move || {
                 let hash_all = || {
                     let mut h = Sha256::new();
+                    // A held region that was not published in time spoils its chunk: no
+                    // digest is sent, and the read-back reports itself incomplete.
+                    let mut spoiled = false;
                     for mut p in rx.iter() {
                         if p.chunk <= fail_at.load(Ordering::Relaxed) {
                             if p.offset == m.chunk_range(p.chunk).0 {
                                 h = Sha256::new();
+                                spoiled = false;
                             }
                             let data = &mut p.buf.as_mut_slice()[..p.len];
-                            splice(data, p.offset, overlays);
+                            spoiled |= !splice(data, p.offset, regions);
                             h.update(&*data);
-                            if p.last {
+                            if p.last && !spoiled {
                                 let digest: [u8; 32] = std::mem::take(&mut h).finalize().into();
                                 if done_tx.send((p.chunk, digest)).is_err() {
                                     return;
@@ -248,6 +454,7 @@ fn verify_chunks_with(
                     // Stop the reader and hand back what is queued here, so no stage waits
                     // for buffers this thread would never return.
                     hash_panicked.store(true, Ordering::Relaxed);
+                    halt();
                     for p in rx.iter() {
                         let _ = free_tx.send(p.buf);
                     }
@@ -269,6 +476,7 @@ fn verify_chunks_with(
                     mismatch = Some((i, actual));
                 }
                 fail_at.fetch_min(i, Ordering::Relaxed);
+                halt();
                 continue;
             }
             checked += 1;
@@ -281,7 +489,19 @@ fn verify_chunks_with(
                 progress.advance(m.chunk_range(prefix - 1).1);
             }
         }
-        let read = reader.join();
+        let read = reader.join().unwrap_or_else(|_| {
+            Err((
+                0,
+                VerifyError::ReadIo {
+                    target: name.clone(),
+                    offset: 0,
+                    source: std::io::Error::other("reader thread panicked"),
+                },
+            ))
+        });
+        if read.is_err() {
+            halt();
+        }
         for h in hashers {
             if h.join().is_err() {
                 hash_panicked.store(true, Ordering::Relaxed);
@@ -290,6 +510,9 @@ fn verify_chunks_with(
         (read, mismatch, checked)
     });
     let hash_panicked = hash_panicked.load(Ordering::Relaxed);
+    if hash_panicked {
+        halt();
+    }
 
     let read_err = |offset: u64, source: std::io::Error| VerifyError::ReadIo {
         target: name.clone(),
@@ -307,21 +530,28 @@ fn verify_chunks_with(
             actual,
         }
     };
-    let read = read.unwrap_or_else(|_| Err((0, std::io::Error::other("reader thread panicked"))));
     match (read, mismatch) {
         // Whichever lies first on the disk is what a sequential check would have met.
-        (Err((offset, source)), Some((i, actual))) => {
+        (Err((offset, e)), Some((i, actual))) => {
             if m.chunk_range(i).0 < offset {
                 return Err(mismatch_err(i, actual));
             }
-            return Err(read_err(offset, source));
+            return Err(e);
         }
-        (Err((offset, source)), None) => return Err(read_err(offset, source)),
-        (Ok(()), Some((i, actual))) => return Err(mismatch_err(i, actual)),
-        (Ok(()), None) => {}
+        (Err((_, e)), None) => return Err(e),
+        (Ok(_), Some((i, actual))) => return Err(mismatch_err(i, actual)),
+        // The writer stopped before the reader reached the end: the write's error says why.
+        (Ok(false), None) => {
+            return Err(VerifyError::Interrupted {
+                target: name.clone(),
+                offset: m.chunk_range(checked.min(chunks.saturating_sub(1))).0,
+            })
+        }
+        (Ok(true), None) => {}
     }
     // Defence in depth: never report success for a partial read-back.
     if hash_panicked || checked != chunks {
+        halt();
         return Err(read_err(
             m.chunk_range(checked.min(chunks.saturating_sub(1))).0,
             std::io::Error::other(if hash_panicked {
@@ -331,22 +561,31 @@ fn verify_chunks_with(
             }),
         ));
     }
-    progress.end(Phase::Verify, raw, start_time.elapsed().as_secs_f64());
+    if !trailing {
+        progress.end(Phase::Verify, raw, start_time.elapsed().as_secs_f64());
+    }
     Ok(())
 }
 
-/// Copies the parts of `overlays` that fall inside `[offset, offset + data.len())` over `data`.
-fn splice(data: &mut [u8], offset: u64, overlays: &[Overlay<'_>]) {
+/// Copies the parts of `regions` that fall inside `[offset, offset + data.len())` over `data`.
+/// `false` when one of them is not published yet (the chunk cannot be checked).
+fn splice(data: &mut [u8], offset: u64, regions: &[Region<'_>]) -> bool {
     let end = offset + data.len() as u64;
-    for o in overlays {
-        let o_end = o.offset + o.data.len() as u64;
-        if o.offset < end && o_end > offset {
-            let s0 = o.offset.max(offset);
-            let e0 = o_end.min(end);
+    let mut complete = true;
+    for r in regions {
+        let r_end = r.offset() + r.len();
+        if r.offset() < end && r_end > offset {
+            let Some(src) = r.data().filter(|d| d.len() as u64 == r.len()) else {
+                complete = false;
+                continue;
+            };
+            let s0 = r.offset().max(offset);
+            let e0 = r_end.min(end);
             data[(s0 - offset) as usize..(e0 - offset) as usize]
-                .copy_from_slice(&o.data[(s0 - o.offset) as usize..(e0 - o.offset) as usize]);
+                .copy_from_slice(&src[(s0 - r.offset()) as usize..(e0 - r.offset()) as usize]);
         }
     }
+    complete
 }
 
 /// What [`verify_image`] found besides the image itself.
@@ -576,6 +815,19 @@ mod tests {
         (2, 12288),
     ];
 
+    /// [`verify_chunks_with`] without a trailing writer, with these overlays.
+    fn check(
+        t: &Target,
+        m: &Manifest,
+        overlays: &[Overlay<'_>],
+        progress: &dyn Progress,
+        workers: usize,
+        piece: usize,
+    ) -> Result<(), VerifyError> {
+        let regions: Vec<Region<'_>> = overlays.iter().copied().map(Region::Now).collect();
+        verify_chunks_with(t, m, &regions, None, progress, workers, piece)
+    }
+
     #[derive(Default)]
     struct Seen(Mutex<Vec<u64>>);
     impl Progress for Seen {
@@ -597,7 +849,7 @@ mod tests {
             let t = disk(dir.path(), &bytes, ss);
             for (workers, piece) in SHAPES {
                 let seen = Seen::default();
-                verify_chunks_with(&t, &m, &[], &seen, workers, piece).unwrap();
+                check(&t, &m, &[], &seen, workers, piece).unwrap();
                 let seen = seen.0.into_inner().unwrap();
                 assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
                 assert_eq!(seen.last(), Some(&m.raw_size));
@@ -617,8 +869,7 @@ mod tests {
                 raw[end as usize - ss + 7] ^= 0x40;
                 let t = disk(dir.path(), &raw, ss);
                 for (workers, piece) in SHAPES {
-                    let e =
-                        verify_chunks_with(&t, &m, &[], &NoProgress, workers, piece).unwrap_err();
+                    let e = check(&t, &m, &[], &NoProgress, workers, piece).unwrap_err();
                     let VerifyError::Mismatch {
                         chunk: c,
                         start: s0,
@@ -656,7 +907,7 @@ mod tests {
         let t = disk(dir.path(), &raw, 512);
         for _ in 0..5 {
             for (workers, piece) in SHAPES {
-                let e = verify_chunks_with(&t, &m, &[], &NoProgress, workers, piece).unwrap_err();
+                let e = check(&t, &m, &[], &NoProgress, workers, piece).unwrap_err();
                 assert!(
                     matches!(e, VerifyError::Mismatch { chunk: 1, .. }),
                     "{workers} {piece}: {e}"
@@ -690,9 +941,9 @@ mod tests {
                 },
             ];
             for (workers, piece) in SHAPES {
-                verify_chunks_with(&t, &m, &overlays, &NoProgress, workers, piece).unwrap();
+                check(&t, &m, &overlays, &NoProgress, workers, piece).unwrap();
                 // Without them, the disk's own bytes are compared: chunk 0 differs.
-                let e = verify_chunks_with(&t, &m, &[], &NoProgress, workers, piece).unwrap_err();
+                let e = check(&t, &m, &[], &NoProgress, workers, piece).unwrap_err();
                 assert!(matches!(e, VerifyError::Mismatch { chunk: 0, .. }), "{e}");
             }
             // A held byte that differs is caught where it lands: in chunk 1 for the head's
@@ -711,8 +962,7 @@ mod tests {
                     },
                 ];
                 for (workers, piece) in SHAPES {
-                    let e = verify_chunks_with(&t, &m, &overlays, &NoProgress, workers, piece)
-                        .unwrap_err();
+                    let e = check(&t, &m, &overlays, &NoProgress, workers, piece).unwrap_err();
                     assert!(
                         matches!(e, VerifyError::Mismatch { chunk: c, .. } if c == chunk),
                         "{e}"
@@ -728,7 +978,7 @@ mod tests {
         let (raw, m) = image(dir.path(), 512);
         let t = disk(dir.path(), &raw[..3 << 20], 512);
         for (workers, piece) in SHAPES {
-            let e = verify_chunks_with(&t, &m, &[], &NoProgress, workers, piece).unwrap_err();
+            let e = check(&t, &m, &[], &NoProgress, workers, piece).unwrap_err();
             assert!(
                 matches!(e, VerifyError::ReadIo { offset, .. } if offset == 3 << 20),
                 "{e}"
@@ -738,15 +988,17 @@ mod tests {
         let mut bad = raw[..3 << 20].to_vec();
         bad[(1 << 20) + 9] ^= 1;
         let t = disk(dir.path(), &bad, 512);
-        let e = verify_chunks_with(&t, &m, &[], &NoProgress, 2, PIECE).unwrap_err();
+        let e = check(&t, &m, &[], &NoProgress, 2, PIECE).unwrap_err();
         assert!(matches!(e, VerifyError::Mismatch { chunk: 1, .. }), "{e}");
     }
 
     #[test]
     fn the_buffer_pool_stays_within_its_budget() {
-        for w in 1..=MAX_WORKERS {
-            let n = pool_size(w, PIECE);
-            assert!(n >= w.min(2) && n * PIECE <= POOL_BUDGET, "{w}: {n}");
+        for budget in [POOL_BUDGET, TRAIL_POOL_BUDGET] {
+            for w in 1..=MAX_WORKERS {
+                let n = pool_size(w, PIECE, budget);
+                assert!(n >= w.min(2) && n * PIECE <= budget, "{w}: {n}");
+            }
         }
         assert!((1..=MAX_WORKERS).contains(&hash_workers()));
     }

@@ -7,16 +7,21 @@
 //! 1. **Plan** ([`plan`]): size, sector size and alignment are checked, and the image's own
 //!    GPT is decoded from its first MiB, checked ([`GptTable`]) and laid out for the target —
 //!    all before a single byte is written. The caller adds what the install brings besides the
-//!    image ([`Addition`]: the cloud-init seed partition), checked against the plan too.
+//!    image ([`Addition`]: the cloud-init seed partition), checked against the plan too. The
+//!    plan keeps the image's stream, so the write decodes on from there (one open, one decode).
 //! 2. **Wipe**: the target's first and last MiB are zeroed and synced. From here on the target
 //!    carries no partition table: not the old one (a half-overwritten old OS cannot boot), not a
 //!    new one.
-//! 3. **Stream**: a decoder thread inflates the payload into aligned buffers, the calling thread
-//!    routes them, a writer thread writes them with `O_DIRECT`. The image's first and last MiB
-//!    — which hold the primary and backup GPT — are *held back in memory*. Runs of zeros are
-//!    written with `BLKZEROOUT`. The stream must end exactly at `raw_size`, cleanly.
-//! 4. **Verify**: everything written is read back bypassing the page cache and compared chunk by
-//!    chunk with the manifest's digests (the held regions are spliced in from memory).
+//! 3. **Stream**: a decoder thread inflates the payload into aligned buffers (starting while the
+//!    wipe runs), the calling thread routes them, a writer thread writes them with `O_DIRECT`.
+//!    The image's first and last MiB — which hold the primary and backup GPT — are *held back
+//!    in memory*. Runs of zeros are written with `BLKZEROOUT`. The stream must end exactly at
+//!    `raw_size`, cleanly.
+//! 4. **Verify**, alongside the stream: a reader follows the writer, flushes what it wrote,
+//!    reads it back bypassing the page cache and compares it chunk by chunk with the
+//!    manifest's digests (the held regions are spliced in from memory as the stream publishes
+//!    them; see [`verify`]'s `Trail` for what "read back" means). A bad chunk stops the stream;
+//!    of several failures the lowest offset is reported.
 //! 5. **Final table, in memory**: the image's entries plus the additions' entries, the backup
 //!    header at the disk's last sector, the protective MBR fitted to the disk; the image's own
 //!    backup header is cleared from the held last MiB, which is then written and read back.
@@ -32,11 +37,13 @@
 //! partition table at either end ([`WriteError::disk_state`]), and the error names the step,
 //! offset and chunk.
 
+use std::io::Read;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
-use crossbeam_channel::bounded;
+use crossbeam_channel::{bounded, unbounded};
 use serde::{Deserialize, Serialize};
-use std::io::Read;
 
 use sha2::{Digest, Sha256};
 
@@ -44,15 +51,20 @@ use crate::blockdev::{AlignedBuf, Target, TargetError, TargetKind};
 use crate::gpt_table::{GptTable, GptTableError};
 use crate::manifest::{hex, read_full, ChunkHasher, Image, ImageError, Manifest, PartitionTable};
 use crate::progress::{human_bytes, Phase, Progress};
-use crate::verify::{self, Overlay, VerifyError};
+use crate::verify::{self, Held, Trail, VerifyError};
 
 /// Bytes held back in memory at each end of the image (covers a GPT's header and entry array
 /// at 512- and 4096-byte sectors).
 pub const HOLD: u64 = 1 << 20;
 /// Size of one I/O buffer.
 const BUF: usize = 4 << 20;
-/// Buffers in flight between decoder, hasher and writer (bounds memory use: ~24 MiB).
-const NBUF: usize = 6;
+/// Buffers in flight between decoder, router and writer (bounds memory use: 16 MiB; the
+/// read-back's pool runs beside them, so the two together stay well under 64 MiB).
+const NBUF: usize = 4;
+/// The read-back flushes and reads at least this much of what the writer wrote at a time:
+/// about 16 device cache flushes per GiB, and at most this much left to read back when the
+/// write ends.
+const TRAIL_FLUSH: u64 = 64 << 20;
 
 /// How to write.
 #[derive(Debug, Clone)]
@@ -64,6 +76,9 @@ pub struct WriteOptions {
     /// Before touching the target, read the whole compressed payload and check its sha256:
     /// a damaged payload is then refused with the target untouched.
     pub precheck_payload: bool,
+    /// Where [`WriteReport::first_byte_seconds`] counts from (the start of `imprint`'s `main`,
+    /// PID 1's); the plan's start when `None`.
+    pub started: Option<Instant>,
 }
 
 impl Default for WriteOptions {
@@ -72,6 +87,7 @@ impl Default for WriteOptions {
             verify: true,
             zeroout: true,
             precheck_payload: false,
+            started: None,
         }
     }
 }
@@ -93,9 +109,13 @@ pub struct WriteReport {
     pub target_size: u64,
     /// Seconds spent checking the payload before writing (0 when not done).
     pub precheck_seconds: f64,
-    /// Seconds spent decoding and writing.
+    /// Seconds from the first payload byte written back to [`WriteOptions::started`] (or the
+    /// plan's start): everything before the disk starts receiving the image.
+    pub first_byte_seconds: f64,
+    /// Seconds spent wiping the ends, decoding and writing (the read-back runs alongside).
     pub write_seconds: f64,
-    /// Seconds spent reading back (0 when not verified).
+    /// Seconds the read-back took after the write ended: what the overlap did not hide (0 when
+    /// not verified).
     pub verify_seconds: f64,
     /// Seconds spent committing the held regions and fixing up the GPT.
     pub commit_seconds: f64,
@@ -476,11 +496,36 @@ pub type BeforeCommit<'a> =
 /// Everything checked about an image and a target before a byte is written: sizes, sector
 /// sizes, and the image's own partition table, read from the image's first MiB and laid out
 /// for the target (so a broken or lying table is refused with the target untouched).
-#[derive(Debug, Clone)]
+///
+/// The plan keeps the image's stream it decoded that first MiB from, and [`write_planned`]
+/// goes on from there: the image is opened and decoded once (for a URL, one connection).
 pub struct Plan {
     table: Option<GptTable>,
     lba0: Vec<u8>,
     target_size: u64,
+    /// When the plan was made: where [`WriteReport::first_byte_seconds`] counts from unless
+    /// the caller says otherwise.
+    started: Instant,
+    /// The decoded first MiB and the decoder positioned after it, for the first
+    /// [`write_planned`] of this image; taken then.
+    stream: Mutex<Option<PlannedStream>>,
+}
+
+/// The image's stream as the plan left it.
+struct PlannedStream {
+    /// sha256 of the raw image it belongs to.
+    image: String,
+    head: Vec<u8>,
+    rest: Box<dyn Read + Send>,
+}
+
+impl std::fmt::Debug for Plan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plan")
+            .field("table", &self.table)
+            .field("target_size", &self.target_size)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Plan {
@@ -494,31 +539,45 @@ impl Plan {
     pub fn target_size(&self) -> u64 {
         self.target_size
     }
+
+    /// The image's decoded stream from byte 0, continuing where the plan stopped decoding;
+    /// `None` when it was taken already or belongs to another image.
+    fn take_stream(&self, image: &Image) -> Option<Box<dyn Read + Send>> {
+        let mut slot = self.stream.lock().ok()?;
+        let s = slot.take()?;
+        if s.image != image.manifest().sha256 {
+            return None;
+        }
+        Some(Box::new(std::io::Cursor::new(s.head).chain(s.rest)))
+    }
 }
 
 /// Checks `image` against `target` and reads the image's partition table. Writes nothing.
 pub fn plan(image: &Image, target: &Target) -> Result<Plan, WriteError> {
+    let started = Instant::now();
     let m = image.manifest();
     preflight(m, target)?;
     let lss = target.logical_sector_size();
     let mut lba0 = vec![0u8; (lss as u64).min(m.raw_size) as usize];
+    // The first MiB is decoded for every image: its GPT is checked here, and an image that
+    // cannot be read fails now, with the target untouched. The stream goes on in the write.
+    let head_len = m.raw_size.min(HOLD) as usize;
+    let mut head = vec![0u8; head_len];
+    let mut dec = image.raw_reader()?;
+    let n = read_full(&mut dec, &mut head).map_err(|source| WriteError::Decode {
+        offset: 0,
+        chunk: 0,
+        source,
+    })?;
+    if n < head_len {
+        return Err(WriteError::ShortStream {
+            got: n as u64,
+            expected: m.raw_size,
+        });
+    }
+    let n = lba0.len();
+    lba0.copy_from_slice(&head[..n]);
     let table = if m.partition_table == PartitionTable::Gpt {
-        let head_len = m.raw_size.min(HOLD) as usize;
-        let mut head = vec![0u8; head_len];
-        let mut dec = image.raw_reader()?;
-        let n = read_full(&mut dec, &mut head).map_err(|source| WriteError::Decode {
-            offset: 0,
-            chunk: 0,
-            source,
-        })?;
-        if n < head_len {
-            return Err(WriteError::ShortStream {
-                got: n as u64,
-                expected: m.raw_size,
-            });
-        }
-        let n = lba0.len();
-        lba0.copy_from_slice(&head[..n]);
         let table = GptTable::read(&mut std::io::Cursor::new(&head), lss)
             .map_err(|source| WriteError::ImageTable { source })?;
         // The primary region must lie in the held first MiB, and the table must fit the
@@ -551,6 +610,12 @@ pub fn plan(image: &Image, target: &Target) -> Result<Plan, WriteError> {
         table,
         lba0,
         target_size: target.size(),
+        started,
+        stream: Mutex::new(Some(PlannedStream {
+            image: m.sha256.clone(),
+            head,
+            rest: dec,
+        })),
     })
 }
 
@@ -641,6 +706,30 @@ pub fn write_planned(
     opts: &WriteOptions,
     progress: &dyn Progress,
 ) -> Result<WriteReport, WriteError> {
+    write_transaction(
+        image,
+        target,
+        plan,
+        additions,
+        before_commit,
+        opts,
+        progress,
+        TRAIL_FLUSH,
+    )
+}
+
+/// [`write_planned`] with the read-back's flush interval as a parameter (tests shorten it).
+#[allow(clippy::too_many_arguments)]
+fn write_transaction(
+    image: &Image,
+    target: &Target,
+    plan: &Plan,
+    additions: &[Addition],
+    before_commit: Option<&mut BeforeCommit<'_>>,
+    opts: &WriteOptions,
+    progress: &dyn Progress,
+    trail_flush: u64,
+) -> Result<WriteReport, WriteError> {
     let m = image.manifest();
     preflight(m, target)?;
     let size = target.size();
@@ -663,6 +752,7 @@ pub fn write_planned(
         target_kind: target.kind(),
         target_size: target.size(),
         precheck_seconds: 0.0,
+        first_byte_seconds: 0.0,
         write_seconds: 0.0,
         verify_seconds: 0.0,
         commit_seconds: 0.0,
@@ -679,62 +769,41 @@ pub fn write_planned(
         report.precheck_seconds = t.elapsed().as_secs_f64();
         progress.end(Phase::Precheck, m.compressed_size, report.precheck_seconds);
     }
-    // Opened before the wipe: an image that cannot be read fails with the target untouched.
-    let decoder = image.raw_reader()?;
-
-    // --- Wipe: from here on the target has no partition table until commit.
-    let t = Instant::now();
-    let wipe = HOLD.min(size);
-    progress.begin(Phase::Wipe, 2 * wipe);
-    let io_err = |offset: u64, len: u64| {
-        let target = report.target.clone();
-        move |source| WriteError::WriteIo {
-            target,
-            offset,
-            len,
-            source,
-        }
+    // The plan's stream (its first MiB decoded already), or a new one when the plan's was
+    // used; opened before the wipe: an image that cannot be read fails with the target
+    // untouched.
+    let decoder = match plan.take_stream(image) {
+        Some(d) => d,
+        None => image.raw_reader()?,
     };
-    target.zero_range(0, wipe).map_err(io_err(0, wipe))?;
-    target
-        .zero_range(size - wipe, wipe)
-        .map_err(io_err(size - wipe, wipe))?;
-    target.sync()?;
-    progress.end(Phase::Wipe, 2 * wipe, t.elapsed().as_secs_f64());
 
-    // --- Stream.
+    // --- Wipe, stream and (alongside) read-back: from the wipe on, the target has no
+    // partition table until the commit.
     let raw = m.raw_size;
-    let head_end = raw.min(HOLD);
-    let tail_start = raw.saturating_sub(HOLD).max(head_end);
-    let mut head = AlignedBuf::new(head_end as usize);
-    let mut tail = AlignedBuf::new((raw - tail_start) as usize);
-    let t = Instant::now();
-    progress.begin(Phase::Write, raw);
-    report.zeroed_bytes = stream(
-        image, decoder, target, opts, progress, &mut head, &mut tail, tail_start,
-    )?;
-    report.write_seconds = t.elapsed().as_secs_f64();
-    progress.end(Phase::Write, raw, report.write_seconds);
-
-    // --- Verify.
-    if opts.verify {
-        let t = Instant::now();
-        target.drop_caches()?;
-        let overlays = [
-            Overlay {
-                offset: 0,
-                data: head.as_slice(),
-            },
-            Overlay {
-                offset: tail_start,
-                data: tail.as_slice(),
-            },
-        ];
-        verify::verify_chunks(target, m, &overlays, progress)
-            .map_err(|e| attribute_mismatch(image, e))?;
-        report.verify_seconds = t.elapsed().as_secs_f64();
-        report.verified = true;
-    }
+    let tail_start = raw.saturating_sub(HOLD).max(raw.min(HOLD));
+    let out = stream(
+        image,
+        decoder,
+        target,
+        opts,
+        progress,
+        tail_start,
+        trail_flush,
+    )
+    .map_err(|e| match e {
+        WriteError::Verify(v @ VerifyError::Mismatch { .. }) => attribute_mismatch(image, v),
+        e => e,
+    })?;
+    let (mut head, mut tail) = (out.head, out.tail);
+    let head_end = head.len() as u64;
+    report.zeroed_bytes = out.zeroed;
+    report.write_seconds = out.write_seconds;
+    report.verify_seconds = out.verify_seconds;
+    report.verified = opts.verify;
+    let started = opts.started.unwrap_or(plan.started);
+    report.first_byte_seconds = out
+        .first_byte
+        .map_or(0.0, |t| t.saturating_duration_since(started).as_secs_f64());
 
     let t = Instant::now();
     let added: u64 = additions.iter().map(|a| a.content.len() as u64).sum();
@@ -889,23 +958,99 @@ fn rollback(target: &Target, size: u64, ss: u64) -> Result<(), WriteError> {
     Ok(())
 }
 
-/// Decodes, hashes and writes everything but the held regions, which are copied into `head`
-/// and `tail`. Returns the number of bytes zeroed instead of written.
-#[allow(clippy::too_many_arguments)]
+/// What the stream did.
+struct Streamed {
+    /// Bytes zeroed instead of written.
+    zeroed: u64,
+    /// The image's first MiB, held back.
+    head: AlignedBuf,
+    /// The image's last MiB (from `tail_start`), held back.
+    tail: AlignedBuf,
+    /// When the first payload byte went to the target.
+    first_byte: Option<Instant>,
+    /// Wipe, decode and write.
+    write_seconds: f64,
+    /// The read-back after the write ended.
+    verify_seconds: f64,
+}
+
+/// The read-back's progress while it trails the writer, kept back until the write phase ends
+/// (renderers show one phase at a time), then passed on as the verify phase.
+struct Trailing<'a> {
+    inner: &'a dyn Progress,
+    /// (passing on, verified prefix so far)
+    state: Mutex<(bool, u64)>,
+}
+
+impl Trailing<'_> {
+    /// The write phase ended: show the verify phase from where it is.
+    fn go_live(&self) {
+        if let Ok(mut st) = self.state.lock() {
+            st.0 = true;
+            if st.1 > 0 {
+                self.inner.advance(st.1);
+            }
+        }
+    }
+}
+
+impl Progress for Trailing<'_> {
+    fn begin(&self, _: Phase, _: u64) {}
+    fn advance(&self, done: u64) {
+        if let Ok(mut st) = self.state.lock() {
+            st.1 = done;
+            if st.0 {
+                self.inner.advance(done);
+            }
+        }
+    }
+    fn end(&self, _: Phase, _: u64, _: f64) {}
+}
+
+/// The offset an error of the stream or its read-back is about: when several stages fail,
+/// the lowest is reported, as a sequential write-then-verify would have met it.
+fn failed_at(e: &WriteError, raw: u64) -> u64 {
+    match e {
+        WriteError::Decode { offset, .. } | WriteError::WriteIo { offset, .. } => *offset,
+        WriteError::ShortStream { got, .. } => *got,
+        WriteError::LongStream { .. } => raw,
+        WriteError::ChunkMismatch { start, .. } => *start,
+        WriteError::Verify(v) => match v {
+            VerifyError::Mismatch { start, .. } => *start,
+            VerifyError::ReadIo { offset, .. } | VerifyError::Interrupted { offset, .. } => *offset,
+            VerifyError::Flush { start, .. } => *start,
+            _ => 0,
+        },
+        _ => 0,
+    }
+}
+
+/// Wipes the target's ends, then decodes and writes everything but the held regions (the
+/// image's first MiB and its last, from `tail_start`), which it returns. With verification
+/// the read-back runs alongside, `trail_flush` bytes behind the writer at most, and a bad
+/// chunk stops the write; without, every decoded chunk is hashed here.
+///
+/// Threads: the decoder fills buffers; this thread routes them (held bytes copied out and
+/// published, chunk hashes without verification); the writer wipes, then writes with
+/// `O_DIRECT` and reports each end offset it reached to the read-back; the read-back
+/// ([`verify::verify_trailing`]) flushes what was written, reads it with `O_DIRECT` and hashes
+/// it on every core. The decoder starts while the writer wipes, so the first payload byte
+/// follows the wipe's flush without waiting for a decode.
 fn stream(
     image: &Image,
     mut decoder: Box<dyn Read + Send>,
     target: &Target,
     opts: &WriteOptions,
     progress: &dyn Progress,
-    head: &mut AlignedBuf,
-    tail: &mut AlignedBuf,
     tail_start: u64,
-) -> Result<u64, WriteError> {
+    trail_flush: u64,
+) -> Result<Streamed, WriteError> {
     let m = image.manifest();
     let raw = m.raw_size;
-    let head_end = head.len() as u64;
+    let size = target.size();
+    let head_end = raw.min(HOLD);
     let target_name = target.path().display().to_string();
+    let started = Instant::now();
 
     let (free_tx, free_rx) = bounded::<AlignedBuf>(NBUF);
     let (full_tx, full_rx) = bounded::<Block>(NBUF);
@@ -914,12 +1059,29 @@ fn stream(
         // Cannot fail: the channel has room for NBUF and its receiver is alive.
         let _ = free_tx.send(AlignedBuf::new(BUF));
     }
+    // End offsets the writer reached, for the read-back (unbounded: one u64 per buffer).
+    let (mark_tx, mark_rx) = unbounded::<u64>();
+    // Set by the read-back when it fails: every stage of the stream stops.
+    let stop = AtomicBool::new(false);
+    let head_lock = OnceLock::<AlignedBuf>::new();
+    let tail_lock = OnceLock::<AlignedBuf>::new();
+    let trailing = Trailing {
+        inner: progress,
+        state: Mutex::new((false, 0)),
+    };
+    let mut write_seconds = 0.0;
+    let mut verify_seconds = 0.0;
 
-    std::thread::scope(|s| {
+    let (results, first_byte) = std::thread::scope(|s| {
+        let stop = &stop;
+        let (head_lock, tail_lock) = (&head_lock, &tail_lock);
         // Decoder: fills buffers in order; owns the clean-end checks.
         let decoder_thread = s.spawn(move || -> Result<(), WriteError> {
             let mut offset = 0u64;
             loop {
+                if stop.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
                 let Ok(mut buf) = free_rx.recv() else {
                     return Ok(());
                 };
@@ -972,11 +1134,48 @@ fn stream(
             Ok(())
         });
 
-        // Writer: puts each job on the target, runs of zeros as BLKZEROOUT / punched holes,
-        // and returns its buffer.
-        let writer_thread = s.spawn(move || -> Result<u64, WriteError> {
+        // Writer: wipes both ends of the target, then puts each job on it, runs of zeros as
+        // BLKZEROOUT / punched holes, returns its buffer and tells the read-back how far it
+        // got.
+        let writer_thread = s.spawn(move || -> (Result<u64, WriteError>, Option<Instant>) {
+            let mut first_byte = None;
+            let io_err = |offset: u64, len: u64| {
+                let target = target_name.clone();
+                move |source| WriteError::WriteIo {
+                    target,
+                    offset,
+                    len,
+                    source,
+                }
+            };
+            // --- Wipe: from here on the target has no partition table until the commit.
+            let t = Instant::now();
+            let wipe = HOLD.min(size);
+            progress.begin(Phase::Wipe, 2 * wipe);
+            // Both ends at once (each is a zeroing request the device may take its time over),
+            // then one flush: no payload byte is written before both are durable.
+            let wiped = std::thread::scope(|w| {
+                let tail = w.spawn(|| target.zero_range(size - wipe, wipe));
+                let head = target.zero_range(0, wipe).map_err(io_err(0, wipe));
+                let tail = tail
+                    .join()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("wipe thread panicked")))
+                    .map_err(io_err(size - wipe, wipe));
+                head.and(tail)?;
+                target.sync()?;
+                Ok::<(), WriteError>(())
+            });
+            if let Err(e) = wiped {
+                return (Err(e), None);
+            }
+            progress.end(Phase::Wipe, 2 * wipe, t.elapsed().as_secs_f64());
+            progress.begin(Phase::Write, raw);
+
             let mut zeroed = 0u64;
             for job in job_rx {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
                 let data = job.block.buf.as_slice();
                 for (start, end, zero) in runs(data, job.start, job.end, opts.zeroout) {
                     let off = job.block.offset + start as u64;
@@ -987,54 +1186,107 @@ fn stream(
                     } else {
                         target.write_at(&data[start..end], off)
                     };
-                    res.map_err(|source| WriteError::WriteIo {
-                        target: target_name.clone(),
-                        offset: off,
-                        len,
-                        source,
-                    })?;
+                    if let Err(e) = res {
+                        return (Err(io_err(off, len)(e)), first_byte);
+                    }
+                    first_byte.get_or_insert_with(Instant::now);
                 }
-                progress.advance(job.block.offset + job.block.len as u64);
+                let end = job.block.offset + job.block.len as u64;
+                progress.advance(end);
+                // The read-back may have stopped (it failed, or there is none).
+                let _ = mark_tx.send(end);
                 // The decoder may have finished and dropped its end: the buffer is not needed
                 // any more then, but the remaining jobs still are.
                 let _ = free_tx.send(job.block.buf);
             }
-            Ok(zeroed)
+            (Ok(zeroed), first_byte)
         });
 
-        // Hasher (this thread): chunk checks, held regions. With read-back verification on, the
-        // decoded stream is not hashed here: the read-back hashes what reached the disk, zstd's
-        // frame checksums catch a damaged payload while decoding, and a read-back mismatch is
-        // attributed to the image or the disk afterwards (see `attribute_mismatch`). That saves
-        // a full SHA-256 pass. Without verification, every chunk is checked here.
+        // Read-back, behind the writer.
+        let verify_thread = opts.verify.then(|| {
+            let trailing = &trailing;
+            s.spawn(move || -> Result<(), WriteError> {
+                if let Err(e) = target.drop_caches() {
+                    stop.store(true, Ordering::Relaxed);
+                    return Err(e.into());
+                }
+                let held = [
+                    Held {
+                        offset: 0,
+                        len: head_end,
+                        data: head_lock,
+                    },
+                    Held {
+                        offset: tail_start,
+                        len: raw - tail_start,
+                        data: tail_lock,
+                    },
+                ];
+                let trail = Trail {
+                    written: mark_rx,
+                    flush_every: trail_flush,
+                    stop,
+                };
+                verify::verify_trailing(target, m, &held, trail, trailing, verify::hash_workers())
+                    .map_err(WriteError::Verify)
+            })
+        });
+
+        // Router (this thread): held regions, and without verification the chunk checks.
+        // With read-back verification the decoded stream is not hashed here: the read-back
+        // hashes what reached the disk, zstd's frame checksums catch a damaged payload while
+        // decoding, and a read-back mismatch is attributed to the image or the disk afterwards
+        // (see `attribute_mismatch`). That saves a full SHA-256 pass.
         let hash = !opts.verify;
-        let hashed = (move || -> Result<(), WriteError> {
+        let routed = (move || -> Result<(), WriteError> {
             let mut chunker = ChunkHasher::new(m.chunk_size);
             let mut check = |i: u64, actual: String| check_chunk(m, i, actual);
+            let mut head = Some(AlignedBuf::new(head_end as usize));
+            let mut tail = Some(AlignedBuf::new((raw - tail_start) as usize));
+            // Publishes each held region once the stream has passed its end.
+            let publish =
+                |seen: u64, head: &mut Option<AlignedBuf>, tail: &mut Option<AlignedBuf>| {
+                    if seen >= head_end {
+                        if let Some(h) = head.take() {
+                            let _ = head_lock.set(h);
+                        }
+                    }
+                    if seen >= raw {
+                        if let Some(t) = tail.take() {
+                            let _ = tail_lock.set(t);
+                        }
+                    }
+                };
             let mut seen = 0u64;
+            publish(seen, &mut head, &mut tail);
             for block in full_rx.iter() {
+                if stop.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
                 let data = &block.buf.as_slice()[..block.len];
                 if hash {
                     chunker.update(data, &mut check)?;
                 }
-                // Held regions go to memory.
+                // Held regions go to memory, published before the writer can report any
+                // offset past them (the read-back splices them in from there).
                 let b_start = block.offset;
                 let b_end = block.offset + block.len as u64;
-                if b_start < head_end {
+                if let Some(h) = head.as_mut().filter(|_| b_start < head_end) {
                     let e = b_end.min(head_end);
-                    head.as_mut_slice()[b_start as usize..e as usize]
+                    h.as_mut_slice()[b_start as usize..e as usize]
                         .copy_from_slice(&data[..(e - b_start) as usize]);
                 }
-                if b_end > tail_start {
+                if let Some(t) = tail.as_mut().filter(|_| b_end > tail_start) {
                     let s0 = b_start.max(tail_start);
-                    tail.as_mut_slice()[(s0 - tail_start) as usize..(b_end - tail_start) as usize]
+                    t.as_mut_slice()[(s0 - tail_start) as usize..(b_end - tail_start) as usize]
                         .copy_from_slice(&data[(s0 - b_start) as usize..]);
                 }
+                seen = b_end;
+                publish(seen, &mut head, &mut tail);
                 let w_start = b_start.max(head_end).min(b_end);
                 let w_end = b_end.min(tail_start).max(w_start);
                 let start = (w_start - b_start) as usize;
                 let end = (w_end - b_start) as usize;
-                seen = b_end;
                 if job_tx.send(WriteJob { block, start, end }).is_err() {
                     return Ok(());
                 }
@@ -1053,20 +1305,82 @@ fn stream(
                 source: std::io::Error::other("decoder thread panicked"),
             })
         });
-        let written = writer_thread.join().unwrap_or_else(|_| {
-            Err(WriteError::WriteIo {
-                target: target.path().display().to_string(),
-                offset: 0,
-                len: 0,
-                source: std::io::Error::other("writer thread panicked"),
+        let (written, first_byte) = writer_thread.join().unwrap_or_else(|_| {
+            (
+                Err(WriteError::WriteIo {
+                    target: target.path().display().to_string(),
+                    offset: 0,
+                    len: 0,
+                    source: std::io::Error::other("writer thread panicked"),
+                }),
+                None,
+            )
+        });
+        // Stopped by the read-back: not a finished write phase.
+        let streamed =
+            decoded.is_ok() && routed.is_ok() && written.is_ok() && !stop.load(Ordering::Relaxed);
+        let t = Instant::now();
+        if streamed {
+            write_seconds = started.elapsed().as_secs_f64();
+            progress.end(Phase::Write, raw, write_seconds);
+            if opts.verify {
+                progress.begin(Phase::Verify, raw);
+                trailing.go_live();
+            }
+        }
+        let verified = verify_thread.map(|v| {
+            v.join().unwrap_or_else(|_| {
+                Err(WriteError::Verify(VerifyError::ReadIo {
+                    target: target.path().display().to_string(),
+                    offset: 0,
+                    source: std::io::Error::other("read-back thread panicked"),
+                }))
             })
         });
-        // The first real failure wins: a stage that stopped because another failed returns Ok.
-        decoded?;
-        hashed?;
-        let zeroed = written?;
-        target.sync()?;
-        Ok(zeroed)
+        if streamed && matches!(verified, Some(Ok(()))) {
+            verify_seconds = t.elapsed().as_secs_f64();
+            progress.end(Phase::Verify, raw, verify_seconds);
+        }
+        ((decoded, routed, written, verified), first_byte)
+    });
+    let (decoded, routed, written, verified) = results;
+    // Every stage that stopped because another failed returned Ok (or, the read-back,
+    // `Interrupted`): of the real failures, the lowest offset wins.
+    let mut errors: Vec<WriteError> = [decoded.err(), routed.err()]
+        .into_iter()
+        .flatten()
+        .collect();
+    let zeroed = match written {
+        Ok(z) => z,
+        Err(e) => {
+            errors.push(e);
+            0
+        }
+    };
+    let stream_failed = !errors.is_empty();
+    if let Some(Err(e)) = verified {
+        let interrupted = matches!(e, WriteError::Verify(VerifyError::Interrupted { .. }));
+        if !(interrupted && stream_failed) {
+            errors.push(e);
+        }
+    }
+    if let Some(e) = errors.into_iter().min_by_key(|e| failed_at(e, raw)) {
+        return Err(e);
+    }
+    target.sync()?;
+    let (Some(head), Some(tail)) = (head_lock.into_inner(), tail_lock.into_inner()) else {
+        return Err(WriteError::ShortStream {
+            got: 0,
+            expected: raw,
+        });
+    };
+    Ok(Streamed {
+        zeroed,
+        head,
+        tail,
+        first_byte,
+        write_seconds,
+        verify_seconds,
     })
 }
 
@@ -1372,6 +1686,185 @@ mod tests {
                 got[..1 << 20].iter().all(|&b| b == 0),
                 "no partition table may be left"
             );
+        }
+    }
+
+    /// Damages the target behind the engine's back: once the writer reports `at` bytes
+    /// written, flips a byte at each of `flips` (inside the block just written, which the
+    /// read-back has not reached: the writer reports the block to it only after this) and
+    /// notes whether both ends of the target were still zero then. Every later buffer of the
+    /// write phase is slowed down, so a write that runs to its end is plain to see.
+    struct Saboteur {
+        disk: std::path::PathBuf,
+        at: u64,
+        flips: Vec<u64>,
+        /// (current phase, damage done, both ends zero while streaming)
+        state: std::sync::Mutex<(Option<Phase>, bool, Option<bool>)>,
+    }
+
+    impl Progress for Saboteur {
+        fn begin(&self, phase: Phase, _: u64) {
+            self.state.lock().unwrap().0 = Some(phase);
+        }
+        fn advance(&self, done: u64) {
+            use std::os::unix::fs::FileExt;
+            let mut st = self.state.lock().unwrap();
+            if st.0 != Some(Phase::Write) {
+                return;
+            }
+            if st.1 {
+                drop(st);
+                std::thread::sleep(std::time::Duration::from_millis(250));
+                return;
+            }
+            if done < self.at {
+                return;
+            }
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&self.disk)
+                .unwrap();
+            for &o in &self.flips {
+                let mut b = [0u8; 1];
+                f.read_exact_at(&mut b, o).unwrap();
+                f.write_all_at(&[b[0] ^ 0x5A], o).unwrap();
+            }
+            f.sync_all().unwrap();
+            let len = f.metadata().unwrap().len();
+            let mut end = vec![0u8; HOLD as usize];
+            let mut zero = true;
+            for o in [0, len - HOLD] {
+                f.read_exact_at(&mut end, o).unwrap();
+                zero &= end.iter().all(|&b| b == 0);
+            }
+            st.1 = true;
+            st.2 = Some(zero);
+        }
+        fn end(&self, _: Phase, _: u64, _: f64) {}
+    }
+
+    /// A 40 MiB image (1 MiB chunks) damaged on the target while it is being written, read
+    /// back 4 MiB behind the writer: `(error, target bytes, both ends zero mid-stream)`.
+    fn damaged_mid_stream(
+        dir: &Path,
+        ss: usize,
+        at: u64,
+        flips: &[u64],
+    ) -> (WriteError, Vec<u8>, Option<bool>) {
+        let raw = fake_gpt_raw(40 << 20, ss);
+        let img_path = dir.join("i.img.zst");
+        pack_bytes(&raw, &img_path);
+        let img = Image::open(&img_path).unwrap();
+        let disk = dir.join("disk");
+        let tgt = file_target(&disk, 48 << 20, ss as u32);
+        let plan = plan(&img, &tgt).unwrap();
+        let sab = Saboteur {
+            disk: disk.clone(),
+            at,
+            flips: flips.to_vec(),
+            state: Default::default(),
+        };
+        let e = write_transaction(
+            &img,
+            &tgt,
+            &plan,
+            &[],
+            None,
+            &WriteOptions::default(),
+            &sab,
+            4 << 20,
+        )
+        .unwrap_err();
+        let zero_ends = sab.state.lock().unwrap().2;
+        (e, std::fs::read(&disk).unwrap(), zero_ends)
+    }
+
+    #[test]
+    fn the_read_back_trails_the_write_and_stops_it_at_a_chunk_damaged_mid_stream() {
+        for ss in [512usize, 4096] {
+            let dir = tempfile::tempdir().unwrap();
+            // Damaged once 16 MiB are written: a byte in chunk 14 (a data MiB).
+            let (e, got, zero_ends) =
+                damaged_mid_stream(dir.path(), ss, 16 << 20, &[(14 << 20) + 99]);
+            let WriteError::Verify(VerifyError::Mismatch {
+                chunk, start, end, ..
+            }) = &e
+            else {
+                panic!("ss {ss}: {e}");
+            };
+            assert_eq!((*chunk, *start, *end), (14, 14 << 20, 15 << 20), "ss {ss}");
+            assert!(
+                e.to_string()
+                    .contains("chunk 14 (bytes 14680064..15728640)"),
+                "{e}"
+            );
+            // The image's chunk 14 is fine: the disk is blamed.
+            assert!(!e.is_image_fault(), "{e}");
+            assert_eq!(e.disk_state(), DiskState::NoPartitionTable);
+            // While the payload streamed, neither end held a partition table; nor after.
+            assert_eq!(zero_ends, Some(true), "ss {ss}");
+            assert!(got[..HOLD as usize].iter().all(|&b| b == 0), "ss {ss}");
+            let last = got.len() - HOLD as usize;
+            assert!(got[last..].iter().all(|&b| b == 0), "ss {ss}");
+            // Found during the stream: the write stopped before the image's last data MiB
+            // (still the disk's old 0xEE bytes), which it would have reached without the
+            // read-back.
+            assert!(
+                got[36 << 20..37 << 20].iter().all(|&b| b == 0xEE),
+                "ss {ss}: the write ran on to the end"
+            );
+        }
+    }
+
+    #[test]
+    fn of_two_chunks_damaged_mid_stream_the_lower_offset_is_named() {
+        for ss in [512usize, 4096] {
+            let dir = tempfile::tempdir().unwrap();
+            let (e, _, _) = damaged_mid_stream(
+                dir.path(),
+                ss,
+                16 << 20,
+                &[(14 << 20) + 5, (12 << 20) + 4 * ss as u64],
+            );
+            assert!(
+                matches!(
+                    e,
+                    WriteError::Verify(VerifyError::Mismatch {
+                        chunk: 12,
+                        start: 12582912,
+                        ..
+                    })
+                ),
+                "ss {ss}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_plan_hands_its_decoded_stream_to_the_write() {
+        for ss in [512usize, 4096] {
+            let dir = tempfile::tempdir().unwrap();
+            let raw = fake_gpt_raw(6 << 20, ss);
+            let img_path = dir.path().join("i.img.zst");
+            pack_bytes(&raw, &img_path);
+            let img = Image::open(&img_path).unwrap();
+            let disk = dir.path().join("disk");
+            let tgt = file_target(&disk, raw.len() as u64, ss as u32);
+            let plan = plan(&img, &tgt).unwrap();
+            // The image file is gone after the plan: a write that opened it again would fail.
+            std::fs::remove_file(&img_path).unwrap();
+            let opts = WriteOptions::default();
+            let rep = write_planned(&img, &tgt, &plan, &[], None, &opts, &NoProgress).unwrap();
+            assert!(rep.verified);
+            assert_eq!(std::fs::read(&disk).unwrap(), raw, "ss {ss}");
+            assert!(rep.first_byte_seconds > 0.0, "{}", rep.first_byte_seconds);
+            // The plan's stream is used once; a second write opens the image again (and here
+            // cannot), before touching the target.
+            let e = write_planned(&img, &tgt, &plan, &[], None, &opts, &NoProgress).unwrap_err();
+            assert!(matches!(e, WriteError::Image(_)), "{e}");
+            assert_eq!(e.disk_state(), DiskState::Untouched);
+            assert_eq!(std::fs::read(&disk).unwrap(), raw, "ss {ss}");
         }
     }
 
