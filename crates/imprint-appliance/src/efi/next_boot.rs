@@ -56,7 +56,7 @@ pub fn set_next_boot_to_disk(dev: &Path, disk: &Disk) -> Result<NextBoot> {
         esp_partition: Some(num),
         esp_partuuid: Some(part.part_guid.to_string()),
         loader: Some(LOADER.to_string()),
-        boot_order: Some(format!("{order:?}")),
+        boot_order: Some(order.to_string()),
         ignored_before,
         stick_handover: None,
     })
