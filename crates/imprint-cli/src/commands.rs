@@ -722,6 +722,9 @@ pub fn verify(image: &Path, target: &Path, json: bool) -> Result<()> {
             untrusted(&m.name),
             m.sha256
         );
+        if output::quiet() {
+            return Ok(());
+        }
         if outcome.gpt_backup_at_end {
             outln!("  backup GPT at the disk's end");
         }
@@ -771,12 +774,14 @@ pub fn disks(config: Option<&Path>, image: Option<&Path>, json: bool) -> Result<
         );
         return would_not();
     }
-    print!("{}", DiskTable(&disks));
-    if let Some(r) = &root {
-        outln!("({r} holds this system's root filesystem: it is treated like the appliance's own stick)");
-    }
-    for r in sel.rejected() {
-        outln!("not {}: {}", r.disk.name, r.why);
+    if !output::quiet() {
+        print!("{}", DiskTable(&disks));
+        if let Some(r) = &root {
+            outln!("({r} holds this system's root filesystem: it is treated like the appliance's own stick)");
+        }
+        for r in sel.rejected() {
+            outln!("not {}: {}", r.disk.name, r.why);
+        }
     }
     match sel.chosen() {
         Some(d) => outln!("would choose {}: {}", d.name, sel.reason()),

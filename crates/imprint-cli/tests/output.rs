@@ -71,12 +71,17 @@ fn noise(len: usize, seed: u32) -> Vec<u8> {
         .collect()
 }
 
-/// A 4 MiB raw disk with noise and 2 MiB of zeros, prepared with `--json`: the image's path.
+/// A 4 MiB GPT disk (sgdisk, one partition) with noise and 2 MiB of zeros, prepared with
+/// `--json`: the image's path.
 fn image(dir: &Path) -> PathBuf {
     let raw = dir.join("os.raw");
     let mut data = noise(4 * MIB, 7);
     data[MIB..3 * MIB].fill(0);
     std::fs::write(&raw, data).unwrap();
+    let o = run(Command::new("sgdisk")
+        .args(["-Z", "-n1:2048:0", "-t1:8300"])
+        .arg(&raw));
+    assert!(o.status.success(), "sgdisk: {}", stderr(&o));
     let img = dir.join("os.img.zst");
     let v = json_result(&run(imprint()
         .arg("prepare")
@@ -91,6 +96,14 @@ fn image(dir: &Path) -> PathBuf {
     assert_eq!(v["signature"], Value::Null);
     assert!(img.is_file());
     img
+}
+
+/// The image's sha256 from `inspect --json`.
+fn imprint_manifest_sha(img: &Path) -> String {
+    let o = run(imprint().arg("inspect").arg(img).arg("--json"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let m: Value = serde_json::from_slice(&o.stdout).unwrap();
+    m["sha256"].as_str().unwrap().to_string()
 }
 
 /// A boot folder shaped like image-build/build's output.
@@ -148,7 +161,12 @@ fn assert_binary_units(what: &str, text: &str) {
 fn quiet_prints_only_the_result_line_and_normal_prints_more() {
     let t = tempfile::tempdir().unwrap();
     let img = image(t.path());
+    // An 8 MiB "disk" for the 4 MiB image: the backup GPT moves to its end.
     let disk = t.path().join("disk.bin");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(8 * MIB as u64)
+        .unwrap();
     let o = run(imprint()
         .arg("write")
         .arg(&img)
@@ -164,7 +182,7 @@ fn quiet_prints_only_the_result_line_and_normal_prints_more() {
     assert!(lines[0].starts_with(&prefix), "{}", lines[0]);
     assert!(lines[0].ends_with(", verified"), "{}", lines[0]);
     assert_binary_units("write -q", lines[0]);
-    assert_eq!(std::fs::metadata(&disk).unwrap().len(), 4 * MIB as u64);
+    assert_eq!(std::fs::metadata(&disk).unwrap().len(), 8 * MIB as u64);
 
     // The default: progress lines on stderr (not a terminal here), the result and its details.
     let o = run(imprint()
@@ -186,6 +204,25 @@ fn quiet_prints_only_the_result_line_and_normal_prints_more() {
         stderr(&o)
     );
     assert_binary_units("write", &format!("{out}{}", stderr(&o)));
+
+    // Verify says what the disk holds, then details; quiet, only the first line.
+    let o = run(imprint().arg("verify").arg(&img).arg(&disk));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o)
+            .lines()
+            .any(|l| l == "  backup GPT at the disk's end"),
+        "{}",
+        stdout(&o)
+    );
+    let o = run(imprint().args(["verify", "-q"]).arg(&img).arg(&disk));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stderr(&o), "");
+    let sha = imprint_manifest_sha(&img);
+    assert_eq!(
+        stdout(&o),
+        format!("{} holds noise (sha256 {sha})\n", disk.display())
+    );
 
     // Quiet keygen and build: one line each, nothing on stderr.
     let o = run(imprint()
@@ -307,7 +344,7 @@ fn inspect_text_uses_words_and_binary_units() {
             .trim()
             .to_string()
     };
-    assert_eq!(field("partitions"), "none");
+    assert_eq!(field("partitions"), "GPT, 512-byte sectors");
     assert_eq!(field("raw size"), "4.0 MiB (4194304 bytes)");
     assert!(field("chunks").ends_with(" MiB"), "{out}");
     assert_binary_units("inspect", &out);
