@@ -775,7 +775,7 @@ pub fn disks(config: Option<&Path>, image: Option<&Path>, json: bool) -> Result<
         return would_not();
     }
     if !output::quiet() {
-        print!("{}", DiskTable(&disks));
+        outln!("{}", DiskTable(&disks).to_string().trim_end_matches('\n'));
         if let Some(r) = &root {
             outln!("({r} holds this system's root filesystem: it is treated like the appliance's own stick)");
         }
