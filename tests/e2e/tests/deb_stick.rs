@@ -96,6 +96,22 @@ fn the_stick_the_deb_made_installs_onto_nvme_with_secure_boot() {
         log.contains("seed written and read back: hostname nuc-demo-01"),
         "{log}"
     );
+    // The console's phase lines in the CLI's units: `imprint: write done: 6.0 MiB in 0.1 s
+    // (60.0 MiB/s)`.
+    // (It follows the cleared progress bar on the same console line.)
+    let write_done = log
+        .split("imprint: write done: ")
+        .nth(1)
+        .and_then(|rest| rest.split(['\r', '\n']).next())
+        .unwrap_or_else(|| panic!("no write phase line: {log}"));
+    let (size, rest) = write_done.split_once(" in ").unwrap();
+    assert!(size.ends_with(" MiB"), "{write_done}");
+    let rate = rest.split_once(" s (").unwrap().1.trim_end_matches(')');
+    let unit = rate.split_once(' ').unwrap().1;
+    assert!(
+        ["B/s", "KiB/s", "MiB/s", "GiB/s"].contains(&unit),
+        "{write_done}"
+    );
 
     // The disk holds the image: every chunk read back and hashed against the manifest, the
     // backup GPT moved to the disk's end, the seed partition the only addition.
