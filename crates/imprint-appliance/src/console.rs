@@ -222,7 +222,8 @@ impl Progress for ConsoleProgress {
         let bar = indicatif::ProgressBar::with_draw_target(Some(total), target);
         bar.set_style(
             indicatif::ProgressStyle::with_template(
-                "{prefix:>7} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+                // 79 columns at most: 7 + 2 + 22 + 2 + 23 (two 11-character sizes) + 1 + 13 + 5 + 4.
+                "{prefix:>7} [{bar:22}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
             )
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
             .progress_chars("=> "),
@@ -245,20 +246,35 @@ impl Progress for ConsoleProgress {
                 bar.finish_and_clear();
             }
         }
-        let _ = AllConsoles::open(&self.sys, &self.dev).put(&format!(
-            "imprint: {} done: {} in {:.1} s ({:.0} MB/s)\r\n",
-            phase.name(),
-            discover::human_bytes(bytes),
-            secs,
-            bytes as f64 / secs.max(1e-3) / 1e6
-        ));
+        let _ = AllConsoles::open(&self.sys, &self.dev)
+            .put(&format!("{}\r\n", phase_done(phase, bytes, secs)));
     }
+}
+
+/// The line a finished phase leaves on the consoles, in the host CLI's units (binary sizes,
+/// the same units per second): `imprint: write done: 1.2 GiB in 12.3 s (95.4 MiB/s)`.
+fn phase_done(phase: Phase, bytes: u64, secs: f64) -> String {
+    format!(
+        "imprint: {} done: {} in {:.1} s ({}/s)",
+        phase.name(),
+        discover::human_bytes(bytes),
+        secs,
+        discover::human_bytes((bytes as f64 / secs.max(1e-3)) as u64)
+    )
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn phase_lines_use_binary_units() {
+        assert_eq!(
+            phase_done(Phase::Write, 3 << 30, 30.0),
+            "imprint: write done: 3.0 GiB in 30.0 s (102.4 MiB/s)"
+        );
+    }
 
     fn write(path: &Path, text: &str) {
         fs::create_dir_all(path.parent().unwrap()).unwrap();

@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 
+use crate::output::detail;
 use crate::stick::BOOT_FILES;
 
 /// Environment variable naming the boot-file folder.
@@ -74,10 +75,13 @@ pub fn locate(flag: Option<PathBuf>) -> Result<PathBuf> {
 /// The lookup itself; see the module documentation for the order.
 pub fn locate_in(places: &Places) -> Result<PathBuf> {
     if let Some(dir) = &places.flag {
+        detail!("boot files: {} (--boot)", dir.display());
         return Ok(dir.clone());
     }
     if let Some(dir) = places.env.as_ref().filter(|v| !v.is_empty()) {
-        return Ok(PathBuf::from(dir));
+        let dir = PathBuf::from(dir);
+        detail!("boot files: {} (${ENV})", dir.display());
+        return Ok(dir);
     }
     let mut looked: Vec<(PathBuf, &str, String)> = Vec::new();
     for (dir, what) in fallbacks(places) {
@@ -85,8 +89,14 @@ pub fn locate_in(places: &Places) -> Result<PathBuf> {
             continue;
         }
         match missing(&dir) {
-            None => return Ok(dir),
-            Some(why) => looked.push((dir, what, why)),
+            None => {
+                detail!("boot files: {} ({what})", dir.display());
+                return Ok(dir);
+            }
+            Some(why) => {
+                detail!("boot files: passed over {} ({what}): {why}", dir.display());
+                looked.push((dir, what, why))
+            }
         }
     }
     let mut msg = String::from("no live-image boot files found; looked at:\n  --boot: not given\n");

@@ -5,11 +5,13 @@ use std::io::IsTerminal;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::progress::{BarProgress, JsonProgress, LineProgress};
+use crate::output::{self, detail, note};
+use crate::progress::{BarProgress, JsonProgress, LineProgress, NoProgress};
+use crate::units;
 use anyhow::{bail, Context, Result};
 use imprint_core::blockdev::{OpenOptionsTarget, Target, TargetError, TargetKind};
-use imprint_core::manifest::{Image, ImageError, Manifest};
-use imprint_core::progress::{human_bytes, Progress};
+use imprint_core::manifest::{Image, ImageError, Manifest, PartitionTable};
+use imprint_core::progress::Progress;
 use imprint_core::signature::{self, SignatureError, TrustedKey};
 use imprint_core::verify::{self, VerifyError};
 use imprint_core::write::{self, WriteError, WriteOptions};
@@ -172,12 +174,16 @@ fn target_code(t: &TargetError) -> u8 {
 #[error("{0}")]
 pub struct Refused(pub String);
 
+/// How progress is shown: JSON events with `--json`, nothing with `--quiet`, a bar on a
+/// terminal, plain lines every 5 s in logs.
 pub fn progress_for(json: bool) -> Box<dyn Progress> {
     if json {
         Box::new(JsonProgress::new(
             std::io::stdout(),
             Duration::from_millis(500),
         ))
+    } else if output::quiet() {
+        Box::new(NoProgress)
     } else if std::io::stderr().is_terminal() {
         Box::new(BarProgress::stderr())
     } else {
@@ -187,49 +193,88 @@ pub fn progress_for(json: bool) -> Box<dyn Progress> {
 
 /// `imprint prepare`.
 pub fn prepare(args: &PrepareArgs) -> Result<()> {
-    let bar = if std::io::stderr().is_terminal() {
-        let b = indicatif::ProgressBar::new(0);
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "prepare [{bar:40}] {bytes}/{total_bytes} of input {binary_bytes_per_sec} ETA {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> "),
-        );
-        Some(b)
-    } else {
+    let bar = if args.json {
         None
+    } else {
+        crate::progress::terminal_bar("prepare")
     };
     let mut last_line = std::time::Instant::now();
+    let start = std::time::Instant::now();
     let (out, m, kind) = prepare::prepare(args, &mut |done, total| {
         if let Some(b) = &bar {
             b.set_length(total);
             b.set_position(done);
-        } else if last_line.elapsed() >= Duration::from_secs(5) {
+        } else if !args.json && last_line.elapsed() >= Duration::from_secs(5) {
             last_line = std::time::Instant::now();
-            eprintln!(
-                "prepare: {} of {} read",
-                human_bytes(done),
-                human_bytes(total)
+            note!(
+                "prepare: {} of {} read ({})",
+                units::size(done),
+                units::size(total),
+                units::rate(done, start.elapsed().as_secs_f64())
             );
         }
     })?;
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    eprintln!("read {} ({})", args.input.display(), kind.name());
-    outln!("{}", out.display());
-    print_manifest(&m, out.as_path());
     let img = Image::open(&out)?;
-    // Signed with the key just loaded, and checked against its public half (sign.rs).
-    print_signature(&img, true)?;
+    if args.json {
+        let signature = signature::signature_info(&img)?.map(|info| {
+            serde_json::json!({ "key_id": info.key_id.to_string(), "trusted_comment": info.trusted_comment })
+        });
+        outln!(
+            "{}",
+            serde_json::json!({
+                "event": "result",
+                "ok": true,
+                "image": out,
+                "input": args.input,
+                "input_format": kind.name(),
+                "seconds": start.elapsed().as_secs_f64(),
+                "manifest": m,
+                "signature": signature,
+            })
+        );
+        return Ok(());
+    }
+    note!("read {} ({})", args.input.display(), kind.name());
+    detail!(
+        "prepare: {} of disk image in {} ({})",
+        units::size(m.raw_size),
+        units::duration(start.elapsed().as_secs_f64()),
+        units::rate(m.raw_size, start.elapsed().as_secs_f64())
+    );
+    outln!("{}", out.display());
+    if !output::quiet() {
+        print_manifest(&m, out.as_path());
+        // Signed with the key just loaded, and checked against its public half (sign.rs).
+        print_signature(&img, true)?;
+    }
     Ok(())
 }
 
 /// `imprint keygen`.
-pub fn keygen(name: &Path, password_file: Option<&Path>) -> Result<()> {
+pub fn keygen(name: &Path, password_file: Option<&Path>, json: bool) -> Result<()> {
     let k = crate::sign::keygen(name, password_file)?;
+    if json {
+        outln!(
+            "{}",
+            serde_json::json!({
+                "event": "result",
+                "ok": true,
+                "key_id": k.id.to_string(),
+                "secret_key": k.secret,
+                "public_key": k.public,
+                "encrypted": k.encrypted,
+                "public_key_base64": k.public_base64,
+            })
+        );
+        return Ok(());
+    }
     outln!("key id:      {}", k.id);
+    if output::quiet() {
+        return Ok(());
+    }
     outln!(
         "secret key:  {} ({})",
         k.secret.display(),
@@ -247,6 +292,54 @@ pub fn keygen(name: &Path, password_file: Option<&Path>) -> Result<()> {
     outln!(
         "or bake {} into the live image (docs/signing.md)",
         k.public.display()
+    );
+    Ok(())
+}
+
+/// `imprint build`: the stick image file, then one result line (or JSON).
+pub fn build(opts: &crate::stick::BuildOptions, json: bool) -> Result<()> {
+    let start = std::time::Instant::now();
+    let layout = crate::stick::build(opts)?;
+    let secs = start.elapsed().as_secs_f64();
+    let esp_bytes = (layout.esp_lba.1 - layout.esp_lba.0 + 1) * crate::stick::SECTOR;
+    if json {
+        outln!(
+            "{}",
+            serde_json::json!({
+                "event": "result",
+                "ok": true,
+                "stick": opts.output,
+                "size": layout.size,
+                "esp_partuuid": layout.esp_partuuid.to_string(),
+                "esp_bytes": esp_bytes,
+                "esp_lba": [layout.esp_lba.0, layout.esp_lba.1],
+                "payload_lba": [layout.payload_lba.0, layout.payload_lba.1],
+                "image": opts.image,
+                "image_name": layout.image_name,
+                "image_bytes": layout.payload_len,
+                "boot": opts.boot,
+                "seconds": secs,
+            })
+        );
+        return Ok(());
+    }
+    detail!(
+        "ESP: LBA {}..{} ({}), PARTUUID {}; payload: LBA {}..{}",
+        layout.esp_lba.0,
+        layout.esp_lba.1,
+        units::size(esp_bytes),
+        layout.esp_partuuid,
+        layout.payload_lba.0,
+        layout.payload_lba.1
+    );
+    detail!("built in {}", units::duration(secs));
+    outln!(
+        "{} ({}): a stick with {} ({}) and boot files from {}",
+        opts.output.display(),
+        units::size(layout.size),
+        untrusted(&layout.image_name),
+        units::size(layout.payload_len),
+        opts.boot.display()
     );
     Ok(())
 }
@@ -281,19 +374,15 @@ fn print_manifest(m: &Manifest, path: &Path) {
     outln!("  image:        {}", path.display());
     outln!("  name:         {}", untrusted(&m.name));
     outln!("  format:       {} v{}", untrusted(&m.format), m.version);
-    outln!(
-        "  raw size:     {} ({} bytes)",
-        human_bytes(m.raw_size),
-        m.raw_size
-    );
+    outln!("  raw size:     {}", units::size_exact(m.raw_size));
     outln!(
         "  compressed:   {} ({} bytes, {ratio:.1}x)",
-        human_bytes(m.compressed_size),
+        units::size(m.compressed_size),
         m.compressed_size
     );
     outln!(
-        "  partitions:   {:?}{}",
-        m.partition_table,
+        "  partitions:   {}{}",
+        partition_table_name(m.partition_table),
         m.sector_size
             .map(|s| format!(", {s}-byte sectors"))
             .unwrap_or_default()
@@ -302,9 +391,23 @@ fn print_manifest(m: &Manifest, path: &Path) {
     outln!(
         "  chunks:       {} of {}",
         m.chunks.len(),
-        human_bytes(m.chunk_size)
+        units::size(m.chunk_size)
     );
     outln!("  created by:   {}", untrusted(&m.created_by));
+}
+
+/// The partition table kind as users name it.
+fn partition_table_name(t: PartitionTable) -> &'static str {
+    match t {
+        PartitionTable::Gpt => "GPT",
+        PartitionTable::Mbr => "MBR",
+        PartitionTable::None => "none",
+    }
+}
+
+/// Text from a device or a file, in double quotes and made safe for a terminal.
+pub fn quoted(s: &str) -> String {
+    format!("\"{}\"", untrusted(s))
 }
 
 /// Checks `img`'s signature against the public key files `trust`: `None` when none are given,
@@ -378,13 +481,13 @@ fn describe_block_device(path: &Path) -> String {
         .unwrap_or_default();
     parts.sort();
     format!(
-        "model {:?}, serial {:?}, partitions: {}",
-        if model.is_empty() { "unknown" } else { &model },
-        if serial.is_empty() {
+        "model {}, serial {}, partitions: {}",
+        quoted(if model.is_empty() { "unknown" } else { &model }),
+        quoted(if serial.is_empty() {
             "unknown"
         } else {
             &serial
-        },
+        }),
         if parts.is_empty() {
             "none".to_string()
         } else {
@@ -463,7 +566,7 @@ pub fn write(
         imprint_core::input::register_temporary(target);
     }
     let result = write_opened(&img, image, target, &tgt, verify, precheck, yes, json);
-    if result.is_ok() && !json {
+    if result.is_ok() && !json && !output::quiet() {
         match (signer, img.signature().is_some()) {
             (Some(id), _) => outln!("signature: verified, by trusted key {id}"),
             (None, true) => {
@@ -500,10 +603,10 @@ fn write_opened(
         let what = format!(
             "{} ({}, {}) will be overwritten with {} ({}). Everything on it will be lost.",
             target.display(),
-            human_bytes(tgt.size()),
+            units::size(tgt.size()),
             describe_block_device(target),
             untrusted(&m.name),
-            human_bytes(m.raw_size)
+            units::size(m.raw_size)
         );
         confirm_overwrite(
             &what,
@@ -528,48 +631,61 @@ fn write_opened(
             )?
         );
     } else {
-        let mbps = |bytes: u64, secs: f64| {
-            if secs > 0.0 {
-                bytes as f64 / secs / 1e6
-            } else {
-                0.0
-            }
-        };
-        outln!(
-            "wrote {} ({}) to {} in {:.1} s ({:.0} MB/s){}",
-            untrusted(&report.image_name),
-            human_bytes(report.raw_size),
-            report.target,
-            report.write_seconds,
-            mbps(report.raw_size, report.write_seconds),
-            if report.zeroed_bytes > 0 {
-                format!(", {} of zeros offloaded", human_bytes(report.zeroed_bytes))
-            } else {
-                String::new()
-            }
-        );
-        if report.verified {
-            outln!(
-                "verified: read back alongside the write, done {:.1} s after it, sha256 {}",
-                report.verify_seconds,
-                report.image_sha256
-            );
-        } else {
-            outln!(
-                "not read back (--no-verify); the decoded stream matched sha256 {}",
-                report.image_sha256
-            );
-        }
-        if let Some(t) = &report.partition_table {
-            if t.backup_lba != t.image_backup_lba {
-                outln!(
-                    "partition table laid out for the disk: backup GPT at its last sector (LBA {}, the image had it at {})",
-                    t.backup_lba, t.image_backup_lba
-                );
-            }
-        }
+        print_write_report(&report);
     }
     Ok(())
+}
+
+/// The text result of `imprint write`: one line (all `--quiet` shows), then details.
+fn print_write_report(report: &write::WriteReport) {
+    outln!(
+        "wrote {} ({}) to {} in {} ({}), {}",
+        untrusted(&report.image_name),
+        units::size(report.raw_size),
+        report.target,
+        units::duration(report.write_seconds),
+        units::rate(report.raw_size, report.write_seconds),
+        if report.verified {
+            "verified"
+        } else {
+            "not read back (--no-verify)"
+        }
+    );
+    if output::quiet() {
+        return;
+    }
+    if report.zeroed_bytes > 0 {
+        outln!(
+            "zeros: {} offloaded to the disk, not written",
+            units::size(report.zeroed_bytes)
+        );
+    }
+    if report.verified {
+        outln!(
+            "verified: read back alongside the write, done {} after it, sha256 {}",
+            units::duration(report.verify_seconds),
+            report.image_sha256
+        );
+    } else {
+        outln!(
+            "not read back (--no-verify); the decoded stream matched sha256 {}",
+            report.image_sha256
+        );
+    }
+    if let Some(t) = &report.partition_table {
+        if t.backup_lba != t.image_backup_lba {
+            outln!(
+                "partition table laid out for the disk: backup GPT at its last sector (LBA {}, the image had it at {})",
+                t.backup_lba, t.image_backup_lba
+            );
+        }
+    }
+    detail!(
+        "phases: write {}, read-back {}, partition table {}",
+        units::duration(report.write_seconds),
+        units::duration(report.verify_seconds),
+        units::duration(report.commit_seconds)
+    );
 }
 
 /// `imprint verify`.
@@ -608,6 +724,9 @@ pub fn verify(image: &Path, target: &Path, json: bool) -> Result<()> {
             untrusted(&m.name),
             m.sha256
         );
+        if output::quiet() {
+            return Ok(());
+        }
         if outcome.gpt_backup_at_end {
             outln!("  backup GPT at the disk's end");
         }
@@ -657,12 +776,14 @@ pub fn disks(config: Option<&Path>, image: Option<&Path>, json: bool) -> Result<
         );
         return would_not();
     }
-    print!("{}", DiskTable(&disks));
-    if let Some(r) = &root {
-        outln!("({r} holds this system's root filesystem: it is treated like the appliance's own stick)");
-    }
-    for r in sel.rejected() {
-        outln!("not {}: {}", r.disk.name, r.why);
+    if !output::quiet() {
+        outln!("{}", DiskTable(&disks).to_string().trim_end_matches('\n'));
+        if let Some(r) = &root {
+            outln!("({r} holds this system's root filesystem: it is treated like the appliance's own stick)");
+        }
+        for r in sel.rejected() {
+            outln!("not {}: {}", r.disk.name, r.why);
+        }
     }
     match sel.chosen() {
         Some(d) => outln!("would choose {}: {}", d.name, sel.reason()),

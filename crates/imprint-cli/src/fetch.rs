@@ -3,14 +3,15 @@
 //! The resumable reader itself is `imprint_core::remote`.
 
 use std::fs::File;
-use std::io::{self, IsTerminal, Read, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::output::note;
+use crate::units;
 use anyhow::{bail, Context, Result};
 use imprint_core::manifest::{hex, Image};
-use imprint_core::progress::human_bytes;
 use imprint_core::remote::{self, Remote, RemoteOptions};
 use sha2::{Digest, Sha256};
 
@@ -22,7 +23,7 @@ pub fn as_url(arg: &Path) -> Option<&str> {
 /// Reader options for the command line: resumes and restarts are told on standard error.
 fn options() -> RemoteOptions {
     RemoteOptions {
-        on_notice: Some(Arc::new(|msg: &str| eprintln!("imprint: {msg}"))),
+        on_notice: Some(Arc::new(|msg: &str| note!("imprint: {msg}"))),
         ..Default::default()
     }
 }
@@ -91,17 +92,8 @@ pub fn download(url: &str, dest: &Path, sha256: Option<&str>) -> Result<()> {
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; 1 << 20];
         let mut done = 0u64;
-        let bar = std::io::stderr().is_terminal().then(|| {
-            let b = indicatif::ProgressBar::new(0);
-            b.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "download [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                .progress_chars("=> "),
-            );
-            b
-        });
+        let bar = crate::progress::terminal_bar("download");
+        let start = Instant::now();
         let mut last_line = Instant::now();
         loop {
             let n = reader
@@ -120,7 +112,12 @@ pub fn download(url: &str, dest: &Path, sha256: Option<&str>) -> Result<()> {
                 b.set_position(done);
             } else if last_line.elapsed() >= Duration::from_secs(5) {
                 last_line = Instant::now();
-                eprintln!("download: {} of {}", human_bytes(done), human_bytes(total));
+                note!(
+                    "download: {} of {} ({})",
+                    units::size(done),
+                    units::size(total),
+                    units::rate(done, start.elapsed().as_secs_f64())
+                );
             }
         }
         if let Some(b) = bar {
@@ -140,9 +137,11 @@ pub fn download(url: &str, dest: &Path, sha256: Option<&str>) -> Result<()> {
             .with_context(|| format!("syncing {}", partial.display()))?;
         std::fs::rename(&partial, dest)
             .with_context(|| format!("renaming {} to {}", partial.display(), dest.display()))?;
-        eprintln!(
-            "downloaded {shown} ({}, sha256 {actual}){}",
-            human_bytes(done),
+        note!(
+            "downloaded {shown} ({} in {}, {}, sha256 {actual}){}",
+            units::size(done),
+            units::duration(start.elapsed().as_secs_f64()),
+            units::rate(done, start.elapsed().as_secs_f64()),
             if remote.resumes() + remote.restarts() > 0 {
                 format!(
                     ", {} resumed, {} restarted",

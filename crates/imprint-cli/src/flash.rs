@@ -11,11 +11,12 @@ use anyhow::{bail, Context, Result};
 use imprint_core::blockdev::{OpenOptionsTarget, Target, TargetKind};
 use imprint_core::discover::{self, Transport};
 use imprint_core::manifest::Image;
-use imprint_core::progress::human_bytes;
 use imprint_core::write::{self, WriteOptions};
 
-use crate::commands::{confirm_overwrite, progress_for, Refused};
+use crate::commands::{confirm_overwrite, outln, progress_for, quoted, Refused};
+use crate::output::detail;
 use crate::stick;
+use crate::units;
 
 /// What `imprint flash` is asked to do.
 #[derive(Debug, Clone)]
@@ -28,6 +29,8 @@ pub struct FlashOptions {
     pub yes: bool,
     /// Allow a device that is neither USB nor removable.
     pub force: bool,
+    /// JSON progress events and result on standard output.
+    pub json: bool,
 }
 
 /// Runs `imprint flash`.
@@ -37,10 +40,11 @@ pub fn flash(opts: &FlashOptions) -> Result<()> {
     {
         use std::os::unix::fs::FileTypeExt;
         if !meta.file_type().is_block_device() {
-            bail!(
+            return Err(Refused(format!(
                 "{} is not a block device; to make a stick image file use `imprint build -o FILE`",
                 dev.display()
-            );
+            ))
+            .into());
         }
     }
     let name = std::fs::canonicalize(dev)
@@ -52,18 +56,18 @@ pub fn flash(opts: &FlashOptions) -> Result<()> {
         Some(disk) => {
             if disk.transport != Transport::Usb && !disk.removable && !opts.force {
                 return Err(Refused(format!(
-                    "{} is a {:?} disk, neither USB nor removable: refusing to turn it into a stick (pass --force if you really mean it)",
+                    "{} is a {} disk, neither USB nor removable: refusing to turn it into a stick (pass --force if you really mean it)",
                     dev.display(),
                     disk.transport
                 ))
                 .into());
             }
             format!(
-                "{} ({}, model {:?}, serial {:?}, partitions: {})",
+                "{} ({}, model {}, serial {}, partitions: {})",
                 dev.display(),
-                human_bytes(disk.size),
-                disk.model.as_deref().unwrap_or("unknown"),
-                disk.serial.as_deref().unwrap_or("unknown"),
+                units::size(disk.size),
+                quoted(disk.model.as_deref().unwrap_or("unknown")),
+                quoted(disk.serial.as_deref().unwrap_or("unknown")),
                 if disk.partitions.is_empty() {
                     "none".to_string()
                 } else {
@@ -102,23 +106,47 @@ pub fn flash(opts: &FlashOptions) -> Result<()> {
             bail!(
                 "{} holds {} but the stick needs {}; use a larger stick",
                 dev.display(),
-                human_bytes(target.size()),
-                human_bytes(layout.size)
+                units::size(target.size()),
+                units::size(layout.size)
             );
         }
         let image = Image::from_raw_file(&stick_file, "imprint stick")
             .context("reading the built stick image")?;
-        let progress = progress_for(false);
+        let progress = progress_for(opts.json);
         let report =
             write::write_image(&image, &target, &WriteOptions::default(), progress.as_ref())
                 .with_context(|| format!("writing the stick to {}", dev.display()))?;
         drop(progress);
-        crate::commands::outln!(
-            "{} is an imprint stick: {} written and read back in {:.1} s",
-            dev.display(),
-            human_bytes(report.raw_size),
-            report.write_seconds + report.verify_seconds + report.commit_seconds
-        );
+        let secs = report.write_seconds + report.verify_seconds + report.commit_seconds;
+        if opts.json {
+            outln!(
+                "{}",
+                serde_json::json!({
+                    "event": "result",
+                    "ok": true,
+                    "device": dev,
+                    "image": opts.build.image,
+                    "image_name": layout.image_name,
+                    "esp_partuuid": layout.esp_partuuid.to_string(),
+                    "report": report,
+                })
+            );
+        } else {
+            detail!(
+                "phases: write {}, read-back {}, partition table {}",
+                units::duration(report.write_seconds),
+                units::duration(report.verify_seconds),
+                units::duration(report.commit_seconds)
+            );
+            outln!(
+                "{} is an imprint stick with {}: {} written and read back in {} ({})",
+                dev.display(),
+                quoted(&layout.image_name),
+                units::size(report.raw_size),
+                units::duration(secs),
+                units::rate(report.raw_size, secs)
+            );
+        }
         Ok(())
     })();
     imprint_core::input::unregister_temporary(tmp.path());

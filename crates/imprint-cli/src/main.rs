@@ -11,12 +11,14 @@ mod commands;
 mod fetch;
 mod flash;
 mod manual;
+mod output;
 mod picker;
 mod prepare;
 mod progress;
 mod reports;
 mod sign;
 mod stick;
+mod units;
 
 /// imprint: provision bare-metal machines from a USB stick, and write OS images to disks with
 /// verified direct writes.
@@ -28,9 +30,20 @@ unreadable or not a regular file); 2 usage; 3 the image is bad \
 (corrupt, truncated, not an imprint image, or its signature does not check out with --trust); 4 the target was refused before anything was written \
 (missing, a file without --to-file, too small, in use, busy, permission denied, wrong sector size, not confirmed); 5 the target failed (I/O error, \
 read-back mismatch while writing); 6 `verify`: the target does not hold the image; 7 the image could not be downloaded \
-(HTTP error, server unreachable or gone, or the file changed on the server)."
+(HTTP error, server unreachable or gone, or the file changed on the server).
+
+With --json, the result is JSON on standard output and an error (usage errors included) is one \
+line on standard error: {\"event\":\"error\",\"ok\":false,\"exit_code\":N,\"error\":\"...\",\"causes\":[...]}. \
+Sizes and rates are in binary units (KiB, MiB, GiB; MiB/s); JSON gives bytes and seconds."
 )]
 struct Cli {
+    /// Say only errors and the final result line (no progress, no notes).
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+    /// Say more: each phase's size, time and rate, where the boot files were looked for, what
+    /// was read and made.
+    #[arg(short, long, global = true)]
+    verbose: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -51,6 +64,9 @@ enum Command {
         /// Protect the secret key with the password on the first line of this file.
         #[arg(long)]
         password_file: Option<PathBuf>,
+        /// Print the key id, the files and the public key as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Write an imprint image to a disk (or a file), verify it, and make it bootable.
     ///
@@ -110,6 +126,9 @@ enum Command {
         /// The stick image file to write.
         #[arg(short, long)]
         output: PathBuf,
+        /// Print the stick's layout as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Build the provisioning stick and write it to a USB device, verified.
     ///
@@ -128,6 +147,9 @@ enum Command {
         /// Allow a device that is neither USB nor removable.
         #[arg(long)]
         force: bool,
+        /// Print JSON progress events and a JSON result on standard output.
+        #[arg(long)]
+        json: bool,
     },
     /// List this machine's disks as the appliance sees them, and which one it would choose.
     ///
@@ -235,23 +257,70 @@ fn started() -> std::time::Instant {
     *STARTED.get_or_init(std::time::Instant::now)
 }
 
+impl Command {
+    /// Whether the user asked for JSON (then errors are JSON too).
+    fn json(&self) -> bool {
+        match self {
+            Command::Prepare(args) => args.json,
+            Command::Keygen { json, .. }
+            | Command::Write { json, .. }
+            | Command::Verify { json, .. }
+            | Command::Build { json, .. }
+            | Command::Flash { json, .. }
+            | Command::Disks { json, .. }
+            | Command::Reports { json, .. }
+            | Command::Inspect { json, .. } => *json,
+            Command::Completions { .. } | Command::Man { .. } => false,
+        }
+    }
+}
+
+/// A command line clap cannot parse: clap's own message and exit status 2, or with `--json`
+/// anywhere on the line, the same JSON error object as any other error. Help and version
+/// requests print as usual.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    let asked_json = std::env::args_os().any(|a| a == "--json");
+    if !asked_json
+        || matches!(
+            e.kind(),
+            ErrorKind::DisplayHelp
+                | ErrorKind::DisplayVersion
+                | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+        )
+    {
+        e.exit();
+    }
+    let text = e.render().to_string();
+    let first = text.lines().next().unwrap_or_default();
+    let message = first.strip_prefix("error: ").unwrap_or(first);
+    let code = 2;
+    commands::print_error(&anyhow::anyhow!("{message}"), code, true);
+    ExitCode::from(code)
+}
+
 fn main() -> ExitCode {
     started();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
+    output::set_level(if cli.quiet {
+        output::Level::Quiet
+    } else if cli.verbose {
+        output::Level::Verbose
+    } else {
+        output::Level::Normal
+    });
     commands::remove_temporaries_on_signals();
-    let json = matches!(
-        cli.command,
-        Command::Write { json: true, .. }
-            | Command::Verify { json: true, .. }
-            | Command::Disks { json: true, .. }
-            | Command::Inspect { json: true, .. }
-    );
+    let json = cli.command.json();
     let result = match cli.command {
         Command::Prepare(args) => commands::prepare(&args),
         Command::Keygen {
             output,
             password_file,
-        } => commands::keygen(&output, password_file.as_deref()),
+            json,
+        } => commands::keygen(&output, password_file.as_deref(), json),
         Command::Write {
             image,
             target,
@@ -278,15 +347,19 @@ fn main() -> ExitCode {
             target,
             json,
         } => commands::verify(&image, &target, json),
-        Command::Build { stick, output } => stick
+        Command::Build {
+            stick,
+            output,
+            json,
+        } => stick
             .into_build(output)
-            .and_then(|opts| stick::build(&opts))
-            .map(|_| ()),
+            .and_then(|opts| commands::build(&opts, json)),
         Command::Flash {
             stick,
             device,
             yes,
             force,
+            json,
         } => stick.into_build(PathBuf::new()).and_then(|build| {
             let device = match device {
                 Some(device) => device,
@@ -297,6 +370,7 @@ fn main() -> ExitCode {
                 device,
                 yes,
                 force,
+                json,
             })
         }),
         Command::Disks {

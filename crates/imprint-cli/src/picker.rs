@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use imprint_core::discover::{self, Disk, Transport};
-use imprint_core::progress::human_bytes;
 
-use crate::commands::Refused;
+use crate::commands::{untrusted, Refused};
+use crate::units;
 
 /// The disks offered: USB or removable, not read-only, with media (size > 0).
 pub fn candidates(disks: &[Disk]) -> Vec<&Disk> {
@@ -24,9 +24,9 @@ pub fn label(d: &Disk) -> String {
     format!(
         "{:<12} {:>10}  {}  serial {}",
         d.dev_path.display(),
-        human_bytes(d.size),
-        d.model.as_deref().unwrap_or("(no model)"),
-        d.serial.as_deref().unwrap_or("(none)")
+        units::size(d.size),
+        untrusted(d.model.as_deref().unwrap_or("(no model)")),
+        untrusted(d.serial.as_deref().unwrap_or("(none)"))
     )
 }
 

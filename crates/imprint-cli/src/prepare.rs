@@ -112,6 +112,9 @@ pub struct PrepareArgs {
     /// checked before anything is converted.
     #[arg(long, value_name = "HEX", value_parser = crate::fetch::parse_sha256)]
     pub sha256: Option<String>,
+    /// Print the new image's path and manifest as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Memory the xz decoder may use: `xz -9` needs 65 MiB, a 256 MiB dictionary about 260 MiB.

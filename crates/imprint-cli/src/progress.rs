@@ -6,11 +6,39 @@ use std::io::Write;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use imprint_core::progress::{human_bytes, Phase, Progress};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use crate::output::detail;
+use crate::units;
+use imprint_core::progress::{Phase, Progress};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 use serde::Serialize;
 
-/// An `indicatif` bar per phase with bytes, rate and ETA.
+/// Width of the bar itself, so that the whole line fits 80 columns (see [`bar_line`]).
+const BAR_WIDTH: u64 = 20;
+
+/// One progress line: `   write [=========>          ] 1.2 GiB/3.4 GiB 95.4 MiB/s ETA 00:24`.
+/// At most 79 columns whatever the numbers (sizes and rates at most 10 characters each, ETA at
+/// most 8), so it never wraps on an 80-column terminal.
+pub fn bar_line(phase: &str, done: u64, total: u64, elapsed: f64, eta: f64) -> String {
+    let filled = if total == 0 {
+        BAR_WIDTH
+    } else {
+        (u128::from(done.min(total)) * u128::from(BAR_WIDTH) / u128::from(total)) as u64
+    };
+    let mut bar = "=".repeat(filled as usize);
+    if filled < BAR_WIDTH {
+        bar.push('>');
+        bar.push_str(&" ".repeat((BAR_WIDTH - filled - 1) as usize));
+    }
+    format!(
+        "{phase:>8} [{bar}] {}/{} {} ETA {}",
+        units::size(done),
+        units::size(total),
+        units::rate(done, elapsed),
+        units::eta(eta)
+    )
+}
+
+/// A bar per phase with bytes, rate and ETA ([`bar_line`]), drawn by `indicatif`.
 #[derive(Debug)]
 pub struct BarProgress {
     bar: Mutex<Option<ProgressBar>>,
@@ -27,16 +55,40 @@ impl BarProgress {
     }
 }
 
+/// A bar for `name` (`download`, `prepare`) on standard error, drawn with [`bar_line`]; `None`
+/// off a terminal or with `--quiet` (callers then print plain lines, or nothing).
+pub fn terminal_bar(name: &'static str) -> Option<ProgressBar> {
+    use std::io::IsTerminal;
+    (!crate::output::quiet() && std::io::stderr().is_terminal())
+        .then(|| styled_bar(name, 0, ProgressDrawTarget::stderr()))
+}
+
+/// A bar whose whole line is [`bar_line`].
+fn styled_bar(name: &'static str, total: u64, target: ProgressDrawTarget) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(Some(total), target);
+    let style = ProgressStyle::with_template("{line}")
+        .map(|s| {
+            s.with_key(
+                "line",
+                move |st: &ProgressState, w: &mut dyn std::fmt::Write| {
+                    let _ = w.write_str(&bar_line(
+                        name,
+                        st.pos(),
+                        st.len().unwrap_or(0),
+                        st.elapsed().as_secs_f64(),
+                        st.eta().as_secs_f64(),
+                    ));
+                },
+            )
+        })
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar
+}
+
 impl Progress for BarProgress {
     fn begin(&self, phase: Phase, total: u64) {
-        let bar = ProgressBar::with_draw_target(Some(total), (self.target)());
-        let style = ProgressStyle::with_template(
-            "{prefix:>8} [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> ");
-        bar.set_style(style);
-        bar.set_prefix(phase.name());
+        let bar = styled_bar(phase.name(), total, (self.target)());
         if let Ok(mut b) = self.bar.lock() {
             *b = Some(bar);
         }
@@ -54,14 +106,29 @@ impl Progress for BarProgress {
                 bar.finish_and_clear();
             }
         }
-        eprintln!(
-            "{:>8} {} in {:.1} s ({})",
-            phase.name(),
-            human_bytes(bytes),
-            secs,
-            rate(bytes, secs)
-        );
+        detail!("{}", phase_done(phase, bytes, secs));
     }
+}
+
+/// The line a finished phase leaves (with `--verbose`): `   write 1.2 GiB in 12.3 s (95.4 MiB/s)`.
+pub fn phase_done(phase: Phase, bytes: u64, secs: f64) -> String {
+    format!(
+        "{:>8} {} in {} ({})",
+        phase.name(),
+        units::size(bytes),
+        units::duration(secs),
+        units::rate(bytes, secs)
+    )
+}
+
+/// No progress at all (`--quiet`).
+#[derive(Debug)]
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn begin(&self, _: Phase, _: u64) {}
+    fn advance(&self, _: u64) {}
+    fn end(&self, _: Phase, _: u64, _: f64) {}
 }
 
 /// The phase being reported by [`LineProgress`]: phase, total, start, last line printed.
@@ -91,7 +158,7 @@ impl<W: Write + Send> Progress for LineProgress<W> {
         if let Ok(mut g) = self.out.lock() {
             let now = Instant::now();
             g.1 = Some((phase, total, now, now));
-            let _ = writeln!(g.0, "{}: {} to go", phase.name(), human_bytes(total));
+            let _ = writeln!(g.0, "{}: {} to go", phase.name(), units::size(total));
         }
     }
     fn advance(&self, done: u64) {
@@ -111,9 +178,9 @@ impl<W: Write + Send> Progress for LineProgress<W> {
                         "{}: {:5.1}% {} of {} ({})",
                         phase.name(),
                         pct,
-                        human_bytes(done),
-                        human_bytes(*total),
-                        rate(done, secs)
+                        units::size(done),
+                        units::size(*total),
+                        units::rate(done, secs)
                     );
                 }
             }
@@ -124,11 +191,11 @@ impl<W: Write + Send> Progress for LineProgress<W> {
             g.1 = None;
             let _ = writeln!(
                 g.0,
-                "{}: done, {} in {:.1} s ({})",
+                "{}: done, {} in {} ({})",
                 phase.name(),
-                human_bytes(bytes),
-                secs,
-                rate(bytes, secs)
+                units::size(bytes),
+                units::duration(secs),
+                units::rate(bytes, secs)
             );
         }
     }
@@ -233,14 +300,6 @@ impl<W: Write + Send> Progress for JsonProgress<W> {
     }
 }
 
-/// Bytes per second, in the same units as every other size (`human_bytes`).
-fn rate(bytes: u64, secs: f64) -> String {
-    if secs <= 0.0 {
-        return "-".into();
-    }
-    format!("{}/s", human_bytes((bytes as f64 / secs) as u64))
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -262,5 +321,62 @@ mod tests {
         assert_eq!(lines[0]["event"], "begin");
         assert_eq!(lines[1]["done"], 50);
         assert_eq!(lines[2]["bytes_per_second"], 50.0);
+    }
+
+    #[test]
+    fn bar_lines_fit_80_columns_and_use_binary_units() {
+        let worst = [
+            (0, 0, 0.0, 0.0),
+            (1023 << 30, 1023 << 30, 1.0, 1e9),
+            (u64::MAX, u64::MAX, 1e-9, f64::INFINITY),
+            (1023 * (1 << 20) + 1000, 1023 << 30, 1.0, 359_999.0),
+        ];
+        for phase in [
+            Phase::Precheck,
+            Phase::Wipe,
+            Phase::Write,
+            Phase::Verify,
+            Phase::Commit,
+            Phase::Compress,
+        ] {
+            for (done, total, elapsed, eta) in worst {
+                let line = bar_line(phase.name(), done, total, elapsed, eta);
+                assert!(line.chars().count() <= 80, "{} columns: {line}", line.len());
+            }
+        }
+        assert_eq!(
+            bar_line("write", 1 << 29, 1 << 30, 4.0, 4.0),
+            "   write [==========>         ] 512.0 MiB/1.0 GiB 128.0 MiB/s ETA 00:04"
+        );
+        assert_eq!(
+            bar_line("verify", 10, 10, 0.0, 0.0),
+            "  verify [====================] 10 B/10 B - ETA 00:00"
+        );
+        assert_eq!(
+            phase_done(Phase::Write, 3 << 30, 30.0),
+            "   write 3.0 GiB in 30.0 s (102.4 MiB/s)"
+        );
+    }
+
+    #[test]
+    fn log_lines_use_binary_units() {
+        let p = LineProgress::new(Vec::new(), Duration::ZERO);
+        p.begin(Phase::Verify, 2 << 20);
+        p.advance(1 << 20);
+        p.end(Phase::Verify, 2 << 20, 0.5);
+        let out = String::from_utf8(p.out.into_inner().unwrap().0).unwrap();
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], "verify: 2.0 MiB to go");
+        assert!(
+            lines[1].starts_with("verify:  50.0% 1.0 MiB of 2.0 MiB ("),
+            "{}",
+            lines[1]
+        );
+        assert!(
+            lines[1].ends_with(" MiB/s)") || lines[1].ends_with(" GiB/s)"),
+            "{}",
+            lines[1]
+        );
+        assert_eq!(lines[2], "verify: done, 2.0 MiB in 0.5 s (4.0 MiB/s)");
     }
 }

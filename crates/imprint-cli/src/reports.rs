@@ -19,6 +19,9 @@ use imprint_core::machine::{is_placeholder_serial, MacAddr};
 use imprint_core::stick::{ESP_LABEL, REPORTS_DIR};
 use serde_json::{json, Map, Value};
 
+use crate::commands::outln;
+use crate::output::note;
+
 /// One report file's contents, by name.
 #[derive(Debug)]
 struct ReportFile {
@@ -54,14 +57,14 @@ pub fn reports(source: &Path, json: bool, machines: bool) -> Result<()> {
     }
     if machines {
         let fragment = machines_skeleton(&files);
-        println!("{}", serde_json::to_string_pretty(&fragment)?);
+        outln!("{}", serde_json::to_string_pretty(&fragment)?);
         return Ok(());
     }
     let rows: Vec<Row> = files.iter().map(row).collect();
     if json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        outln!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
-        print!("{}", table(&rows));
+        outln!("{}", table(&rows).trim_end_matches('\n'));
     }
     Ok(())
 }
@@ -95,8 +98,8 @@ fn load(source: &Path) -> Result<Vec<ReportFile>> {
                     report: v,
                 })
             }
-            Ok(_) => eprintln!("imprint: skipping {}: not an imprint report", clean(&name)),
-            Err(e) => eprintln!("imprint: skipping {}: not JSON ({e})", clean(&name)),
+            Ok(_) => note!("imprint: skipping {}: not an imprint report", clean(&name)),
+            Err(e) => note!("imprint: skipping {}: not JSON ({e})", clean(&name)),
         }
     }
     out.sort_by_key(|f| f.report["started_at"].as_u64().unwrap_or(0));
@@ -237,15 +240,6 @@ fn utc(secs: u64) -> String {
     format!("{y:04}-{m:02}-{d:02} {:02}:{:02}", t / 3600, (t / 60) % 60)
 }
 
-fn duration(secs: f64) -> String {
-    let s = secs.round() as u64;
-    match s {
-        0..=59 => format!("{s}s"),
-        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
-        _ => format!("{}h{:02}m", s / 3600, (s / 60) % 60),
-    }
-}
-
 fn row(f: &ReportFile) -> Row {
     let r = &f.report;
     let started_at = r["started_at"].as_u64().filter(|&s| s > 0);
@@ -313,7 +307,9 @@ fn table(rows: &[Row]) -> String {
                 dash(&r.status),
                 dash(&r.image),
                 dash(&r.when),
-                r.duration_secs.map(duration).unwrap_or_else(|| "-".into()),
+                r.duration_secs
+                    .map(crate::units::duration)
+                    .unwrap_or_else(|| "-".into()),
                 dash(&r.target_disk),
             ]
         })
@@ -421,9 +417,9 @@ mod tests {
         assert_eq!(utc(0), "1970-01-01 00:00");
         assert_eq!(utc(1_764_070_930), "2025-11-25 11:42");
         assert_eq!(utc(951_782_400), "2000-02-29 00:00");
-        assert_eq!(duration(4.4), "4s");
-        assert_eq!(duration(252.0), "4m12s");
-        assert_eq!(duration(3_700.0), "1h01m");
+        assert_eq!(crate::units::duration(4.4), "4.4 s");
+        assert_eq!(crate::units::duration(252.0), "4 min 12 s");
+        assert_eq!(crate::units::duration(3_700.0), "1 h 01 min");
     }
 
     #[test]

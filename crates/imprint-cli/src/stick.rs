@@ -82,6 +82,8 @@ pub struct StickLayout {
     pub payload_lba: (u64, u64),
     /// Bytes of the image in the payload partition (the rest of it is zeros).
     pub payload_len: u64,
+    /// The image's name (from its manifest; untrusted text).
+    pub image_name: String,
 }
 
 /// Everything checked before writing: the files that go onto the ESP and the image.
@@ -139,15 +141,6 @@ pub fn build(opts: &BuildOptions) -> Result<StickLayout> {
         let _ = fs::remove_file(&partial);
         return Err(e);
     }
-    eprintln!(
-        "imprint: {} ({}): ESP {} MiB PARTUUID {}, payload {} ({} bytes)",
-        opts.output.display(),
-        imprint_core::progress::human_bytes(layout.size),
-        (layout.esp_lba.1 - layout.esp_lba.0 + 1) * SECTOR / MIB,
-        layout.esp_partuuid,
-        inputs.image_name,
-        inputs.image_len
-    );
     Ok(layout)
 }
 
@@ -282,6 +275,7 @@ fn plan(inputs: &Inputs) -> Result<StickLayout> {
         esp_lba: (esp_first, esp_last),
         payload_lba: (payload_first, payload_last),
         payload_len: inputs.image_len,
+        image_name: inputs.image_name.clone(),
     })
 }
 

@@ -284,10 +284,10 @@ fn fleet(dir: &Path) {
 }
 
 const TABLE: &str = "\
-MACHINE            HOSTNAME  STATUS     IMAGE         WHEN (UTC)        TOOK   TARGET
-BTTN0001           nuc-b1    installed  ubuntu-24.04  2025-11-25 11:42  4m12s  nvme0n1 (S64DNX0T123456)
-BTTN0002           -         failed     ubuntu-24.04  2025-11-25 12:40  2s     nvme0n1 (S64DNX0T123456)
-aa:bb:cc:00:00:03  -         inventory  ubuntu-24.04  2025-11-25 13:40  2s     nvme0n1 (S64DNX0T123456)
+MACHINE            HOSTNAME  STATUS     IMAGE         WHEN (UTC)        TOOK        TARGET
+BTTN0001           nuc-b1    installed  ubuntu-24.04  2025-11-25 11:42  4 min 12 s  nvme0n1 (S64DNX0T123456)
+BTTN0002           -         failed     ubuntu-24.04  2025-11-25 12:40  2.0 s       nvme0n1 (S64DNX0T123456)
+aa:bb:cc:00:00:03  -         inventory  ubuntu-24.04  2025-11-25 13:40  2.0 s       nvme0n1 (S64DNX0T123456)
 
 a2 BTTN0002: writing /dev/nvme0n1: I/O error\\u{1b}[2J
 ";

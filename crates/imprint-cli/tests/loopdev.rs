@@ -478,18 +478,52 @@ fn flash_writes_a_verified_stick_and_refuses_non_usb_without_force() {
         "{}",
         stderr(&o)
     );
+    // The same refusal with --json: one error object with the exit code, nothing on stdout.
+    let o = run(imprint()
+        .args(["flash", "--yes", "--json", "--image"])
+        .arg(&img)
+        .arg("--boot")
+        .arg(&boot)
+        .arg(&lo.dev));
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    assert!(
+        o.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let e: serde_json::Value = serde_json::from_str(stderr(&o).trim()).unwrap();
+    assert_eq!(
+        (e["ok"].clone(), e["exit_code"].clone()),
+        (false.into(), 4.into())
+    );
     drop(lo);
     assert_eq!(sha(&disk), before);
 
     let lo = Loop::new(&disk, 512);
     let o = run(imprint()
-        .args(["flash", "--yes", "--force", "--image"])
+        .args(["flash", "--yes", "--force", "--json", "--image"])
         .arg(&img)
         .arg("--boot")
         .arg(&boot)
         .arg(&lo.dev));
     assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let result: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(result["event"], "result");
+    assert_eq!(result["ok"], true);
+    assert_eq!(result["device"], lo.dev.to_str().unwrap());
+    assert_eq!(result["report"]["verified"], true);
+    assert_eq!(result["report"]["target_size"], 256 * MIB);
     check(Command::new("sgdisk").arg("-v").arg(&lo.dev));
+    // The PARTUUID the JSON names is the stick's ESP's.
+    let esp = run(Command::new("sgdisk").args(["-i", "1"]).arg(&lo.dev));
+    let esp = String::from_utf8_lossy(&esp.stdout).to_uppercase();
+    let want = result["esp_partuuid"].as_str().unwrap().to_uppercase();
+    assert!(
+        esp.lines()
+            .any(|l| l.starts_with("PARTITION UNIQUE GUID") && l.ends_with(&want)),
+        "{esp} vs {want}"
+    );
     let info = run(Command::new("sgdisk").args(["-i", "2"]).arg(&lo.dev));
     let info = String::from_utf8_lossy(&info.stdout).to_uppercase();
     assert!(

@@ -851,9 +851,11 @@ pub fn check_next_boot(vars: &Path, report: &serde_json::Value) -> Result<(), St
         .position(|&n| n == num)
         .ok_or_else(|| format!("BootOrder {order:04X?} does not list {name}"))?;
     let said = nb["boot_order"].as_str().unwrap_or_default();
-    if !said.contains(&format!("position {pos}")) {
+    // The report counts positions from 1, like a boot menu.
+    if !said.contains(&format!("position {}", pos + 1)) {
         return Err(format!(
-            "{name} is at position {pos} of BootOrder {order:04X?}; the report says {said:?}"
+            "{name} is at position {} of BootOrder {order:04X?}; the report says {said:?}",
+            pos + 1
         ));
     }
     Ok(())
@@ -873,7 +875,7 @@ mod tests {
         let report = serde_json::json!({ "next_boot": {
             "set": true, "boot_entry": "Boot0003", "description": "imprint: QEMU NVMe Ctrl NVME0001",
             "esp_partition": 1, "esp_partuuid": "12345678-AAAA-BBBB-CCCC-1234567890AB",
-            "loader": loader, "boot_order": "inserted at position 1" } });
+            "loader": loader, "boot_order": "added to BootOrder at position 2" } });
         let t = tempfile::tempdir().unwrap();
         let check = |vars: &[(&str, u8, &[u8])], report: &serde_json::Value| {
             let path = t.path().join("vars.fd");
@@ -904,7 +906,9 @@ mod tests {
             .contains("does not list"));
         let mut first = good;
         first[2].2 = &[3, 0, 1, 0];
-        assert!(check(&first, &report).unwrap_err().contains("position 0"));
+        assert!(check(&first, &report)
+            .unwrap_err()
+            .contains("is at position 1"));
         let mut unset = report.clone();
         unset["next_boot"]["set"] = false.into();
         assert!(check(&good, &unset).is_err());

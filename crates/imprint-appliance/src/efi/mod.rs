@@ -348,13 +348,16 @@ pub enum BootOrderChange {
     Inserted { position: usize },
 }
 
+/// How the report and the console say it: plain words, 1-based like a boot menu.
 impl std::fmt::Display for BootOrderChange {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             BootOrderChange::AlreadyPresent { position } => {
-                write!(f, "already listed at position {position} (unchanged)")
+                write!(f, "already listed in BootOrder (position {})", position + 1)
             }
-            BootOrderChange::Inserted { position } => write!(f, "inserted at position {position}"),
+            BootOrderChange::Inserted { position } => {
+                write!(f, "added to BootOrder at position {}", position + 1)
+            }
         }
     }
 }
@@ -529,6 +532,14 @@ mod tests {
         assert_eq!(
             add_to_boot_order(dir.path(), 3).unwrap(),
             BootOrderChange::Inserted { position: 0 }
+        );
+        assert_eq!(
+            BootOrderChange::Inserted { position: 0 }.to_string(),
+            "added to BootOrder at position 1"
+        );
+        assert_eq!(
+            BootOrderChange::AlreadyPresent { position: 2 }.to_string(),
+            "already listed in BootOrder (position 3)"
         );
         assert_eq!(boot_order(dir.path()).unwrap(), Some(vec![3, 1, 0]));
         let empty = tempfile::tempdir().unwrap();
