@@ -42,6 +42,7 @@ use crate::handover::{
 use crate::mount::Mount;
 use crate::power;
 use crate::prompt::{ask_choice, confirm};
+use crate::screen::banner;
 use imprint_core::report::{
     self, BootInfo, Hardware, ImageInfo, NextBoot, Rejected, Report, SeedInfo, SelectionInfo,
     Status,
@@ -101,15 +102,34 @@ pub fn run(env: &BootEnv, consoles: &mut Consoles) -> ! {
             None,
         ),
     };
+    if crate::inventory::wanted(env, &config) {
+        crate::inventory::run(env, consoles, &mut rep, stick)
+    }
     match install(env, consoles, stick.path(), &config, &mut rep) {
         Ok(Ending::Provisioned) => {
             save_report(consoles, &rep, stick.path());
+            let b = banner::done(&rep, config.after);
+            consoles.show(|v| {
+                v.status = "done".into();
+                v.bar = None;
+                v.banner = Some(b);
+            });
             finish(consoles, config.after, stick)
         }
         Ok(Ending::Stopped) => {
             save_report(consoles, &rep, stick.path());
+            let why = rep.selection.as_ref().map(|s| s.reason.clone());
+            let b = banner::stopped(
+                "STOPPED",
+                &why.unwrap_or_else(|| "see the messages below".into()),
+                "power the machine off when you are done",
+            );
+            consoles.show(|v| {
+                v.status = "stopped".into();
+                v.banner = Some(b);
+            });
             unmount(consoles, stick);
-            consoles.line(DONE_MARKER);
+            consoles.log_line(DONE_MARKER);
             consoles.line("imprint: nothing was written; power the machine off when you are done");
             wait_or_poweroff(consoles, config.fatal_poweroff_after_secs)
         }
@@ -123,7 +143,7 @@ pub fn run(env: &BootEnv, consoles: &mut Consoles) -> ! {
     }
 }
 
-fn save_report(consoles: &mut Consoles, rep: &Report, stick: &Path) {
+pub(crate) fn save_report(consoles: &mut Consoles, rep: &Report, stick: &Path) {
     match rep.save(&stick.join(REPORTS_DIR)) {
         Ok(p) => consoles.line(&format!(
             "imprint: report written to the stick: {}",
@@ -135,7 +155,7 @@ fn save_report(consoles: &mut Consoles, rep: &Report, stick: &Path) {
     }
 }
 
-fn fail(
+pub(crate) fn fail(
     consoles: &mut Consoles,
     rep: &mut Report,
     stick: Option<Mount>,
@@ -147,12 +167,19 @@ fn fail(
     rep.error = Some(chain.clone());
     consoles.line("");
     consoles.line(&format!("imprint: FAILED: {chain}"));
-    consoles.line(&format!("imprint: {}", disk_state_after(e)));
+    let state = disk_state_after(e);
+    consoles.line(&format!("imprint: {state}"));
+    let b = banner::failed(rep, &chain, &state);
+    consoles.show(|v| {
+        v.status = "FAILED".into();
+        v.bar = None;
+        v.banner = Some(b);
+    });
     if let Some(stick) = stick {
         save_report(consoles, rep, stick.path());
         unmount(consoles, stick);
     }
-    consoles.line(DONE_MARKER);
+    consoles.log_line(DONE_MARKER);
     wait_or_poweroff(consoles, poweroff_after)
 }
 
@@ -188,7 +215,7 @@ fn wait_or_poweroff(consoles: &mut Consoles, after: Option<u64>) -> ! {
 
 fn finish(consoles: &mut Consoles, after: After, stick: Mount) -> ! {
     unmount(consoles, stick);
-    consoles.line(DONE_MARKER);
+    consoles.log_line(DONE_MARKER);
     match after {
         After::Reboot => {
             consoles.line("imprint: rebooting into the installed system");
@@ -206,7 +233,7 @@ fn finish(consoles: &mut Consoles, after: After, stick: Mount) -> ! {
 }
 
 /// Unmounts the stick before PID 1 stops, reboots or powers off (none of which returns).
-fn unmount(consoles: &mut Consoles, stick: Mount) {
+pub(crate) fn unmount(consoles: &mut Consoles, stick: Mount) {
     if let Err(e) = stick.unmount() {
         consoles.line(&format!("imprint: {e:#}"));
     }
@@ -337,6 +364,14 @@ fn install(
     for r in selection.rejected() {
         consoles.line(&format!("  not {}: {}", r.disk.name, r.why));
     }
+    if let Some(s) = &rep.selection {
+        let rejected: Vec<(String, String)> = s
+            .rejected
+            .iter()
+            .map(|r| (r.disk.clone(), r.why.clone()))
+            .collect();
+        consoles.show(|v| v.mark_choice(s.chosen.as_deref(), &rejected));
+    }
     let target_disk: Disk = match &selection {
         Selection::Chosen { disk, .. } => {
             consoles.line(&format!(
@@ -362,6 +397,10 @@ fn install(
     if let Some(s) = rep.selection.as_mut() {
         s.chosen = Some(target_disk.name.clone());
     }
+    consoles.show(|v| {
+        v.mark_choice(Some(&target_disk.name), &[]);
+        v.status = format!("target {}", target_disk.name);
+    });
     // The last-resort hostname comes from the target disk's serial, known only now.
     let rendered = if matches!(
         rendered.hostname_source,
@@ -444,7 +483,7 @@ fn install(
             (Vec::new(), None, Some((num, offset, len)))
         }
     };
-    let progress = ConsoleProgress::new();
+    let progress = ConsoleProgress::new(consoles);
     let opts = WriteOptions {
         verify: true,
         zeroout: true,
@@ -658,7 +697,7 @@ fn next_boot(consoles: &mut Consoles, env: &BootEnv, dev: &Path, disk: &Disk) ->
     }
 }
 
-fn hardware_summary() -> Option<Hardware> {
+pub(crate) fn hardware_summary() -> Option<Hardware> {
     let mut sys = sysinfo::System::new();
     sys.refresh_memory();
     sys.refresh_cpu_all();

@@ -1,0 +1,135 @@
+//! Reading the virtual NUC's monitor: qemu's `screendump` as PNG, read with Debian's
+//! `tesseract-ocr`, and kept as a test artefact in `build/e2e-artefacts/`. What a person at the
+//! monitor can read is what these tests assert.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::{run, workspace_root, E2eError, Vm};
+
+/// Where screenshots are kept after the run (scripts/test and CI keep `build/`).
+pub fn artefact_dir() -> PathBuf {
+    let d = workspace_root().join("build/e2e-artefacts");
+    let _ = std::fs::create_dir_all(&d);
+    d
+}
+
+/// The text tesseract reads in a screenshot, one line per screen line it found. The screen is
+/// a uniform block of text (`--psm 6`); case and spacing are as read.
+pub fn ocr(png: &Path) -> Result<String, E2eError> {
+    run(Command::new("tesseract")
+        .arg(png)
+        .arg("stdout")
+        .args(["--psm", "6"]))
+}
+
+/// How much screenshots are enlarged for OCR: tesseract misreads small console glyphs (`nvme`
+/// as `nume` in the 8x16 font); the live image's 16x32 font at twice its size reads well.
+const OCR_SCALE: usize = 2;
+
+/// A binary PPM (`P6`, as qemu's `screendump` writes it) as a PGM (`P5`) `scale` times larger,
+/// grey levels inverted where the background is dark so the text is always dark on light (what
+/// tesseract expects). Nearest-neighbour: the console's pixels stay sharp.
+pub fn ppm_for_ocr(ppm: &[u8], scale: usize) -> Result<Vec<u8>, E2eError> {
+    let bad = |why: &str| E2eError::Missing(format!("screendump is not a P6 PPM: {why}"));
+    // Header: P6 WIDTH HEIGHT MAXVAL, whitespace-separated, then one whitespace byte.
+    let mut fields = Vec::new();
+    let mut i = 0;
+    while fields.len() < 4 {
+        while i < ppm.len() && ppm[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        let start = i;
+        while i < ppm.len() && !ppm[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        if start == i {
+            return Err(bad("short header"));
+        }
+        fields.push(String::from_utf8_lossy(&ppm[start..i]).into_owned());
+    }
+    if fields[0] != "P6" || fields[3] != "255" {
+        return Err(bad("not 8-bit P6"));
+    }
+    let w: usize = fields[1].parse().map_err(|_| bad("width"))?;
+    let h: usize = fields[2].parse().map_err(|_| bad("height"))?;
+    let px = ppm
+        .get(i + 1..i + 1 + w * h * 3)
+        .ok_or_else(|| bad("short data"))?;
+    // Luma per pixel; each text row's background is its most common level.
+    let luma: Vec<u8> = px
+        .chunks(3)
+        .map(|p| ((u32::from(p[0]) * 3 + u32::from(p[1]) * 6 + u32::from(p[2])) / 10) as u8)
+        .collect();
+    let mut out = format!("P5 {} {} 255\n", w * scale, h * scale).into_bytes();
+    for y in 0..h {
+        let row = &luma[y * w..(y + 1) * w];
+        let dark = row.iter().filter(|&&l| l < 128).count() * 2 > w;
+        let line: Vec<u8> = row
+            .iter()
+            .flat_map(|&l| std::iter::repeat_n(if dark { 255 - l } else { l }, scale))
+            .collect();
+        for _ in 0..scale {
+            out.extend_from_slice(&line);
+        }
+    }
+    Ok(out)
+}
+
+/// A screenshot of the VM's monitor saved as `<artefacts>/<name>.png`, and its text (OCR of
+/// an enlarged grey copy, kept next to it as `.txt`).
+pub fn shot(vm: &mut Vm, name: &str) -> Result<(PathBuf, String), E2eError> {
+    let dir = artefact_dir();
+    let png = dir.join(format!("{name}.png"));
+    vm.screendump_png(&png)?;
+    let ppm = dir.join(format!("{name}.ppm"));
+    vm.screendump(&ppm)?;
+    let io = |source| E2eError::Io {
+        what: "reading",
+        path: ppm.clone(),
+        source,
+    };
+    let big = ppm_for_ocr(&std::fs::read(&ppm).map_err(io)?, OCR_SCALE)?;
+    let pgm = dir.join(format!("{name}.ocr.pgm"));
+    std::fs::write(&pgm, big).map_err(|source| E2eError::Io {
+        what: "writing",
+        path: pgm.clone(),
+        source,
+    })?;
+    let text = ocr(&pgm)?;
+    let _ = std::fs::remove_file(&ppm);
+    let _ = std::fs::remove_file(&pgm);
+    let _ = std::fs::write(png.with_extension("txt"), &text);
+    Ok((png, text))
+}
+
+/// Takes screenshots until one reads as `want` says (`want` gets the OCR text), or `timeout`
+/// passes; returns the last one either way with whether it matched.
+pub fn shot_until(
+    vm: &mut Vm,
+    name: &str,
+    timeout: Duration,
+    want: impl Fn(&str) -> bool,
+) -> Result<(PathBuf, String, bool), E2eError> {
+    let start = Instant::now();
+    loop {
+        let (png, text) = shot(vm, name)?;
+        if want(&text) {
+            return Ok((png, text, true));
+        }
+        if start.elapsed() >= timeout || !vm.is_running() {
+            return Ok((png, text, false));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// `text` with whitespace runs squeezed to single spaces, for matching OCR output. The large
+/// console font's zero has a dot in it, which tesseract reads as `@`: read back as `0`.
+pub fn squeeze(text: &str) -> String {
+    text.replace('@', "0")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
