@@ -129,3 +129,62 @@ fn banner(rep: &Report) -> Banner {
         ],
     )
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::boot::{Cmdline, Roots};
+
+    fn env(cmdline: &str) -> BootEnv {
+        BootEnv {
+            cmdline: Cmdline::parse(cmdline),
+            kernel_release: String::new(),
+            modules_loaded: Vec::new(),
+            module_failures: Vec::new(),
+            efivars: false,
+            esp: None,
+            roots: Roots::system(),
+            settled: true,
+            elapsed: Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn inventory_is_chosen_by_the_menu_entry_or_the_config() {
+        let install = Config::default();
+        let inventory = Config::from_json(r#"{ "mode": "inventory" }"#).unwrap();
+        assert!(!wanted(&env("quiet imprint.esp=X"), &install));
+        assert!(wanted(&env("quiet imprint.mode=inventory"), &install));
+        assert!(wanted(&env("quiet"), &inventory));
+        assert!(!wanted(&env("imprint.mode=install"), &install));
+        assert!(Config::from_json(r#"{ "mode": "inventroy" }"#).is_err());
+    }
+
+    #[test]
+    fn the_banner_lists_the_facts_and_says_nothing_was_written() {
+        let mut rep = Report::new("inv1");
+        rep.machine = Some(MachineIdentity {
+            dmi: imprint_core::machine::Dmi {
+                product_serial: Some("BTTN0001".into()),
+                ..Default::default()
+            },
+            nics: vec![imprint_core::machine::Nic {
+                name: "eno1".into(),
+                mac: "aa:bb:cc:00:00:01".parse().unwrap(),
+                wireless: false,
+            }],
+        });
+        let Banner::Stopped(title, lines) = banner(&rep) else {
+            panic!()
+        };
+        assert_eq!(title, "INVENTORY RECORDED");
+        let get = |k: &str| lines.iter().find(|(l, _)| l == k).unwrap().1.clone();
+        assert_eq!(get("Serial"), "BTTN0001");
+        assert_eq!(get("MACs"), "aa:bb:cc:00:00:01");
+        assert_eq!(get("Disks"), "nothing was written to any disk");
+        assert!(get("Report").contains("inv1"));
+    }
+}

@@ -101,6 +101,7 @@ pub fn shot(vm: &mut Vm, name: &str) -> Result<(PathBuf, String), E2eError> {
     let _ = std::fs::remove_file(&ppm);
     let _ = std::fs::remove_file(&pgm);
     let _ = std::fs::write(png.with_extension("txt"), &text);
+    let _ = std::fs::write(png.with_extension("serial.log"), vm.log());
     Ok((png, text))
 }
 
@@ -125,11 +126,54 @@ pub fn shot_until(
     }
 }
 
-/// `text` with whitespace runs squeezed to single spaces, for matching OCR output. The large
-/// console font's zero has a dot in it, which tesseract reads as `@`: read back as `0`.
+/// `text` with whitespace runs squeezed to single spaces, for matching OCR output.
 pub fn squeeze(text: &str) -> String {
-    text.replace('@', "0")
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// `text` squeezed, with the glyphs tesseract confuses in the console's Terminus font folded
+/// together: its zero has a dot inside and reads as `0`, `@`, `8`, `6`, `O`, `Q` or `D`; one
+/// reads as `1`, `l`, `I` or `|`.
+pub fn fold(text: &str) -> String {
+    squeeze(text)
+        .chars()
+        .map(|c| match c {
+            '@' | '8' | '6' | 'O' | 'Q' | 'D' => '0',
+            'l' | 'I' | '|' => '1',
+            '\u{2014}' | '\u{2013}' => '-',
+            c => c,
+        })
+        .collect()
+}
+
+/// Whether the OCR text `screen` shows `want`, up to the confusions [`fold`] allows.
+pub fn reads(screen: &str, want: &str) -> bool {
+    fold(screen).contains(&fold(want))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn folding_forgives_the_dotted_zero_and_the_one() {
+        assert!(reads(
+            "Erase nvme@nl and\n install",
+            "Erase nvme0n1 and install"
+        ));
+        assert!(reads("S/N NVME@@@1", "NVME0001"));
+        assert!(reads("MAC 52:54:00:12:34:56 Ceth@)", "52:54:00:12:34:56"));
+        assert!(!reads("Erase nvme0n2", "Erase nvme0n1"));
+        assert!(!reads("FAILED", "DONE"));
+    }
+
+    #[test]
+    fn screenshots_become_enlarged_grey_text_dark_on_light() {
+        // 2x1: a dark row (black, white pixel) is inverted; scale 2 doubles both ways.
+        let ppm = b"P6 2 1 255\n\x00\x00\x00\xff\xff\xff";
+        let pgm = ppm_for_ocr(ppm, 2).unwrap();
+        assert_eq!(&pgm[..11], b"P5 4 2 255\n");
+        assert_eq!(&pgm[11..], &[0, 0, 255, 255, 0, 0, 255, 255][..]);
+        assert!(ppm_for_ocr(b"P3 1 1 255\n0 0 0", 2).is_err());
+    }
 }

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use imprint_e2e::fixtures::{old_disk, sha256_file, small_image, stick_reports, stick_with};
-use imprint_e2e::ocr::{shot_until, squeeze};
+use imprint_e2e::ocr::{reads, shot_until};
 use imprint_e2e::{workspace_root, Firmware, VmBuilder};
 
 const GIB: u64 = 1 << 30;
@@ -75,13 +75,12 @@ fn the_question_is_on_the_monitor_and_y_on_the_usb_keyboard_installs() {
         .unwrap();
 
     let (_, q, ok) = shot_until(&mut v, "screen-question", Duration::from_secs(30), |t| {
-        squeeze(t).contains("Erase nvme0n1 and install")
+        reads(t, "Erase nvme0n1 and install")
     })
     .unwrap();
     assert!(ok, "the question is on the monitor:\n{q}");
-    let sq = squeeze(&q);
-    for want in [SERIAL, MAC, "NVME0001", "TARGET"] {
-        assert!(sq.contains(want), "{want:?} on the monitor:\n{q}");
+    for want in [SERIAL, MAC, "NVME0001", ">> TARGET <<"] {
+        assert!(reads(&q, want), "{want:?} on the monitor:\n{q}");
     }
     assert!(
         !q.contains("IMPRINT-"),
@@ -92,8 +91,7 @@ fn the_question_is_on_the_monitor_and_y_on_the_usb_keyboard_installs() {
     v.wait_for("answered on tty", Duration::from_secs(60))
         .unwrap();
     let (_, p, ok) = shot_until(&mut v, "screen-progress", Duration::from_secs(120), |t| {
-        let s = squeeze(t);
-        (s.contains("Writing image") || s.contains("Verifying")) && s.contains("ETA")
+        (reads(t, "Writing image") || reads(t, "Verifying")) && reads(t, "ETA")
     })
     .unwrap();
     assert!(ok, "one progress bar with phase and ETA:\n{p}");
@@ -101,13 +99,12 @@ fn the_question_is_on_the_monitor_and_y_on_the_usb_keyboard_installs() {
     v.wait_for("IMPRINT-DONE", Duration::from_secs(400))
         .unwrap();
     let (_, done, ok) = shot_until(&mut v, "screen-done", Duration::from_secs(30), |t| {
-        squeeze(t).contains("DONE")
+        reads(t, "DONE")
     })
     .unwrap();
     assert!(ok, "DONE on the monitor:\n{done}");
-    let sd = squeeze(&done);
     for want in ["nuc-demo-01", "10.0.2.50/24", "screen-demo", "Next"] {
-        assert!(sd.contains(want), "{want:?} in the DONE banner:\n{done}");
+        assert!(reads(&done, want), "{want:?} in the DONE banner:\n{done}");
     }
     for screen in [&q, &p, &done] {
         assert!(
@@ -182,11 +179,10 @@ fn a_write_error_shows_failed_with_what_where_the_disk_and_what_to_do() {
     v.wait_for("IMPRINT-DONE", Duration::from_secs(400))
         .unwrap();
     let (_, f, ok) = shot_until(&mut v, "screen-failed", Duration::from_secs(30), |t| {
-        squeeze(t).contains("FAILED")
+        reads(t, "FAILED")
     })
     .unwrap();
     assert!(ok, "FAILED on the monitor:\n{f}");
-    let sf = squeeze(&f);
     for want in [
         "What",
         "Where",
@@ -196,7 +192,7 @@ fn a_write_error_shows_failed_with_what_where_the_disk_and_what_to_do() {
         "will not boot",
         "power-cycle",
     ] {
-        assert!(sf.contains(want), "{want:?} in the FAILED banner:\n{f}");
+        assert!(reads(&f, want), "{want:?} in the FAILED banner:\n{f}");
     }
     assert!(!f.contains("IMPRINT-"), "no marker on the monitor:\n{f}");
     v.kill();
