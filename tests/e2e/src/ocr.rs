@@ -28,9 +28,10 @@ pub fn ocr(png: &Path) -> Result<String, E2eError> {
 /// as `nume` in the 8x16 font); the live image's 16x32 font at twice its size reads well.
 const OCR_SCALE: usize = 2;
 
-/// A binary PPM (`P6`, as qemu's `screendump` writes it) as a PGM (`P5`) `scale` times larger,
-/// grey levels inverted where the background is dark so the text is always dark on light (what
-/// tesseract expects). Nearest-neighbour: the console's pixels stay sharp.
+/// A binary PPM (`P6`, as qemu's `screendump` writes it) as a black-on-white PGM (`P5`)
+/// `scale` times larger, for tesseract: in each pixel row the most common colour is the
+/// background (black, the banners' green or red, the title's grey) and every pixel clearly
+/// unlike it is text. Nearest-neighbour: the console's pixels stay sharp.
 pub fn ppm_for_ocr(ppm: &[u8], scale: usize) -> Result<Vec<u8>, E2eError> {
     let bad = |why: &str| E2eError::Missing(format!("screendump is not a P6 PPM: {why}"));
     // Header: P6 WIDTH HEIGHT MAXVAL, whitespace-separated, then one whitespace byte.
@@ -57,18 +58,27 @@ pub fn ppm_for_ocr(ppm: &[u8], scale: usize) -> Result<Vec<u8>, E2eError> {
     let px = ppm
         .get(i + 1..i + 1 + w * h * 3)
         .ok_or_else(|| bad("short data"))?;
-    // Luma per pixel; each text row's background is its most common level.
-    let luma: Vec<u8> = px
-        .chunks(3)
-        .map(|p| ((u32::from(p[0]) * 3 + u32::from(p[1]) * 6 + u32::from(p[2])) / 10) as u8)
-        .collect();
     let mut out = format!("P5 {} {} 255\n", w * scale, h * scale).into_bytes();
-    for y in 0..h {
-        let row = &luma[y * w..(y + 1) * w];
-        let dark = row.iter().filter(|&&l| l < 128).count() * 2 > w;
+    for row in px.chunks(w * 3) {
+        let mut counts: std::collections::HashMap<&[u8], usize> = Default::default();
+        for p in row.chunks(3) {
+            *counts.entry(p).or_default() += 1;
+        }
+        let bg = counts
+            .into_iter()
+            .max_by_key(|&(_, n)| n)
+            .map(|(p, _)| p)
+            .unwrap_or(&[0, 0, 0]);
         let line: Vec<u8> = row
-            .iter()
-            .flat_map(|&l| std::iter::repeat_n(if dark { 255 - l } else { l }, scale))
+            .chunks(3)
+            .flat_map(|p| {
+                let d: u32 = p
+                    .iter()
+                    .zip(bg)
+                    .map(|(&a, &b)| u32::from(a.abs_diff(b)))
+                    .sum();
+                std::iter::repeat_n(if d > 96 { 0 } else { 255 }, scale)
+            })
             .collect();
         for _ in 0..scale {
             out.extend_from_slice(&line);
@@ -133,15 +143,16 @@ pub fn squeeze(text: &str) -> String {
 
 /// `text` squeezed, with the glyphs tesseract confuses in the console's Terminus font folded
 /// together: its zero has a dot inside and reads as `0`, `@`, `8`, `6`, `O`, `Q` or `D`; one
-/// reads as `1`, `l`, `I` or `|`.
+/// reads as `1`, `l`, `i`, `I` or `|`; stray dashes are dropped.
 pub fn fold(text: &str) -> String {
     squeeze(text)
         .chars()
-        .map(|c| match c {
-            '@' | '8' | '6' | 'O' | 'Q' | 'D' => '0',
-            'l' | 'I' | '|' => '1',
-            '\u{2014}' | '\u{2013}' => '-',
-            c => c,
+        .filter_map(|c| match c {
+            '@' | '8' | '6' | 'O' | 'Q' | 'D' => Some('0'),
+            'l' | 'I' | 'i' | '|' => Some('1'),
+            // Read into a hyphen next to it (`nuc-—demo`).
+            '\u{2014}' | '\u{2013}' => None,
+            c => Some(c),
         })
         .collect()
 }
@@ -163,17 +174,19 @@ mod tests {
         ));
         assert!(reads("S/N NVME@@@1", "NVME0001"));
         assert!(reads("MAC 52:54:00:12:34:56 Ceth@)", "52:54:00:12:34:56"));
+        assert!(reads("Hostname nuc-\u{2014}demo-@1", "nuc-demo-01"));
         assert!(!reads("Erase nvme0n2", "Erase nvme0n1"));
         assert!(!reads("FAILED", "DONE"));
     }
 
     #[test]
     fn screenshots_become_enlarged_grey_text_dark_on_light() {
-        // 2x1: a dark row (black, white pixel) is inverted; scale 2 doubles both ways.
-        let ppm = b"P6 2 1 255\n\x00\x00\x00\xff\xff\xff";
+        // 3x1 on green (a banner): the white pixel is text; scale 2 doubles both ways.
+        let ppm = b"P6 3 1 255\n\x00\xaa\x00\xff\xff\xff\x00\xaa\x00";
         let pgm = ppm_for_ocr(ppm, 2).unwrap();
-        assert_eq!(&pgm[..11], b"P5 4 2 255\n");
-        assert_eq!(&pgm[11..], &[0, 0, 255, 255, 0, 0, 255, 255][..]);
+        assert_eq!(&pgm[..11], b"P5 6 2 255\n");
+        let row = [255, 255, 0, 0, 255, 255];
+        assert_eq!(&pgm[11..], &[row, row].concat()[..]);
         assert!(ppm_for_ocr(b"P3 1 1 255\n0 0 0", 2).is_err());
     }
 }
