@@ -163,6 +163,7 @@ pub fn reads(screen: &str, want: &str) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
