@@ -41,8 +41,17 @@ pub fn run(env: &BootEnv, consoles: &mut Consoles, rep: &mut Report, stick: Moun
     });
     unmount(consoles, stick);
     consoles.log_line(DONE_MARKER);
+    // Long enough for the person at the monitor to read the facts; the report has them all.
+    consoles.line(&format!(
+        "imprint: powering off in {} s",
+        SHOW_FOR.as_secs()
+    ));
+    std::thread::sleep(SHOW_FOR);
     power::power_off(consoles)
 }
+
+/// How long the facts stay on the screen before the machine powers off.
+const SHOW_FOR: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// Reads the facts into `rep` and lists them on the consoles.
 fn record(sys: &Path, consoles: &mut Consoles, rep: &mut Report) -> Result<()> {

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use crate::{run, workspace_root, E2eError, Vm};
 
-/// Where screenshots are kept after the run (scripts/test and CI keep `build/`).
+/// Where screenshots (PNG), their OCR text and the serial log at that moment are left after the
+/// run, in the checkout's `build/`.
 pub fn artefact_dir() -> PathBuf {
     let d = workspace_root().join("build/e2e-artefacts");
     let _ = std::fs::create_dir_all(&d);

@@ -243,7 +243,23 @@ fn inventory_writes_nothing_and_records_the_machine() {
         .sata(&sata, "SATA0001")
         .start()
         .unwrap();
-    let status = v.wait_exit(Duration::from_secs(500)).unwrap();
+    v.wait_for("IMPRINT-DONE", Duration::from_secs(400))
+        .unwrap();
+    // The facts stay on the monitor for a while before the power-off.
+    let (_, inv, ok) = shot_until(&mut v, "screen-inventory", Duration::from_secs(10), |t| {
+        reads(t, "INVENTORY RECORDED")
+    })
+    .unwrap();
+    assert!(ok, "the inventory banner on the monitor:\n{inv}");
+    for want in [
+        SERIAL,
+        MAC,
+        "nothing was written to any disk",
+        "powering off",
+    ] {
+        assert!(reads(&inv, want), "{want:?} on the monitor:\n{inv}");
+    }
+    let status = v.wait_exit(Duration::from_secs(60)).unwrap();
     let log = v.log();
     assert!(status.success(), "powered off: {status:?}\n{log}");
     assert!(log.contains("IMPRINT-DONE"), "{log}");
