@@ -170,6 +170,14 @@ impl Consoles {
         }
     }
 
+    /// The latest message the screen shows, when there is a screen.
+    pub fn last_message(&self) -> Option<String> {
+        self.screen
+            .as_ref()
+            .and_then(|s| s.lock().ok().map(|s| s.view.last.clone()))
+            .filter(|l| !l.is_empty())
+    }
+
     /// Fits the view on the screen (see [`Screen::fit`]); says what it did.
     pub fn fit_screen(&mut self) -> Option<String> {
         self.screen

@@ -117,11 +117,12 @@ pub fn run(env: &BootEnv, consoles: &mut Consoles) -> ! {
             finish(consoles, config.after, stick)
         }
         Ok(Ending::Stopped) => {
+            // The flow's last message said why it stopped.
+            let why = consoles.last_message();
             save_report(consoles, &rep, stick.path());
-            let why = rep.selection.as_ref().map(|s| s.reason.clone());
             let b = banner::stopped(
                 "STOPPED",
-                &why.unwrap_or_else(|| "see the messages below".into()),
+                &why.unwrap_or_else(|| "see the serial console".into()),
                 "power the machine off when you are done",
             );
             consoles.show(|v| {

@@ -156,6 +156,35 @@ fn the_question_is_on_the_monitor_and_y_on_the_usb_keyboard_installs() {
     assert_eq!(reports.last().unwrap()["status"], "installed");
 }
 
+#[test]
+fn n_on_the_serial_console_declines_and_the_monitor_says_stopped() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let img = small_image(d, "screen-no", 512, None).unwrap();
+    let stick = stick_with(d, "no", &img, Some(&demo_seed()), &config("reboot", None)).unwrap();
+    let nvme = old_disk(&d.join("nvme.img"), GIB).unwrap();
+    let before = sha256_file(&nvme).unwrap();
+    let mut v = vm(d, &stick).nvme(&nvme, "NVME0001").start().unwrap();
+    v.wait_for("Type y and Enter", Duration::from_secs(400))
+        .unwrap();
+    v.send("n\r").unwrap();
+    v.wait_for("IMPRINT-DONE", Duration::from_secs(60)).unwrap();
+    let (_, s, ok) = shot_until(&mut v, "screen-stopped", Duration::from_secs(30), |t| {
+        reads(t, "STOPPED")
+    })
+    .unwrap();
+    assert!(ok, "STOPPED on the monitor:\n{s}");
+    for want in [
+        "declined; nothing was written",
+        "nothing was written to any disk",
+    ] {
+        assert!(reads(&s, want), "{want:?} on the monitor:\n{s}");
+    }
+    v.kill();
+    assert!(v.log().contains("answered on ttyS0: \"n\""));
+    assert_eq!(sha256_file(&nvme).unwrap(), before, "declined, yet written");
+}
+
 /// A blkdebug rules file: every write at `sector` fails with EIO.
 fn write_fault(dir: &Path, sector: u64) -> PathBuf {
     let p = dir.join("faults.cfg");

@@ -240,6 +240,8 @@ pub struct View {
     pub log: VecDeque<String>,
     /// A line being typed into (the prompt `> `): drawn last, the cursor after it.
     pub partial: Option<String>,
+    /// The latest whole message, unwrapped (a stop's banner repeats why).
+    pub last: String,
 }
 
 impl View {
@@ -248,6 +250,9 @@ impl View {
         let done = self.partial.take().unwrap_or_default();
         let line = format!("{done}{line}");
         let line = line.strip_prefix("imprint: ").unwrap_or(&line).to_string();
+        if !line.trim().is_empty() {
+            self.last = line.clone();
+        }
         for l in wrap(&line, COLS - 2) {
             self.log.push_back(l);
         }
@@ -611,6 +616,9 @@ mod tests {
         v.push_partial("y\n");
         assert_eq!(v.partial, None);
         assert_eq!(v.log.back().unwrap(), "> y");
+        v.push_line("imprint: declined; nothing was written");
+        v.push_line("");
+        assert_eq!(v.last, "declined; nothing was written");
     }
 
     #[test]
