@@ -112,6 +112,7 @@ pub fn init(consoles: &mut Consoles) -> Result<BootEnv, BootError> {
     let roots = Roots::system();
     consoles.reopen(&roots.sys, &roots.dev);
     let cmdline = Cmdline::read(&roots.proc)?;
+    keep_kernel_off_the_screen(&roots, &cmdline, consoles);
     let kernel_release = roots
         .modules
         .file_name()
@@ -159,6 +160,27 @@ pub fn init(consoles: &mut Consoles) -> Result<BootEnv, BootError> {
         settled,
         elapsed: start.elapsed(),
     })
+}
+
+/// The monitor shows the view, not the kernel: what `quiet` held back during boot is copied to
+/// the serial console, and later kernel messages go to a hidden VT and the serial console (see
+/// [`crate::screen::vt`]). Failures only cost looks, never the install: they are logged.
+fn keep_kernel_off_the_screen(roots: &Roots, cmdline: &Cmdline, consoles: &mut Consoles) {
+    let quiet = cmdline.has("quiet");
+    if quiet {
+        let n = consoles.replay_kernel_log(&roots.dev);
+        consoles.log_line(&format!(
+            "imprint: {n} kernel messages held back from the screen by `quiet` (above)"
+        ));
+    }
+    match crate::screen::vt::quiet_kernel(&roots.dev, &roots.proc, quiet) {
+        Ok(done) => consoles.log_line(&format!("imprint: {done}")),
+        Err(e) => consoles.log_line(&format!("imprint: kernel messages stay on the screen: {e}")),
+    }
+    if let Some(done) = consoles.fit_screen() {
+        consoles.log_line(&format!("imprint: {done}"));
+    }
+    consoles.show(|v| v.status = "starting".into());
 }
 
 fn mount_api_filesystems() -> Result<(), BootError> {

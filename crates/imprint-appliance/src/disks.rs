@@ -17,6 +17,8 @@ use std::path::Path;
 
 use imprint_core::discover::{self, Disk};
 
+use crate::screen::DiskLine;
+
 /// Whether the disk holds data: it has partitions, or its first MiB (at `<dev>/<name>`) is not
 /// all zeros. `None` when it cannot be read.
 pub fn holds_data(dev: &Path, disk: &Disk) -> Option<bool> {
@@ -74,6 +76,25 @@ pub fn table(disks: &[Disk], stick: Option<&str>, dev: &Path) -> Vec<String> {
         ));
     }
     lines
+}
+
+/// The disks as the screen's table shows them ([`crate::screen::DiskLine`]).
+pub fn screen_lines(disks: &[Disk], stick: Option<&str>, dev: &Path) -> Vec<DiskLine> {
+    disks
+        .iter()
+        .map(|d| {
+            let data = if stick == Some(d.name.as_str()) {
+                "stick"
+            } else {
+                match holds_data(dev, d) {
+                    Some(true) => "yes",
+                    Some(false) => "no",
+                    None => "?",
+                }
+            };
+            DiskLine::new(d, data)
+        })
+        .collect()
 }
 
 /// `s` shown safely in at most `max` columns: control and non-ASCII characters (firmware

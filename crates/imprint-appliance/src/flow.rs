@@ -42,6 +42,7 @@ use crate::handover::{
 use crate::mount::Mount;
 use crate::power;
 use crate::prompt::{ask_choice, confirm};
+use crate::screen::banner;
 use imprint_core::report::{
     self, BootInfo, Hardware, ImageInfo, NextBoot, Rejected, Report, SeedInfo, SelectionInfo,
     Status,
@@ -102,15 +103,35 @@ pub fn run(env: &BootEnv, consoles: &mut Consoles) -> ! {
             None,
         ),
     };
+    if crate::inventory::wanted(env, &config) {
+        crate::inventory::run(env, consoles, &mut rep, stick)
+    }
     match install(env, consoles, stick.path(), &config, &mut rep) {
         Ok(Ending::Provisioned) => {
             save_report(consoles, &rep, stick.path());
+            let b = banner::done(&rep, config.after);
+            consoles.show(|v| {
+                v.status = "done".into();
+                v.bar = None;
+                v.banner = Some(b);
+            });
             finish(consoles, config.after, stick)
         }
         Ok(Ending::Stopped) => {
+            // The flow's last message said why it stopped.
+            let why = consoles.last_message();
             save_report(consoles, &rep, stick.path());
+            let b = banner::stopped(
+                "STOPPED",
+                &why.unwrap_or_else(|| "see the serial console".into()),
+                "power the machine off when you are done",
+            );
+            consoles.show(|v| {
+                v.status = "stopped".into();
+                v.banner = Some(b);
+            });
             unmount(consoles, stick);
-            consoles.line(DONE_MARKER);
+            consoles.log_line(DONE_MARKER);
             consoles.line("imprint: nothing was written; power the machine off when you are done");
             wait_or_poweroff(consoles, config.fatal_poweroff_after_secs)
         }
@@ -124,7 +145,7 @@ pub fn run(env: &BootEnv, consoles: &mut Consoles) -> ! {
     }
 }
 
-fn save_report(consoles: &mut Consoles, rep: &Report, stick: &Path) {
+pub(crate) fn save_report(consoles: &mut Consoles, rep: &Report, stick: &Path) {
     match rep.save(&stick.join(REPORTS_DIR)) {
         Ok(p) => consoles.line(&format!(
             "imprint: report written to the stick: {}",
@@ -136,7 +157,7 @@ fn save_report(consoles: &mut Consoles, rep: &Report, stick: &Path) {
     }
 }
 
-fn fail(
+pub(crate) fn fail(
     consoles: &mut Consoles,
     rep: &mut Report,
     stick: Option<Mount>,
@@ -148,12 +169,19 @@ fn fail(
     rep.error = Some(chain.clone());
     consoles.line("");
     consoles.line(&format!("imprint: FAILED: {chain}"));
-    consoles.line(&format!("imprint: {}", disk_state_after(e)));
+    let state = disk_state_after(e);
+    consoles.line(&format!("imprint: {state}"));
+    let b = banner::failed(rep, &chain, &state);
+    consoles.show(|v| {
+        v.status = "FAILED".into();
+        v.bar = None;
+        v.banner = Some(b);
+    });
     if let Some(stick) = stick {
         save_report(consoles, rep, stick.path());
         unmount(consoles, stick);
     }
-    consoles.line(DONE_MARKER);
+    consoles.log_line(DONE_MARKER);
     wait_or_poweroff(consoles, poweroff_after)
 }
 
@@ -189,7 +217,7 @@ fn wait_or_poweroff(consoles: &mut Consoles, after: Option<u64>) -> ! {
 
 fn finish(consoles: &mut Consoles, after: After, stick: Mount) -> ! {
     unmount(consoles, stick);
-    consoles.line(DONE_MARKER);
+    consoles.log_line(DONE_MARKER);
     match after {
         After::Reboot => {
             consoles.line("imprint: rebooting into the installed system");
@@ -207,7 +235,7 @@ fn finish(consoles: &mut Consoles, after: After, stick: Mount) -> ! {
 }
 
 /// Unmounts the stick before PID 1 stops, reboots or powers off (none of which returns).
-fn unmount(consoles: &mut Consoles, stick: Mount) {
+pub(crate) fn unmount(consoles: &mut Consoles, stick: Mount) {
     if let Err(e) = stick.unmount() {
         consoles.line(&format!("imprint: {e:#}"));
     }
@@ -338,6 +366,14 @@ fn install(
     for r in selection.rejected() {
         consoles.line(&format!("  not {}: {}", r.disk.name, r.why));
     }
+    if let Some(s) = &rep.selection {
+        let rejected: Vec<(String, String)> = s
+            .rejected
+            .iter()
+            .map(|r| (r.disk.clone(), r.why.clone()))
+            .collect();
+        consoles.show(|v| v.mark_choice(s.chosen.as_deref(), &rejected));
+    }
     let target_disk: Disk = match &selection {
         Selection::Chosen { disk, .. } => {
             consoles.line(&format!(
@@ -363,6 +399,10 @@ fn install(
     if let Some(s) = rep.selection.as_mut() {
         s.chosen = Some(target_disk.name.clone());
     }
+    consoles.show(|v| {
+        v.mark_choice(Some(&target_disk.name), &[]);
+        v.status = format!("target {}", target_disk.name);
+    });
     // The last-resort hostname comes from the target disk's serial, known only now.
     let rendered = if matches!(
         rendered.hostname_source,
@@ -454,7 +494,7 @@ fn install(
             (Vec::new(), None, Some((num, offset, len)))
         }
     };
-    let progress = ConsoleProgress::new(&env.roots.sys, &env.roots.dev);
+    let progress = ConsoleProgress::new(consoles);
     let opts = WriteOptions {
         verify: true,
         zeroout: true,
@@ -671,7 +711,7 @@ fn next_boot(consoles: &mut Consoles, env: &BootEnv, dev: &Path, disk: &Disk) ->
     }
 }
 
-fn hardware_summary() -> Option<Hardware> {
+pub(crate) fn hardware_summary() -> Option<Hardware> {
     let mut sys = sysinfo::System::new();
     sys.refresh_memory();
     sys.refresh_cpu_all();

@@ -19,10 +19,12 @@ mod esp;
 mod flow;
 mod fnmatch;
 mod handover;
+mod inventory;
 mod modules;
 mod mount;
 mod power;
 mod prompt;
+mod screen;
 
 use std::path::Path;
 
@@ -62,13 +64,19 @@ fn main() {
         },
         env.elapsed.as_secs_f64()
     ));
+    if let Ok(id) = imprint_core::machine::MachineIdentity::read(&env.roots.sys) {
+        consoles.show(|v| v.machine = Some(id));
+    }
     match imprint_core::discover::scan(&env.roots.sys) {
         Ok(found) => {
-            consoles.line("imprint: disks:");
+            // The serial log gets the table; the screen its own columns.
+            consoles.log_line("imprint: disks:");
             let stick = env.esp.as_ref().map(|e| e.disk.as_str());
             for line in disks::table(&found, stick, &env.roots.dev) {
-                consoles.line(&format!("  {line}"));
+                consoles.log_line(&format!("  {line}"));
             }
+            let lines = disks::screen_lines(&found, stick, &env.roots.dev);
+            consoles.show(|v| v.disks = lines);
         }
         Err(e) => consoles.line(&format!(
             "imprint: could not list the disks: {}",
@@ -78,7 +86,7 @@ fn main() {
     if env.esp.is_none() {
         consoles.line("imprint: the stick's own partition was not found");
     }
-    consoles.line(BOOT_OK_MARKER);
+    consoles.log_line(BOOT_OK_MARKER);
     if env.cmdline.has("imprint.probe") {
         // Probe mode (live-image tests, hardware checks): report what was found, touch nothing.
         power::power_off(&mut consoles);

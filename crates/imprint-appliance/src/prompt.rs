@@ -237,6 +237,7 @@ pub fn ask<T>(
     question: &[String],
     parse: impl Fn(&str) -> Result<T, String>,
 ) -> Result<Option<T>> {
+    consoles.show(|v| v.status = "waiting for your answer".into());
     loop {
         for l in question {
             consoles.line(l);

@@ -43,6 +43,21 @@ pub struct Config {
     pub trusted_keys: Vec<String>,
     /// What to do with a machine that has no entry in `seed.machines`.
     pub unknown_machines: UnknownMachines,
+    /// Install (the default), or only take inventory.
+    pub mode: Mode,
+}
+
+/// What a boot of the stick does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Install the image (the default).
+    #[default]
+    Install,
+    /// Write nothing to any disk: record the machine's facts (DMI, MACs, disks, CPU, memory)
+    /// as a report on the stick and power off. The stick's menu has an entry for it too
+    /// (`imprint.mode=inventory` on the kernel command line).
+    Inventory,
 }
 
 /// What the appliance does with a machine that is not in `seed.machines`.
@@ -69,6 +84,7 @@ impl Default for Config {
             require_signature: false,
             trusted_keys: Vec::new(),
             unknown_machines: UnknownMachines::Allow,
+            mode: Mode::Install,
         }
     }
 }

@@ -34,6 +34,8 @@ pub enum Status {
     Declined,
     /// Stopped with an error.
     Failed,
+    /// Inventory mode: the machine's facts recorded, nothing written to any disk.
+    Inventory,
 }
 
 /// Early boot facts.

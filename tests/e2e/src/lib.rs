@@ -20,6 +20,7 @@
 //! `timeout`, because a refused Secure Boot image waits forever at a firmware prompt.
 
 pub mod fixtures;
+pub mod ocr;
 pub mod ovmf_vars;
 
 use std::fs::{self, File};
@@ -27,6 +28,9 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
+
+/// The qemu monitor's socket in a VM's work dir (VMs with a screen).
+const MONITOR_SOCKET: &str = "monitor.sock";
 
 /// OVMF builds from Debian's `ovmf` package.
 pub const OVMF_DIR: &str = "/usr/share/OVMF";
@@ -212,6 +216,9 @@ pub struct VmBuilder {
     /// A `bootindex` on the stick only: OVMF then prunes the Boot#### entries of the internal
     /// disks each boot, like firmware that drops or re-sorts entries it did not make.
     stick_only_bootindex: bool,
+    /// A monitor and a USB keyboard: the qemu monitor on a socket for `screendump` and
+    /// `sendkey` (see [`VmBuilder::with_screen`]).
+    screen: bool,
 }
 
 impl VmBuilder {
@@ -228,7 +235,16 @@ impl VmBuilder {
             nic: None,
             extra: Vec::new(),
             stick_only_bootindex: false,
+            screen: false,
         }
+    }
+
+    /// A person's NUC: the VGA display (kept by `-nographic`, which only hides its window) read
+    /// with [`Vm::screendump`], a USB keyboard typed on with [`Vm::type_keys`], through the qemu
+    /// monitor on a socket in the work dir.
+    pub fn with_screen(mut self) -> Self {
+        self.screen = true;
+        self
     }
 
     /// The USB stick to boot from (qemu-xhci, usb-storage, bootindex=1).
@@ -385,7 +401,15 @@ impl VmBuilder {
         let mem = self.memory_mib.to_string();
         let cpus = self.cpus.to_string();
         push(&["-m", &mem, "-smp", &cpus]);
-        push(&["-nographic", "-no-reboot", "-monitor", "none"]);
+        if self.screen {
+            let mon = format!(
+                "unix:{},server=on,wait=off",
+                self.workdir.join(MONITOR_SOCKET).display()
+            );
+            push(&["-nographic", "-no-reboot", "-monitor", &mon]);
+        } else {
+            push(&["-nographic", "-no-reboot", "-monitor", "none"]);
+        }
         let nic = match &self.nic {
             Some(mac) => format!("user,restrict=on,model=virtio-net-pci,mac={mac}"),
             None => "none".to_string(),
@@ -403,12 +427,16 @@ impl VmBuilder {
             serial_log.display()
         );
         push(&["-chardev", &chardev, "-serial", "chardev:serial0"]);
-        let usb = self
-            .drives
-            .iter()
-            .any(|d| matches!(d.attach, Attach::Stick | Attach::Usb { .. }));
+        let usb = self.screen
+            || self
+                .drives
+                .iter()
+                .any(|d| matches!(d.attach, Attach::Stick | Attach::Usb { .. }));
         if usb {
             push(&["-device", "qemu-xhci,id=xhci"]);
+        }
+        if self.screen {
+            push(&["-device", "usb-kbd,bus=xhci.0"]);
         }
         if self
             .drives
@@ -536,6 +564,7 @@ impl VmBuilder {
             serial_log,
             stderr_path,
             vars,
+            monitor: self.screen.then(|| self.workdir.join(MONITOR_SOCKET)),
             started: Instant::now(),
             status: None,
         })
@@ -550,6 +579,8 @@ pub struct Vm {
     serial_log: PathBuf,
     stderr_path: PathBuf,
     vars: PathBuf,
+    /// The qemu monitor's socket, for VMs with a screen.
+    monitor: Option<PathBuf>,
     started: Instant,
     status: Option<ExitStatus>,
 }
@@ -639,6 +670,84 @@ impl Vm {
             .ok_or_else(|| E2eError::Missing("the VM's stdin is closed".into()))?;
         stdin.write_all(text.as_bytes()).map_err(io)?;
         stdin.flush().map_err(io)
+    }
+
+    /// Runs a qemu monitor command and returns its output.
+    pub fn monitor(&mut self, command: &str) -> Result<String, E2eError> {
+        use std::io::Read;
+        use std::os::unix::net::UnixStream;
+        let path = self
+            .monitor
+            .clone()
+            .ok_or_else(|| E2eError::Missing("the VM has no monitor (with_screen)".into()))?;
+        let io = |source| E2eError::Io {
+            what: "talking to the qemu monitor at",
+            path: path.clone(),
+            source,
+        };
+        let mut sock = UnixStream::connect(&path).map_err(io)?;
+        sock.set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(io)?;
+        // The greeting ends with the first prompt; the command's output with the next one.
+        let read_prompt = |sock: &mut UnixStream| -> Result<String, E2eError> {
+            let mut got = Vec::new();
+            let mut b = [0u8; 4096];
+            while !got.ends_with(b"(qemu) ") {
+                let n = sock.read(&mut b).map_err(io)?;
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&b[..n]);
+            }
+            Ok(String::from_utf8_lossy(&got).into_owned())
+        };
+        read_prompt(&mut sock)?;
+        sock.write_all(format!("{command}\n").as_bytes())
+            .map_err(io)?;
+        read_prompt(&mut sock)
+    }
+
+    /// Saves what the VM's monitor shows to `path` (PPM).
+    pub fn screendump(&mut self, path: &Path) -> Result<(), E2eError> {
+        let _ = fs::remove_file(path);
+        self.monitor(&format!("screendump {}", path.display()))?;
+        // qemu writes the file before it answers; a missing one means the dump failed.
+        if !path.is_file() {
+            return Err(E2eError::Missing(format!(
+                "screendump wrote no {}",
+                path.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Saves what the VM's monitor shows to `path` as PNG.
+    pub fn screendump_png(&mut self, path: &Path) -> Result<(), E2eError> {
+        let _ = fs::remove_file(path);
+        self.monitor(&format!("screendump {} -f png", path.display()))?;
+        if !path.is_file() {
+            return Err(E2eError::Missing(format!(
+                "screendump wrote no {}",
+                path.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Types `text` on the VM's USB keyboard (`sendkey`): lower-case letters, digits, space
+    /// and `\n` (Enter).
+    pub fn type_keys(&mut self, text: &str) -> Result<(), E2eError> {
+        for c in text.chars() {
+            let key = match c {
+                '\n' => "ret".to_string(),
+                ' ' => "spc".to_string(),
+                c if c.is_ascii_lowercase() || c.is_ascii_digit() => c.to_string(),
+                c => return Err(E2eError::Missing(format!("no key for {c:?}"))),
+            };
+            self.monitor(&format!("sendkey {key}"))?;
+            std::thread::sleep(Duration::from_millis(150));
+        }
+        Ok(())
     }
 
     /// Waits for qemu to exit (the guest powered off; `-no-reboot` turns a reboot into an exit
@@ -988,6 +1097,7 @@ mod tests {
             serial_log: log.clone(),
             stderr_path: dir.path().join("none"),
             vars: dir.path().join("vars"),
+            monitor: None,
             started: Instant::now(),
             status: None,
         };
