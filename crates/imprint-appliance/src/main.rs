@@ -19,8 +19,10 @@ mod esp;
 mod flow;
 mod fnmatch;
 mod handover;
+mod medium;
 mod modules;
 mod mount;
+mod net;
 mod power;
 mod prompt;
 
