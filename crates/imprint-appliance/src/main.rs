@@ -77,7 +77,7 @@ fn main() {
             console::error_chain(&e)
         )),
     }
-    if env.esp.is_none() {
+    if env.esp.is_none() && env.cmdline.get(net::URL_PARAM).is_none() {
         consoles.line("imprint: the stick's own partition was not found");
     }
     consoles.line(BOOT_OK_MARKER);

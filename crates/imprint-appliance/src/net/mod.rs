@@ -195,6 +195,7 @@ impl Network {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(30)))
+            .user_agent(concat!("imprint/", env!("CARGO_PKG_VERSION")))
             .build()
             .into();
         let mut last = String::new();
