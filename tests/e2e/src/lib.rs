@@ -209,8 +209,8 @@ pub struct VmBuilder {
     timeout: Duration,
     drives: Vec<Drive>,
     nic: Option<String>,
-    /// A NIC on a tap device (name, MAC) that the firmware HTTP-boots from first.
-    http_boot_nic: Option<(String, String)>,
+    /// A NIC on a tap device (name, MAC, PXE allowed) that the firmware boots from first.
+    boot_nic: Option<(String, String, bool)>,
     /// The network namespace qemu runs in (where its tap device lives).
     netns: Option<String>,
     extra: Vec<String>,
@@ -231,7 +231,7 @@ impl VmBuilder {
             timeout: Duration::from_secs(600),
             drives: Vec::new(),
             nic: None,
-            http_boot_nic: None,
+            boot_nic: None,
             netns: None,
             extra: Vec::new(),
             stick_only_bootindex: false,
@@ -369,7 +369,14 @@ impl VmBuilder {
     /// and IPv6 are switched off through OVMF's fw_cfg knobs, so the firmware goes straight to
     /// HTTPv4 instead of minutes of PXE timeouts under TCG. Use with [`VmBuilder::netns`].
     pub fn http_boot_nic(mut self, tap: &str, mac: &str) -> Self {
-        self.http_boot_nic = Some((tap.to_string(), mac.to_string()));
+        self.boot_nic = Some((tap.to_string(), mac.to_string(), false));
+        self
+    }
+
+    /// Like [`VmBuilder::http_boot_nic`] with PXE left on: OVMF tries PXEv4 first, as firmware
+    /// without HTTP boot does.
+    pub fn pxe_boot_nic(mut self, tap: &str, mac: &str) -> Self {
+        self.boot_nic = Some((tap.to_string(), mac.to_string(), true));
         self
     }
 
@@ -414,11 +421,13 @@ impl VmBuilder {
             None => "none".to_string(),
         };
         push(&["-nic", &nic]);
-        if let Some((tap, mac)) = &self.http_boot_nic {
+        if let Some((tap, mac, pxe)) = &self.boot_nic {
             let netdev = format!("tap,id=net0,ifname={tap},script=no,downscript=no");
             let device = format!("virtio-net-pci,netdev=net0,mac={mac},romfile=,bootindex=1");
             push(&["-netdev", &netdev, "-device", &device]);
-            push(&["-fw_cfg", "name=opt/org.tianocore/IPv4PXESupport,string=n"]);
+            if !pxe {
+                push(&["-fw_cfg", "name=opt/org.tianocore/IPv4PXESupport,string=n"]);
+            }
             push(&["-fw_cfg", "name=opt/org.tianocore/IPv6Support,string=n"]);
         }
         let code = format!(

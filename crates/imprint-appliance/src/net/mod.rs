@@ -7,7 +7,10 @@
 //! initramfs), and fetches `config.json` and `seed/*` from URL into a local folder laid out like
 //! the stick's ESP, so the install flow reads them as it reads a stick. The image streams from
 //! `URL/image.img.zst` through the core's resumable reader; reports are `PUT` to
-//! `URL/reports/<machine>/<install-id>.json`.
+//! `URL/reports/<machine>/<install-id>.json`, and a successful install's report also to
+//! `URL/reports/<machine>/installed.json`: fetched at the next netboot into the local reports
+//! folder, it lets the flow's "already installed" check (report + the disk's own GPT) boot the
+//! disk instead of reinstalling, as a stick's reports do.
 
 pub mod dhcp;
 pub mod iface;
@@ -19,9 +22,9 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use imprint_core::manifest::Image;
 use imprint_core::remote::{self, Remote, RemoteError, RemoteOptions};
-use imprint_core::report::Report;
+use imprint_core::report::{Report, Status};
 use imprint_core::seed::{META_DATA, NETWORK_CONFIG, USER_DATA};
-use imprint_core::stick::{CONFIG_PATH, SEED_DIR};
+use imprint_core::stick::{CONFIG_PATH, REPORTS_DIR, SEED_DIR};
 
 use crate::boot::BootEnv;
 use crate::console::Consoles;
@@ -32,6 +35,8 @@ pub const URL_PARAM: &str = "imprint.url";
 pub const MAC_PARAM: &str = "imprint.mac";
 /// The image's name under the base URL (`imprint netboot render` writes it).
 pub const IMAGE_NAME: &str = "image.img.zst";
+/// The name of a machine's last successful install report on the server.
+pub const INSTALLED_REPORT: &str = "installed.json";
 /// Where the fetched config and seed are kept, laid out like the stick's ESP.
 const LOCAL: &str = "/run/imprint/net";
 /// How long NICs may take to appear after their drivers loaded.
@@ -158,6 +163,17 @@ impl Network {
                 got.push(name);
             }
         }
+        // The last install on this machine, for the "already installed" check; a bad one is
+        // skipped by that check (and said so), never fatal.
+        let installed = format!("reports/{}/{INSTALLED_REPORT}", mac_text(&self.mac, '-'));
+        if let Some(data) = self.fetch(&installed)? {
+            let dir = self.local.join(REPORTS_DIR);
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            write_new(&dir.join(INSTALLED_REPORT), &data)?;
+            consoles.line(&format!(
+                "imprint: this machine's last install: {installed}"
+            ));
+        }
         consoles.line(&format!(
             "imprint: from {}: config.json, seed: {}",
             self.shown(),
@@ -186,12 +202,23 @@ impl Network {
         )
     }
 
-    /// PUTs the report to the server; returns the URL it went to (as it may be shown).
+    /// PUTs the report to the server (a successful install's also as `installed.json`);
+    /// returns the URL it went to (as it may be shown).
     pub fn put_report(&self, rep: &Report) -> Result<String> {
-        let url = format!("{}/{}", self.base, self.report_path(rep));
-        let shown = remote::redact_url(&url);
         let mut body = serde_json::to_vec_pretty(rep).context("serializing the report")?;
         body.push(b'\n');
+        let shown = self.put(&self.report_path(rep), &body)?;
+        if rep.status == Status::Installed {
+            let rel = format!("reports/{}/{INSTALLED_REPORT}", mac_text(&self.mac, '-'));
+            self.put(&rel, &body)?;
+        }
+        Ok(shown)
+    }
+
+    /// PUTs `body` to `rel` under the base URL, retrying server errors.
+    fn put(&self, rel: &str, body: &[u8]) -> Result<String> {
+        let url = format!("{}/{rel}", self.base);
+        let shown = remote::redact_url(&url);
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(30)))
@@ -206,7 +233,7 @@ impl Network {
             match agent
                 .put(&url)
                 .header("Content-Type", "application/json")
-                .send(&body[..])
+                .send(body)
             {
                 Ok(r) if r.status().is_success() => return Ok(shown),
                 Ok(r) if r.status().is_server_error() => {
@@ -412,6 +439,29 @@ mod tests {
         );
         let url = net.put_report(&rep).unwrap();
         assert!(url.ends_with("/reports/52-54-00-ab-cd-01/20261201-054900-abcd.json"));
+        assert!(
+            !www.join("reports/52-54-00-ab-cd-01/installed.json")
+                .exists(),
+            "only a successful install is the machine's installed.json"
+        );
+        let mut done = Report::new("20261201-055000-beef");
+        done.status = Status::Installed;
+        net.put_report(&done).unwrap();
+        assert_eq!(
+            std::fs::read(www.join("reports/52-54-00-ab-cd-01/installed.json")).unwrap(),
+            std::fs::read(www.join("reports/52-54-00-ab-cd-01/20261201-055000-beef.json")).unwrap()
+        );
+        // The next netboot of this machine finds it.
+        assert_eq!(
+            net.fetch("reports/52-54-00-ab-cd-01/installed.json")
+                .unwrap()
+                .map(|b| b.len()),
+            Some(
+                std::fs::metadata(www.join("reports/52-54-00-ab-cd-01/installed.json"))
+                    .unwrap()
+                    .len() as usize
+            )
+        );
         let stored: serde_json::Value = serde_json::from_slice(
             &std::fs::read(www.join("reports/52-54-00-ab-cd-01/20261201-054900-abcd.json"))
                 .unwrap(),
