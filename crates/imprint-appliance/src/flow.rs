@@ -39,6 +39,7 @@ use crate::console::{ConsoleProgress, Consoles};
 use crate::handover::{
     already_installed, esp_volume_serial, handed_over_before, record_provisioned,
 };
+use crate::medium::Medium;
 use crate::mount::Mount;
 use crate::power;
 use crate::prompt::{ask_choice, confirm};
@@ -80,7 +81,7 @@ pub fn run(env: &BootEnv, consoles: &mut Consoles) -> ! {
         seconds: env.elapsed.as_secs_f64(),
     });
     consoles.line(&format!("imprint: install {install_id}"));
-    let stick = match mount_stick(env) {
+    let stick = match Medium::open(env, consoles) {
         Ok(s) => s,
         Err(e) => {
             // Without the stick there is nowhere to write a report; show and wait.
@@ -106,9 +107,9 @@ pub fn run(env: &BootEnv, consoles: &mut Consoles) -> ! {
     if crate::inventory::wanted(env, &config) {
         crate::inventory::run(env, consoles, &mut rep, stick)
     }
-    match install(env, consoles, stick.path(), &config, &mut rep) {
+    match install(env, consoles, &stick, &config, &mut rep) {
         Ok(Ending::Provisioned) => {
-            save_report(consoles, &rep, stick.path());
+            stick.save_report(consoles, &rep);
             let b = banner::done(&rep, config.after);
             consoles.show(|v| {
                 v.status = "done".into();
@@ -120,7 +121,7 @@ pub fn run(env: &BootEnv, consoles: &mut Consoles) -> ! {
         Ok(Ending::Stopped) => {
             // The flow's last message said why it stopped.
             let why = consoles.last_message();
-            save_report(consoles, &rep, stick.path());
+            stick.save_report(consoles, &rep);
             let b = banner::stopped(
                 "STOPPED",
                 &why.unwrap_or_else(|| "see the serial console".into()),
@@ -160,7 +161,7 @@ pub(crate) fn save_report(consoles: &mut Consoles, rep: &Report, stick: &Path) {
 pub(crate) fn fail(
     consoles: &mut Consoles,
     rep: &mut Report,
-    stick: Option<Mount>,
+    stick: Option<Medium>,
     e: &anyhow::Error,
     poweroff_after: Option<u64>,
 ) -> ! {
@@ -178,7 +179,7 @@ pub(crate) fn fail(
         v.banner = Some(b);
     });
     if let Some(stick) = stick {
-        save_report(consoles, rep, stick.path());
+        stick.save_report(consoles, rep);
         unmount(consoles, stick);
     }
     consoles.log_line(DONE_MARKER);
@@ -215,7 +216,7 @@ fn wait_or_poweroff(consoles: &mut Consoles, after: Option<u64>) -> ! {
     }
 }
 
-fn finish(consoles: &mut Consoles, after: After, stick: Mount) -> ! {
+fn finish(consoles: &mut Consoles, after: After, stick: Medium) -> ! {
     unmount(consoles, stick);
     consoles.log_line(DONE_MARKER);
     match after {
@@ -235,14 +236,14 @@ fn finish(consoles: &mut Consoles, after: After, stick: Mount) -> ! {
 }
 
 /// Unmounts the stick before PID 1 stops, reboots or powers off (none of which returns).
-pub(crate) fn unmount(consoles: &mut Consoles, stick: Mount) {
-    if let Err(e) = stick.unmount() {
+pub(crate) fn unmount(consoles: &mut Consoles, stick: Medium) {
+    if let Err(e) = stick.close() {
         consoles.line(&format!("imprint: {e:#}"));
     }
 }
 
 /// Mounts the stick's ESP read-write (reports go there).
-fn mount_stick(env: &BootEnv) -> Result<Mount> {
+pub(crate) fn mount_stick(env: &BootEnv) -> Result<Mount> {
     let esp = env.esp.as_ref().ok_or_else(|| {
         anyhow!("the stick's own partition was not found (kernel parameter imprint.esp missing or its disk never appeared); is this the imprint stick?")
     })?;
@@ -274,7 +275,7 @@ pub(crate) fn find_partition_by_type(
 }
 
 /// The stick's payload partition: the partition of the stick's disk with imprint's type GUID.
-fn payload_partition(roots: &Roots, stick_disk: &str) -> Result<PathBuf> {
+pub(crate) fn payload_partition(roots: &Roots, stick_disk: &str) -> Result<PathBuf> {
     let disk_dev = roots.dev.join(stick_disk);
     // USB sticks have 512-byte sectors; a 4Kn card reader would present 4096.
     let g = read_gpt(&disk_dev, 512)
@@ -292,21 +293,15 @@ fn payload_partition(roots: &Roots, stick_disk: &str) -> Result<PathBuf> {
 fn install(
     env: &BootEnv,
     consoles: &mut Consoles,
-    stick: &Path,
+    medium: &Medium,
     config: &Config,
     rep: &mut Report,
 ) -> Result<Ending> {
     let t0 = Instant::now();
-    let esp = env
-        .esp
-        .as_ref()
-        .ok_or_else(|| anyhow!("the stick's ESP is unknown"))?;
-    let templates =
-        seed::validate_seed_dir(&stick.join(SEED_DIR)).context("checking the seed on the stick")?;
+    let stick = medium.path();
+    let templates = seed::validate_seed_dir(&stick.join(SEED_DIR)).context("checking the seed")?;
 
-    let payload = payload_partition(&env.roots, &esp.disk)?;
-    let image = Image::open(&payload)
-        .with_context(|| format!("opening the image on the stick ({})", payload.display()))?;
+    let image = medium.image(env)?;
     let m = image.manifest().clone();
     rep.image = Some(ImageInfo {
         name: m.name.clone(),
@@ -349,7 +344,7 @@ fn install(
         &config.target,
         m.raw_size,
         m.sector_size,
-        Some(&esp.disk),
+        medium.own_disk(env),
     );
     rep.selection = Some(SelectionInfo {
         chosen: selection.chosen().map(|d| d.name.clone()),
@@ -556,8 +551,9 @@ fn install(
     rep.timing("seed", t.elapsed().as_secs_f64());
     rep.status = Status::Installed;
     rep.next_boot = next_boot(consoles, env, &dev, &target_disk);
-    if let (false, seed::SeedPlacement::CidataPartition { partition_guid, .. }) =
-        (config.reinstall, &placement)
+    // The stick's hand-over record (its GRUB boots this disk while the stick stays in).
+    if let (true, false, seed::SeedPlacement::CidataPartition { partition_guid, .. }) =
+        (medium.is_stick(), config.reinstall, &placement)
     {
         let esp = plan
             .table()

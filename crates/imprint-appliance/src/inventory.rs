@@ -14,8 +14,8 @@ use imprint_core::report::{Report, Status};
 
 use crate::boot::BootEnv;
 use crate::console::Consoles;
-use crate::flow::{fail, hardware_summary, save_report, unmount, DONE_MARKER};
-use crate::mount::Mount;
+use crate::flow::{fail, hardware_summary, unmount, DONE_MARKER};
+use crate::medium::Medium;
 use crate::power;
 use crate::screen::Banner;
 
@@ -28,12 +28,12 @@ pub fn wanted(env: &BootEnv, config: &Config) -> bool {
 }
 
 /// Records the facts, saves the report, shows them and powers off.
-pub fn run(env: &BootEnv, consoles: &mut Consoles, rep: &mut Report, stick: Mount) -> ! {
+pub fn run(env: &BootEnv, consoles: &mut Consoles, rep: &mut Report, stick: Medium) -> ! {
     consoles.show(|v| v.status = "inventory: writing nothing".into());
     if let Err(e) = record(&env.roots.sys, consoles, rep) {
         fail(consoles, rep, Some(stick), &e, Some(60));
     }
-    save_report(consoles, rep, stick.path());
+    stick.save_report(consoles, rep);
     let b = banner(rep);
     consoles.show(|v| {
         v.status = "inventory done".into();

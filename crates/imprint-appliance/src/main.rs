@@ -20,8 +20,10 @@ mod flow;
 mod fnmatch;
 mod handover;
 mod inventory;
+mod medium;
 mod modules;
 mod mount;
+mod net;
 mod power;
 mod prompt;
 mod screen;
@@ -83,7 +85,7 @@ fn main() {
             console::error_chain(&e)
         )),
     }
-    if env.esp.is_none() {
+    if env.esp.is_none() && env.cmdline.get(net::URL_PARAM).is_none() {
         consoles.line("imprint: the stick's own partition was not found");
     }
     consoles.log_line(BOOT_OK_MARKER);

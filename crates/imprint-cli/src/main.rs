@@ -11,6 +11,7 @@ mod commands;
 mod fetch;
 mod flash;
 mod manual;
+mod netboot;
 mod output;
 mod picker;
 mod prepare;
@@ -199,6 +200,9 @@ enum Command {
         #[arg(long, value_name = "PUBFILE")]
         trust: Vec<PathBuf>,
     },
+    /// Provision machines over the network: a static tree for any HTTP server.
+    #[command(subcommand)]
+    Netboot(netboot::NetbootCommand),
     /// Print the shell completion script for SHELL on standard output.
     ///
     /// bash: `imprint completions bash > /etc/bash_completion.d/imprint`;
@@ -270,7 +274,7 @@ impl Command {
             | Command::Disks { json, .. }
             | Command::Reports { json, .. }
             | Command::Inspect { json, .. } => *json,
-            Command::Completions { .. } | Command::Man { .. } => false,
+            Command::Completions { .. } | Command::Man { .. } | Command::Netboot(_) => false,
         }
     }
 }
@@ -389,6 +393,7 @@ fn main() -> ExitCode {
             check,
             trust,
         } => commands::inspect(&image, json, check, &trust),
+        Command::Netboot(cmd) => netboot::run(cmd),
         Command::Completions { shell } => {
             manual::completions(Cli::command(), shell, &mut std::io::stdout().lock())
         }

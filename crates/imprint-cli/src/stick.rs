@@ -45,6 +45,8 @@ pub const ESP_MIN: u64 = 40 * MIB;
 pub const PARTUUID_TOKEN: &str = "@ESP_PARTUUID@";
 /// The grub.cfg the signed GRUB reads (its built-in prefix is /EFI/debian).
 pub const GRUB_CFG: &str = "EFI/debian/grub.cfg";
+/// The boot directory's folder of netboot-only files (Debian 13's network GRUB), left off sticks.
+pub const NETBOOT_DIR: &str = "netboot/";
 /// Files a boot directory must hold (image-build/build makes them).
 pub const BOOT_FILES: &[&str] = &[
     "EFI/BOOT/BOOTX64.EFI",
@@ -204,6 +206,8 @@ fn gather(opts: &BuildOptions) -> Result<Inputs> {
         );
     }
     add_tree(&opts.boot, "", &mut esp_files)?;
+    // The network GRUB is for `imprint netboot render`, not for sticks.
+    esp_files.retain(|rel, _| !rel.starts_with(NETBOOT_DIR));
     let grub = esp_files
         .get(GRUB_CFG)
         .map(|g| String::from_utf8_lossy(g).into_owned());

@@ -20,6 +20,7 @@
 //! `timeout`, because a refused Secure Boot image waits forever at a firmware prompt.
 
 pub mod fixtures;
+pub mod netlab;
 pub mod ocr;
 pub mod ovmf_vars;
 
@@ -212,6 +213,10 @@ pub struct VmBuilder {
     timeout: Duration,
     drives: Vec<Drive>,
     nic: Option<String>,
+    /// A NIC on a tap device (name, MAC, PXE allowed) that the firmware boots from first.
+    boot_nic: Option<(String, String, bool)>,
+    /// The network namespace qemu runs in (where its tap device lives).
+    netns: Option<String>,
     extra: Vec<String>,
     /// A `bootindex` on the stick only: OVMF then prunes the Boot#### entries of the internal
     /// disks each boot, like firmware that drops or re-sorts entries it did not make.
@@ -233,6 +238,8 @@ impl VmBuilder {
             timeout: Duration::from_secs(600),
             drives: Vec::new(),
             nic: None,
+            boot_nic: None,
+            netns: None,
             extra: Vec::new(),
             stick_only_bootindex: false,
             screen: false,
@@ -372,6 +379,29 @@ impl VmBuilder {
         self
     }
 
+    /// A virtio NIC on the tap device `tap` with this MAC, first in the boot order, booting
+    /// by UEFI HTTP boot: `romfile=` (empty) keeps qemu's iPXE ROM out, so OVMF's own network
+    /// stack boots and shim verifies (with iPXE shim fails "Invalid Parameter"); PXE over IPv4
+    /// and IPv6 are switched off through OVMF's fw_cfg knobs, so the firmware goes straight to
+    /// HTTPv4 instead of minutes of PXE timeouts under TCG. Use with [`VmBuilder::netns`].
+    pub fn http_boot_nic(mut self, tap: &str, mac: &str) -> Self {
+        self.boot_nic = Some((tap.to_string(), mac.to_string(), false));
+        self
+    }
+
+    /// Like [`VmBuilder::http_boot_nic`] with PXE left on: OVMF tries PXEv4 first, as firmware
+    /// without HTTP boot does.
+    pub fn pxe_boot_nic(mut self, tap: &str, mac: &str) -> Self {
+        self.boot_nic = Some((tap.to_string(), mac.to_string(), true));
+        self
+    }
+
+    /// Runs qemu inside the network namespace `name` (`ip netns exec`).
+    pub fn netns(mut self, name: &str) -> Self {
+        self.netns = Some(name.to_string());
+        self
+    }
+
     /// Extra qemu arguments.
     /// Puts a `bootindex` on the stick only (see the field): the firmware prunes the boot
     /// entry the appliance makes for the installed disk.
@@ -415,6 +445,15 @@ impl VmBuilder {
             None => "none".to_string(),
         };
         push(&["-nic", &nic]);
+        if let Some((tap, mac, pxe)) = &self.boot_nic {
+            let netdev = format!("tap,id=net0,ifname={tap},script=no,downscript=no");
+            let device = format!("virtio-net-pci,netdev=net0,mac={mac},romfile=,bootindex=1");
+            push(&["-netdev", &netdev, "-device", &device]);
+            if !pxe {
+                push(&["-fw_cfg", "name=opt/org.tianocore/IPv4PXESupport,string=n"]);
+            }
+            push(&["-fw_cfg", "name=opt/org.tianocore/IPv6Support,string=n"]);
+        }
         let code = format!(
             "if=pflash,format=raw,unit=0,readonly=on,file={}",
             self.firmware.code().display()
@@ -546,7 +585,15 @@ impl VmBuilder {
             self.workdir.join("qemu.cmdline"),
             format!("qemu-system-x86_64 {}\n", args.join(" ")),
         );
-        let child = Command::new("timeout")
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "timeout"]);
+                c
+            }
+            None => Command::new("timeout"),
+        };
+        let child = cmd
             .arg("--kill-after=10")
             .arg(format!("{}", self.timeout.as_secs().max(1)))
             .arg("qemu-system-x86_64")

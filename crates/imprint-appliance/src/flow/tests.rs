@@ -29,6 +29,7 @@ use crate::boot::{BootEnv, Cmdline, Roots};
 use crate::console::Consoles;
 use crate::esp::EspPartition;
 use crate::handover::PROVISIONED_CFG;
+use crate::medium::Medium;
 
 const MIB: u64 = 1 << 20;
 /// The target disks' size: the 16 MiB image and its 8 MiB seed partition fit.
@@ -168,8 +169,9 @@ impl Machine {
         assert_eq!(consoles.active(), ["ttyS0"], "the fake serial console");
         let config = Config::from_json(config).unwrap();
         let mut rep = Report::new(id);
-        let ending = install(&env, &mut consoles, self.stick.path(), &config, &mut rep)
-            .map_err(|e| format!("{e:#}"));
+        let medium = Medium::Folder(self.stick.path().to_path_buf());
+        let ending =
+            install(&env, &mut consoles, &medium, &config, &mut rep).map_err(|e| format!("{e:#}"));
         drop(consoles);
         rep.save(&self.stick.path().join(REPORTS_DIR)).unwrap();
         let said = serial.finish().replace("\r\n", "\n");

@@ -1,0 +1,384 @@
+//! Integration tests for `imprint netboot render` through the real binary: the tree is served by
+//! a real nginx (WebDAV PUT under reports/) and every file is fetched back over HTTP with
+//! `Range`, byte for byte; the generated dnsmasq.conf is checked by the real dnsmasq
+//! (`dnsmasq --test`). Needs Debian's `nginx-light` and `dnsmasq-base` (scripts/deps).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn imprint() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_imprint"))
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn ok(o: Output) -> Output {
+    assert!(o.status.success(), "failed: {}", stderr(&o));
+    o
+}
+
+/// A small imprint image (raw MBR-signed bytes prepared by the real binary).
+fn make_image(dir: &Path) -> PathBuf {
+    let mut raw: Vec<u8> = (0..(2u32 << 20))
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    raw[510] = 0x55;
+    raw[511] = 0xAA;
+    let raw_path = dir.join("os.raw");
+    fs::write(&raw_path, &raw).unwrap();
+    let img = dir.join("os.img.zst");
+    ok(imprint()
+        .arg("prepare")
+        .arg(&raw_path)
+        .arg("-o")
+        .arg(&img)
+        .args(["--threads", "1", "--level", "1"])
+        .output()
+        .unwrap());
+    img
+}
+
+/// Boot files with distinct contents (render copies them; their meaning is the boot tests').
+fn fake_boot(dir: &Path) -> PathBuf {
+    let boot = dir.join("boot");
+    for (rel, body) in [
+        ("EFI/BOOT/BOOTX64.EFI", "shim"),
+        ("EFI/BOOT/grubx64.efi", "bookworm grub"),
+        ("EFI/debian/grub.cfg", "@ESP_PARTUUID@"),
+        ("netboot/grubx64.efi", "trixie grubnet"),
+        ("vmlinuz", "kernel"),
+        ("initrd.img", "initramfs"),
+    ] {
+        let p = boot.join(rel);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(p, body.repeat(1000)).unwrap();
+    }
+    boot
+}
+
+fn seed(dir: &Path) -> PathBuf {
+    let s = dir.join("seed");
+    fs::create_dir_all(&s).unwrap();
+    fs::write(s.join("user-data"), "#cloud-config\nruncmd:\n  - echo hi\n").unwrap();
+    fs::write(s.join("meta-data"), "instance-id: x\n").unwrap();
+    s
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Real nginx serving `root` on 127.0.0.1:`port`, PUT allowed under /reports/.
+struct Nginx {
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    fn start(root: &Path, port: u16) -> Nginx {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        let conf = dir.path().join("nginx.conf");
+        fs::write(
+            &conf,
+            format!(
+                "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\n\
+                 error_log {d}/error.log;\nevents {{ worker_connections 64; }}\n\
+                 http {{\n  access_log {d}/access.log;\n  client_body_temp_path {d}/t;\n\
+                 proxy_temp_path {d}/t;\n  fastcgi_temp_path {d}/t;\n  uwsgi_temp_path {d}/t;\n\
+                 scgi_temp_path {d}/t;\n  server {{ listen 127.0.0.1:{port}; root {};\n\
+                 location /reports/ {{ dav_methods PUT; create_full_put_path on; }} }}\n}}\n",
+                root.display()
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new("nginx")
+            .arg("-c")
+            .arg(&conf)
+            .arg("-p")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nginx is not installed: run scripts/deps (Debian package nginx-light)");
+        let t = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(child.try_wait().unwrap().is_none(), "nginx exited");
+            assert!(t.elapsed() < Duration::from_secs(10), "nginx not listening");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Nginx { child, _dir: dir }
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP/1.0 request; returns (status, headers, body).
+fn http(port: u16, method: &str, path: &str, headers: &str, body: &[u8]) -> (u16, String, Vec<u8>) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n{headers}Content-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    s.write_all(body).unwrap();
+    let mut all = Vec::new();
+    s.read_to_end(&mut all).unwrap();
+    let split = all.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&all[..split]).into_owned();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, head, all[split + 4..].to_vec())
+}
+
+fn files(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) {
+    for e in fs::read_dir(root.join(rel)).unwrap() {
+        let e = e.unwrap();
+        let r = rel.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            files(root, &r, out);
+        } else {
+            out.push(r);
+        }
+    }
+}
+
+#[test]
+fn rendered_tree_is_served_by_nginx_byte_for_byte_with_ranges_and_accepts_report_puts() {
+    let t = tempfile::tempdir().unwrap();
+    let img = make_image(t.path());
+    let boot = fake_boot(t.path());
+    let seed = seed(t.path());
+    let config = t.path().join("fleet.json");
+    fs::write(&config, "{\"after\": \"poweroff\"}\n").unwrap();
+    let port = free_port();
+    let out = t.path().join("tree");
+    let o = ok(imprint()
+        .args(["netboot", "render", "--image"])
+        .arg(&img)
+        .arg("--seed")
+        .arg(&seed)
+        .arg("--config")
+        .arg(&config)
+        .arg("--boot")
+        .arg(&boot)
+        .args(["--url", &format!("http://127.0.0.1:{port}/"), "-o"])
+        .arg(&out)
+        .output()
+        .unwrap());
+    assert!(stderr(&o).contains("bootx64.efi"), "{}", stderr(&o));
+
+    // What lands where.
+    let same = |rel: &str, src: &Path| {
+        assert_eq!(
+            fs::read(out.join(rel)).unwrap(),
+            fs::read(src).unwrap(),
+            "{rel}"
+        );
+    };
+    same("bootx64.efi", &boot.join("EFI/BOOT/BOOTX64.EFI"));
+    same("grubx64.efi", &boot.join("netboot/grubx64.efi"));
+    same("tftp/bootx64.efi", &boot.join("EFI/BOOT/BOOTX64.EFI"));
+    same("tftp/grubx64.efi", &boot.join("netboot/grubx64.efi"));
+    same("vmlinuz", &boot.join("vmlinuz"));
+    same("initrd.img", &boot.join("initrd.img"));
+    same("config.json", &config);
+    same("seed/user-data", &seed.join("user-data"));
+    same("seed/meta-data", &seed.join("meta-data"));
+    same("image.img.zst", &img);
+    assert!(!out.join("seed/network-config").exists());
+    assert_eq!(fs::read_dir(out.join("reports")).unwrap().count(), 0);
+    let grub = fs::read_to_string(out.join("grub/grub.cfg")).unwrap();
+    assert!(
+        grub.contains(&format!(
+            "linux (http,127.0.0.1:{port})/vmlinuz console=tty0 console=ttyS0,115200 panic=0 imprint.url=http://127.0.0.1:{port} imprint.mac=$net_default_mac"
+        )),
+        "{grub}"
+    );
+    assert_eq!(
+        fs::read_to_string(out.join("tftp/grub/grub.cfg")).unwrap(),
+        grub
+    );
+    let dns = fs::read_to_string(out.join("dnsmasq.conf")).unwrap();
+    assert!(
+        dns.contains("dhcp-range=127.0.0.0,proxy,255.255.255.0\n"),
+        "{dns}"
+    );
+    assert!(
+        dns.contains(&format!(
+            "dhcp-boot=tag:efihttp,http://127.0.0.1:{port}/bootx64.efi\n"
+        )),
+        "{dns}"
+    );
+    assert!(
+        dns.contains(&format!("tftp-root={}\n", out.join("tftp").display())),
+        "{dns}"
+    );
+
+    // dnsmasq itself accepts the file.
+    let check = Command::new("dnsmasq")
+        .arg("--test")
+        .arg("-C")
+        .arg(out.join("dnsmasq.conf"))
+        .output()
+        .expect("dnsmasq is not installed: run scripts/deps (Debian package dnsmasq-base)");
+    assert!(check.status.success(), "dnsmasq --test: {}", stderr(&check));
+    assert!(
+        stderr(&check).contains("syntax check OK"),
+        "{}",
+        stderr(&check)
+    );
+
+    // Every file over HTTP: whole, and three ranges each.
+    let _nginx = Nginx::start(&out, port);
+    let mut all = Vec::new();
+    files(&out, Path::new(""), &mut all);
+    assert_eq!(all.len(), 13, "{all:?}");
+    for rel in &all {
+        let want = fs::read(out.join(rel)).unwrap();
+        let path = format!("/{}", rel.display());
+        let (st, _, body) = http(port, "GET", &path, "", b"");
+        assert_eq!((st, body.len()), (200, want.len()), "{path}");
+        assert!(body == want, "{path}: whole body differs");
+        let n = want.len();
+        for (a, b) in [(0, 0), (1, n / 2), (n / 3, n - 1)] {
+            let (st, head, body) = http(
+                port,
+                "GET",
+                &path,
+                &format!("Range: bytes={a}-{b}\r\n"),
+                b"",
+            );
+            assert_eq!(st, 206, "{path} {a}-{b}: {head}");
+            assert!(
+                head.contains(&format!("Content-Range: bytes {a}-{b}/{n}")),
+                "{head}"
+            );
+            assert!(body == want[a..=b], "{path} {a}-{b}: bytes differ");
+        }
+    }
+    // Reports go in by PUT under reports/ (and nowhere else).
+    let (st, head, _) = http(
+        port,
+        "PUT",
+        "/reports/aa-bb/1.json",
+        "",
+        b"{\"status\":\"installed\"}",
+    );
+    assert_eq!(st, 201, "{head}");
+    assert_eq!(
+        fs::read_to_string(out.join("reports/aa-bb/1.json")).unwrap(),
+        "{\"status\":\"installed\"}"
+    );
+    let (st, _, _) = http(port, "PUT", "/config.json", "", b"{}");
+    assert_eq!(st, 405);
+    same("config.json", &config);
+}
+
+#[test]
+fn render_refuses_bad_input_and_writes_nothing() {
+    let t = tempfile::tempdir().unwrap();
+    let img = make_image(t.path());
+    let boot = fake_boot(t.path());
+    let seed = seed(t.path());
+    let render = |url: &str, image: &Path, seed: &Path, boot: &Path, out: &Path| {
+        imprint()
+            .args(["netboot", "render", "--image"])
+            .arg(image)
+            .arg("--seed")
+            .arg(seed)
+            .arg("--boot")
+            .arg(boot)
+            .args(["--url", url, "-o"])
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let url = "http://10.0.0.1:8080/";
+    let out = t.path().join("tree");
+    let refused = |o: Output, why: &str| {
+        assert!(!o.status.success(), "{why}: succeeded");
+        let e = stderr(&o);
+        assert!(e.contains(why), "wanted {why:?} in: {e}");
+        assert!(!e.contains("s3cr3t"), "{e}");
+        assert!(!out.exists(), "{why}: {} was created", out.display());
+        let leftovers: Vec<_> = fs::read_dir(t.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains("partial"))
+            .collect();
+        assert!(leftovers.is_empty(), "{why}: {leftovers:?}");
+    };
+    refused(
+        render("https://10.0.0.1/", &img, &seed, &boot, &out),
+        "https is not possible",
+    );
+    refused(
+        render("http://ops:s3cr3t@10.0.0.1/", &img, &seed, &boot, &out),
+        "user names and passwords",
+    );
+    refused(
+        render("http://10.0.0.1/x?sig=s3cr3t", &img, &seed, &boot, &out),
+        "query",
+    );
+    refused(
+        render("http://10.0.0.1/imprint/", &img, &seed, &boot, &out),
+        "server's root",
+    );
+    refused(
+        render("http://boot.lan/", &img, &seed, &boot, &out),
+        "--subnet",
+    );
+    refused(
+        render(url, &t.path().join("nope.img.zst"), &seed, &boot, &out),
+        "nope.img.zst",
+    );
+    let junk = t.path().join("junk.img.zst");
+    fs::write(&junk, b"not an image at all, just text").unwrap();
+    refused(render(url, &junk, &seed, &boot, &out), "junk.img.zst");
+    let bad_seed = t.path().join("badseed");
+    fs::create_dir_all(&bad_seed).unwrap();
+    fs::write(
+        bad_seed.join("user-data"),
+        "#cloud-config\nruncmd:\n  - ls\n packages: [vim]\n",
+    )
+    .unwrap();
+    refused(render(url, &img, &bad_seed, &boot, &out), "user-data");
+    let old_boot = t.path().join("oldboot");
+    fs::create_dir_all(old_boot.join("EFI/BOOT")).unwrap();
+    for f in ["EFI/BOOT/BOOTX64.EFI", "vmlinuz", "initrd.img"] {
+        fs::copy(boot.join(f), old_boot.join(f)).unwrap();
+    }
+    refused(
+        render(url, &img, &seed, &old_boot, &out),
+        "netboot/grubx64.efi is missing",
+    );
+
+    // An existing, non-empty folder is never touched; an empty one is filled.
+    fs::create_dir_all(&out).unwrap();
+    fs::write(out.join("keep"), "mine").unwrap();
+    let o = render(url, &img, &seed, &boot, &out);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("is not empty"), "{}", stderr(&o));
+    assert_eq!(fs::read_dir(&out).unwrap().count(), 1);
+    fs::remove_file(out.join("keep")).unwrap();
+    ok(render(url, &img, &seed, &boot, &out));
+    assert!(out.join("bootx64.efi").is_file());
+}
