@@ -16,7 +16,7 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -24,25 +24,23 @@ use imprint_core::blockdev::{OpenOptionsTarget, Target};
 use imprint_core::config::{After, Config, Placement};
 use imprint_core::discover::{self, Disk};
 use imprint_core::gpt_table::GptTable;
-use imprint_core::loopdev::LoopDevice;
 use imprint_core::machine::MachineIdentity;
 use imprint_core::manifest::Image;
 use imprint_core::seed;
 use imprint_core::select::{self, Selection};
 use imprint_core::signature;
-use imprint_core::stick::{CONFIG_PATH, PAYLOAD_TYPE_GUID, REPORTS_DIR, SEED_DIR};
+use imprint_core::stick::{CONFIG_PATH, SEED_DIR};
 use imprint_core::write::{self, WriteOptions};
-use nix::mount::MsFlags;
 
-use crate::boot::{BootEnv, Roots};
+use crate::boot::BootEnv;
 use crate::console::{ConsoleProgress, Consoles};
 use crate::handover::{
     already_installed, esp_volume_serial, handed_over_before, record_provisioned,
 };
 use crate::medium::Medium;
-use crate::mount::Mount;
 use crate::power;
 use crate::prompt::{ask_choice, confirm};
+use crate::rootfs::seed_into_root;
 use crate::screen::banner;
 use imprint_core::report::{
     self, BootInfo, Hardware, ImageInfo, NextBoot, Rejected, Report, SeedInfo, SelectionInfo,
@@ -51,10 +49,6 @@ use imprint_core::report::{
 
 /// GPT type of an EFI System Partition.
 pub(crate) const ESP_TYPE: &str = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b";
-/// Where the stick's ESP is mounted.
-const STICK_MNT: &str = "/run/imprint/stick";
-/// Where the target's root filesystem is mounted for root-filesystem seed placement.
-const ROOT_MNT: &str = "/run/imprint/root";
 /// Printed when the flow ends — after the stick is unmounted, so everything it records is on
 /// it — for the end-to-end tests.
 pub const DONE_MARKER: &str = "IMPRINT-DONE";
@@ -146,18 +140,6 @@ pub fn run(env: &BootEnv, consoles: &mut Consoles) -> ! {
     }
 }
 
-pub(crate) fn save_report(consoles: &mut Consoles, rep: &Report, stick: &Path) {
-    match rep.save(&stick.join(REPORTS_DIR)) {
-        Ok(p) => consoles.line(&format!(
-            "imprint: report written to the stick: {}",
-            p.strip_prefix(stick).unwrap_or(&p).display()
-        )),
-        Err(e) => consoles.line(&format!(
-            "imprint: could not write the report to the stick: {e}"
-        )),
-    }
-}
-
 pub(crate) fn fail(
     consoles: &mut Consoles,
     rep: &mut Report,
@@ -242,22 +224,6 @@ pub(crate) fn unmount(consoles: &mut Consoles, stick: Medium) {
     }
 }
 
-/// Mounts the stick's ESP read-write (reports go there).
-pub(crate) fn mount_stick(env: &BootEnv) -> Result<Mount> {
-    let esp = env.esp.as_ref().ok_or_else(|| {
-        anyhow!("the stick's own partition was not found (kernel parameter imprint.esp missing or its disk never appeared); is this the imprint stick?")
-    })?;
-    let dev = env.roots.dev.join(&esp.partition);
-    Mount::new(
-        &dev,
-        Path::new(STICK_MNT),
-        "vfat",
-        MsFlags::MS_NOATIME,
-        Some("iocharset=utf8,shortname=mixed"),
-    )
-    .context("mounting the stick's ESP")
-}
-
 /// Reads the GPT of `dev` with `sector_size`-byte logical sectors (through core's one GPT
 /// module: a strange table is an error, never a panic).
 pub(crate) fn read_gpt(dev: &Path, sector_size: u32) -> Result<GptTable> {
@@ -272,22 +238,6 @@ pub(crate) fn find_partition_by_type(
     type_guid: &str,
 ) -> Option<(u32, gpt::partition::Partition)> {
     g.find_by_type(type_guid)
-}
-
-/// The stick's payload partition: the partition of the stick's disk with imprint's type GUID.
-pub(crate) fn payload_partition(roots: &Roots, stick_disk: &str) -> Result<PathBuf> {
-    let disk_dev = roots.dev.join(stick_disk);
-    // USB sticks have 512-byte sectors; a 4Kn card reader would present 4096.
-    let g = read_gpt(&disk_dev, 512)
-        .or_else(|_| read_gpt(&disk_dev, 4096))
-        .with_context(|| format!("reading the stick {}", disk_dev.display()))?;
-    let (num, _) = find_partition_by_type(&g, PAYLOAD_TYPE_GUID).ok_or_else(|| {
-        anyhow!(
-            "the stick {} has no imprint payload partition (type {PAYLOAD_TYPE_GUID}); rebuild it with `imprint build` or `imprint flash`",
-            disk_dev.display()
-        )
-    })?;
-    partition_device(roots, stick_disk, num)
 }
 
 fn install(
@@ -613,63 +563,6 @@ fn check_signature(
         i.signature = Some(check.clone());
     }
     Ok(check.verified)
-}
-
-/// Puts the seed into the root filesystem at bytes `offset..offset + len` of `disk` (before
-/// the commit: the kernel knows no partition there yet), then reads it back through a fresh
-/// read-only mount.
-fn seed_into_root(
-    dev: &Path,
-    disk: &Path,
-    offset: u64,
-    len: u64,
-    rendered: &seed::RenderedSeed,
-) -> Result<seed::SeedPlacement> {
-    let dir = Path::new(ROOT_MNT).join(seed::ROOTFS_SEED_DIR);
-    let placement = {
-        let lo = LoopDevice::attach(dev, disk, offset, len, false)?;
-        let m = Mount::new(
-            lo.path(),
-            Path::new(ROOT_MNT),
-            "ext4",
-            MsFlags::MS_NOATIME,
-            None,
-        )
-        .context("mounting the image's root filesystem")?;
-        let placed = seed::inject_into_dir(&dir, rendered)?;
-        m.unmount()?;
-        placed
-    };
-    let lo = LoopDevice::attach(dev, disk, offset, len, true)?;
-    let m = Mount::new(
-        lo.path(),
-        Path::new(ROOT_MNT),
-        "ext4",
-        MsFlags::MS_RDONLY,
-        None,
-    )
-    .context("mounting the image's root filesystem read-only")?;
-    seed::verify_dir(&dir, rendered).context("reading the seed back from the root filesystem")?;
-    m.unmount()?;
-    Ok(placement)
-}
-
-/// The device of partition `num` of `disk`. Partition devices are named by the kernel (sda2,
-/// nvme0n1p2, mmcblk0p2): find it in sysfs rather than guess.
-fn partition_device(roots: &Roots, disk: &str, num: u32) -> Result<PathBuf> {
-    let sysdir = roots.sys.join("block").join(disk);
-    for e in std::fs::read_dir(&sysdir)?.flatten() {
-        if std::fs::read_to_string(e.path().join("partition"))
-            .unwrap_or_default()
-            .trim()
-            .parse::<u32>()
-            .ok()
-            == Some(num)
-        {
-            return Ok(roots.dev.join(e.file_name()));
-        }
-    }
-    bail!("the kernel shows no partition {num} on {disk} (partition table not re-read?)")
 }
 
 fn first_mib_is_zero(dev: &Path) -> bool {

@@ -26,7 +26,9 @@ mod mount;
 mod net;
 mod power;
 mod prompt;
+mod rootfs;
 mod screen;
+mod stick;
 
 use std::path::Path;
 

@@ -35,7 +35,7 @@ impl Medium {
             Some(url) => Ok(Medium::Net(
                 Network::start(env, consoles, url).context("starting the network")?,
             )),
-            None => Ok(Medium::Stick(crate::flow::mount_stick(env)?)),
+            None => Ok(Medium::Stick(crate::stick::mount_stick(env)?)),
         }
     }
 
@@ -76,7 +76,7 @@ impl Medium {
                     .esp
                     .as_ref()
                     .ok_or_else(|| anyhow!("the stick's ESP is unknown"))?;
-                let payload = crate::flow::payload_partition(&env.roots, &esp.disk)?;
+                let payload = crate::stick::payload_partition(&env.roots, &esp.disk)?;
                 Image::open(&payload).with_context(|| {
                     format!("opening the image on the stick ({})", payload.display())
                 })
@@ -87,9 +87,9 @@ impl Medium {
     /// Writes the report: to the stick, or `PUT` to the server (and kept in memory's folder).
     pub fn save_report(&self, consoles: &mut Consoles, rep: &Report) {
         match self {
-            Medium::Stick(m) => crate::flow::save_report(consoles, rep, m.path()),
+            Medium::Stick(m) => crate::stick::save_report(consoles, rep, m.path()),
             #[cfg(test)]
-            Medium::Folder(p) => crate::flow::save_report(consoles, rep, p),
+            Medium::Folder(p) => crate::stick::save_report(consoles, rep, p),
             Medium::Net(n) => {
                 // A local copy too: the hand-over checks read reports from the medium's folder.
                 let _ = rep.save(&n.path().join(REPORTS_DIR));
