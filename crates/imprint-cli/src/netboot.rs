@@ -24,7 +24,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
-use imprint_core::config::Config;
 use imprint_core::manifest::Image;
 use imprint_core::seed::{self, META_DATA, NETWORK_CONFIG, USER_DATA};
 
@@ -274,20 +273,7 @@ pub fn render(args: &RenderArgs, boot: &Path) -> Result<()> {
     }
 
     // Inputs, checked as `imprint build` checks them.
-    let (config, require_signature) = match &args.config {
-        Some(path) => {
-            let parsed = Config::load(path)?;
-            let text = imprint_core::input::read_bounded(path, imprint_core::input::limits::CONFIG)
-                .with_context(|| format!("reading {}", path.display()))?;
-            (text, parsed.require_signature)
-        }
-        None => {
-            let mut text = serde_json::to_vec_pretty(&Config::default())
-                .context("serializing the default configuration")?;
-            text.push(b'\n');
-            (text, false)
-        }
-    };
+    let (config, require_signature) = crate::stick::config_bytes(args.config.as_deref())?;
     seed::check_seed_dir_for_build(&args.seed)?;
     let mut seed_files = Vec::new();
     for name in [USER_DATA, META_DATA, NETWORK_CONFIG] {

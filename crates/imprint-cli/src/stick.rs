@@ -146,25 +146,32 @@ pub fn build(opts: &BuildOptions) -> Result<StickLayout> {
     Ok(layout)
 }
 
-/// Reads and validates every input; nothing is written here.
-fn gather(opts: &BuildOptions) -> Result<Inputs> {
-    let mut esp_files = BTreeMap::new();
-
-    let (config, require_signature) = match &opts.config {
+/// The config the appliance will read, as bytes (the user's file byte for byte once it parses,
+/// or the defaults), and whether it requires a signed image. Shared by `build`, `flash` and
+/// `netboot render`.
+pub(crate) fn config_bytes(path: Option<&Path>) -> Result<(Vec<u8>, bool)> {
+    match path {
         Some(path) => {
             // Config::load names the file, line and column of a parse error.
             let parsed = Config::load(path)?;
             let text = imprint_core::input::read_bounded(path, imprint_core::input::limits::CONFIG)
                 .with_context(|| format!("reading {}", path.display()))?;
-            (text, parsed.require_signature)
+            Ok((text, parsed.require_signature))
         }
         None => {
             let mut text = serde_json::to_vec_pretty(&Config::default())
                 .context("serializing the default configuration")?;
             text.push(b'\n');
-            (text, false)
+            Ok((text, false))
         }
-    };
+    }
+}
+
+/// Reads and validates every input; nothing is written here.
+fn gather(opts: &BuildOptions) -> Result<Inputs> {
+    let mut esp_files = BTreeMap::new();
+
+    let (config, require_signature) = config_bytes(opts.config.as_deref())?;
     esp_files.insert(CONFIG_PATH.to_owned(), config);
 
     if let Some(dir) = &opts.seed {
