@@ -35,3 +35,13 @@ pub fn with_gpt(
     }
     disk.into_inner()
 }
+
+/// How many cases a property test runs: `PROPTEST_CASES` when set (the long runs
+/// docs/testing.md describes), else `default` (what fits `cargo test`). An explicit `cases` in
+/// a `ProptestConfig` would otherwise override the variable.
+pub fn proptest_cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
