@@ -97,6 +97,29 @@ impl Network {
             lease.server,
             lease.lease_secs
         ));
+        // Hold the lease for the rest of the boot (an install can outlast it).
+        let notes = std::sync::Mutex::new(consoles.handle());
+        let kept = dhcp::keep(name.clone(), mac, lease, iface::configure, move |k| {
+            let line = match k {
+                dhcp::Kept::Renewed(l) => format!(
+                    "imprint: network: DHCP lease on {} renewed ({} s)",
+                    l.address, l.lease_secs
+                ),
+                dhcp::Kept::Replaced(l) => format!(
+                    "imprint: network: the DHCP lease was lost; now {}/{} (downloads resume)",
+                    l.address, l.prefix
+                ),
+                dhcp::Kept::Trouble(e) => format!("imprint: network: renewing the DHCP lease: {e}"),
+            };
+            if let Ok(mut c) = notes.lock() {
+                c.line(&line);
+            }
+        });
+        if let Err(e) = kept {
+            consoles.line(&format!(
+                "imprint: network: cannot keep the DHCP lease ({e}); it may run out during a long install"
+            ));
+        }
         let net = Network {
             base,
             mac,
