@@ -289,7 +289,7 @@ fn hold(
                 // A NAK, or a server moving the address: the lease is gone.
                 Ok(_) => break,
                 Err(e) => {
-                    report(Kept::Trouble(error_text(&e)));
+                    report(Kept::Trouble(crate::console::error_chain(&e)));
                     std::thread::sleep(Duration::from_secs(1));
                 }
             }
@@ -300,7 +300,7 @@ fn hold(
         // INIT again, until a new lease is on the interface.
         loop {
             let fresh = self::lease(iface, mac, Duration::from_secs(60))
-                .map_err(|e| error_text(&e))
+                .map_err(|e| crate::console::error_chain(&e))
                 .and_then(|l| {
                     configure(iface, &l)
                         .map(|()| l)
@@ -320,18 +320,6 @@ fn hold(
             }
         }
     }
-}
-
-/// An error and its causes on one line.
-fn error_text(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }
 
 /// A DISCOVER, or a REQUEST for `(address, server)`.
