@@ -50,7 +50,8 @@ pub enum NetbootCommand {
     /// there, e.g. nginx `dav_methods PUT; create_full_put_path on;`), dnsmasq.conf for
     /// proxy-DHCP beside the network's own DHCP server, and tftp/ (shim and GRUB only) for PXE
     /// firmware without HTTP boot. Config, seed and image are checked first; OUTPUT must not
-    /// exist or be an empty folder. See docs/netboot.md.
+    /// exist or be an empty folder. With --s3 the tree is for an S3 bucket (public read) and
+    /// presigned/ holds each machine's signed report upload URLs. See docs/netboot.md.
     Render(RenderArgs),
 }
 

@@ -220,12 +220,11 @@ pub fn presign(args: &S3Args, url: &BaseUrl, config: &Config) -> Result<Presigne
 
 fn human(d: Duration) -> String {
     let s = d.as_secs();
-    match s {
-        _ if s % 86_400 == 0 => format!("{} days", s / 86_400),
-        _ if s % 3600 == 0 => format!("{} hours", s / 3600),
-        _ if s % 60 == 0 => format!("{} minutes", s / 60),
-        _ => format!("{s} seconds"),
-    }
+    let (n, unit) = [(86_400, "day"), (3600, "hour"), (60, "minute")]
+        .into_iter()
+        .find(|(u, _)| s.is_multiple_of(*u))
+        .map_or((s, "second"), |(u, name)| (s / u, name));
+    format!("{n} {unit}{}", if n == 1 { "" } else { "s" })
 }
 
 #[cfg(test)]
@@ -244,6 +243,9 @@ mod tests {
         assert_eq!(parse_expires("90m").unwrap(), Duration::from_secs(5400));
         assert_eq!(parse_expires("5s").unwrap(), Duration::from_secs(5));
         assert_eq!(parse_expires("60").unwrap(), Duration::from_secs(60));
+        assert_eq!(human(MAX_EXPIRES), "7 days");
+        assert_eq!(human(Duration::from_secs(3600)), "1 hour");
+        assert_eq!(human(Duration::from_secs(90)), "90 seconds");
         for bad in ["8d", "169h", "0s", "d", "7w", "-1d", ""] {
             assert!(parse_expires(bad).is_err(), "{bad}");
         }
