@@ -14,6 +14,7 @@
 //! reports/           empty: appliances PUT their reports to reports/<machine>/<install-id>.json
 //! dnsmasq.conf       proxy-DHCP beside the network's own DHCP server (not served)
 //! tftp/              shim, GRUB and grub.cfg only, for PXE firmware without HTTP boot
+//! presigned/         with --s3 only: each machine's presigned report upload URLs ([`s3`])
 //! ```
 //!
 //! Every input is checked (as `imprint build` checks them) before anything is written; the tree
@@ -26,6 +27,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Context, Result};
 use imprint_core::manifest::Image;
 use imprint_core::seed::{self, META_DATA, NETWORK_CONFIG, USER_DATA};
+
+pub mod s3;
 
 /// Where image-build/build puts Debian 13's network GRUB in the boot folder.
 pub const NET_GRUB: &str = "netboot/grubx64.efi";
@@ -47,7 +50,8 @@ pub enum NetbootCommand {
     /// there, e.g. nginx `dav_methods PUT; create_full_put_path on;`), dnsmasq.conf for
     /// proxy-DHCP beside the network's own DHCP server, and tftp/ (shim and GRUB only) for PXE
     /// firmware without HTTP boot. Config, seed and image are checked first; OUTPUT must not
-    /// exist or be an empty folder. See docs/netboot.md.
+    /// exist or be an empty folder. With --s3 the tree is for an S3 bucket (public read) and
+    /// presigned/ holds each machine's signed report upload URLs. See docs/netboot.md.
     Render(RenderArgs),
 }
 
@@ -78,6 +82,8 @@ pub struct RenderArgs {
     /// The folder to create.
     #[arg(short, long)]
     pub output: PathBuf,
+    #[command(flatten)]
+    pub s3: s3::S3Args,
 }
 
 /// Runs an `imprint netboot` subcommand.
@@ -287,6 +293,13 @@ pub fn render(args: &RenderArgs, boot: &Path) -> Result<()> {
             seed_files.push((name, data));
         }
     }
+    let presigned = if args.s3.s3 {
+        let parsed: imprint_core::config::Config =
+            serde_json::from_slice(&config).context("reading the configuration")?;
+        Some(s3::presign(&args.s3, &url, &parsed)?)
+    } else {
+        None
+    };
     let image = Image::open(&args.image)?;
     if require_signature && image.signature().is_none() {
         return Err(imprint_core::signature::SignatureError::Unsigned {
@@ -358,6 +371,13 @@ pub fn render(args: &RenderArgs, boot: &Path) -> Result<()> {
     fs::create_dir_all(dir.join("seed")).context("creating seed/")?;
     fs::create_dir_all(dir.join("reports")).context("creating reports/")?;
     copy(&args.image, IMAGE_NAME)?;
+    for (rel, data) in presigned.iter().flat_map(|p| &p.files) {
+        write(rel, data)?;
+    }
+    if presigned.is_some() {
+        fs::set_permissions(dir.join("presigned"), fs::Permissions::from_mode(0o755))
+            .context("setting the mode of presigned/")?;
+    }
     write(
         "dnsmasq.conf",
         dnsmasq_conf(&url, net, mask, &final_abs.join("tftp")).as_bytes(),
@@ -381,6 +401,9 @@ pub fn render(args: &RenderArgs, boot: &Path) -> Result<()> {
         url.base(),
         out.display()
     );
+    for line in presigned.iter().flat_map(|p| &p.summary) {
+        eprintln!("{line}");
+    }
     Ok(())
 }
 

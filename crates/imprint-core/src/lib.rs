@@ -31,6 +31,7 @@ pub mod input;
 pub mod loopdev;
 pub mod machine;
 pub mod manifest;
+pub mod presigned;
 pub mod progress;
 #[cfg(feature = "remote")]
 pub mod remote;

@@ -10,10 +10,12 @@
 //! `URL/reports/<machine>/<install-id>.json`, and a successful install's report also to
 //! `URL/reports/<machine>/installed.json`: fetched at the next netboot into the local reports
 //! folder, it lets the flow's "already installed" check (report + the disk's own GPT) boot the
-//! disk instead of reinstalling, as a stick's reports do.
+//! disk instead of reinstalling, as a stick's reports do. A tree rendered with `--s3` (an S3
+//! bucket) carries presigned `PUT` URLs per machine instead ([`presigned`]).
 
 pub mod dhcp;
 pub mod iface;
+pub mod presigned;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -49,11 +51,12 @@ const DHCP_WAIT: Duration = Duration::from_secs(60);
 const SMALL_FILE_MAX: u64 = 1 << 20;
 
 /// The network source of an install: the server and the local copies of its config and seed.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Network {
     base: String,
     mac: [u8; 6],
     local: PathBuf,
+    uploads: presigned::Targets,
 }
 
 impl Network {
@@ -120,12 +123,14 @@ impl Network {
                 "imprint: network: cannot keep the DHCP lease ({e}); it may run out during a long install"
             ));
         }
-        let net = Network {
+        let mut net = Network {
             base,
             mac,
             local: PathBuf::from(LOCAL),
+            uploads: presigned::Targets::Direct,
         };
         net.fetch_config_and_seed(consoles)?;
+        net.uploads = presigned::Targets::load(|rel| net.fetch(rel), &net.machine(), consoles)?;
         Ok(net)
     }
 
@@ -216,6 +221,11 @@ impl Network {
             .with_context(|| format!("opening the image {}", remote::redact_url(&url)))
     }
 
+    /// This machine's folder name under `reports/` (the booting NIC's MAC, `aa-bb-…`).
+    fn machine(&self) -> String {
+        mac_text(&self.mac, '-')
+    }
+
     /// `reports/<machine>/<install-id>.json` for `rep`: the machine is the booting NIC's MAC.
     pub fn report_path(&self, rep: &Report) -> String {
         format!(
@@ -238,9 +248,10 @@ impl Network {
         Ok(shown)
     }
 
-    /// PUTs `body` to `rel` under the base URL, retrying server errors.
+    /// PUTs `body` to `rel` under the base URL (or through its presigned URL), retrying
+    /// server errors.
     fn put(&self, rel: &str, body: &[u8]) -> Result<String> {
-        let url = format!("{}/{rel}", self.base);
+        let url = self.uploads.url(&self.base, rel, &self.machine())?;
         let shown = remote::redact_url(&url);
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
@@ -263,8 +274,15 @@ impl Network {
                     last = format!("HTTP {}", r.status().as_u16());
                 }
                 Ok(r) => bail!(
-                    "{shown}: the server answered HTTP {} to the report PUT (does it allow PUT under reports/?)",
-                    r.status().as_u16()
+                    "{shown}: the server answered HTTP {} to the report PUT ({})",
+                    r.status().as_u16(),
+                    match self.uploads {
+                        presigned::Targets::Presigned(ref up) => format!(
+                            "a presigned URL, valid until {}: expired, or the clock is off?",
+                            up.expires
+                        ),
+                        _ => "does it allow PUT under reports/?".to_string(),
+                    }
                 ),
                 Err(e) => last = e.to_string(),
             }
@@ -408,6 +426,7 @@ mod tests {
             base,
             mac: [0x52, 0x54, 0, 0xab, 0xcd, 0x01],
             local: local.to_path_buf(),
+            uploads: presigned::Targets::Direct,
         }
     }
 
