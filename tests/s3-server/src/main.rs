@@ -38,7 +38,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err("usage: imprint-s3-server ADDR:PORT ROOT ACCESS_KEY SECRET_KEY".into());
     };
     let addr: SocketAddr = addr.parse()?;
-    let fs = s3s_fs::FileSystem::new(root)?;
+    let fs = s3s_fs::FileSystem::new(root).map_err(|e| format!("{root}: {e:?}"))?;
     let mut b = S3ServiceBuilder::new(fs);
     b.set_auth(SimpleAuth::from_single(ak.as_str(), sk.as_str()));
     b.set_access(PublicRead);
