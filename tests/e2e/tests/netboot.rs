@@ -161,6 +161,11 @@ fn seed_file(nvme: &Path, name: &str) -> String {
 fn powered_off(vm: &mut Vm, name: &str, within: Duration) -> String {
     vm.wait_for("IMPRINT-DONE", within)
         .unwrap_or_else(|e| panic!("{name}: the appliance did not finish: {e}"));
+    // A failed run waits for a person instead of powering off: say why at once.
+    let log = vm.log();
+    if let Some(failed) = log.lines().find(|l| l.contains("imprint: FAILED")) {
+        panic!("{name}: {failed}\n{log}");
+    }
     let status = vm.wait_exit(Duration::from_secs(60)).unwrap();
     assert!(
         status.success(),
