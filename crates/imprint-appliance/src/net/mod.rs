@@ -41,8 +41,10 @@ pub const IMAGE_NAME: &str = "image.img.zst";
 pub const INSTALLED_REPORT: &str = "installed.json";
 /// Where the fetched config and seed are kept, laid out like the stick's ESP.
 const LOCAL: &str = "/run/imprint/net";
-/// How long NICs may take to appear after their drivers loaded.
-const NIC_WAIT: Duration = Duration::from_secs(15);
+/// How long NICs may take to appear after their drivers loaded. Generous: on a loaded host
+/// (three TCG NUCs on two shared cores) virtio_net bound more than 15 s after the device set
+/// stopped being waited for; a NIC that never appears costs this once, before any write.
+const NIC_WAIT: Duration = Duration::from_secs(60);
 /// How long a link may take to come up.
 const CARRIER_WAIT: Duration = Duration::from_secs(15);
 /// How long DHCP may take.
