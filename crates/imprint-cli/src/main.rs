@@ -200,7 +200,7 @@ enum Command {
         #[arg(long, value_name = "PUBFILE")]
         trust: Vec<PathBuf>,
     },
-    /// Provision machines over the network: a static tree for any HTTP server.
+    /// Provision machines over the network: a static tree for any HTTP server, or served here.
     #[command(subcommand)]
     Netboot(netboot::NetbootCommand),
     /// Print the shell completion script for SHELL on standard output.
@@ -274,6 +274,7 @@ impl Command {
             | Command::Disks { json, .. }
             | Command::Reports { json, .. }
             | Command::Inspect { json, .. } => *json,
+            Command::Netboot(netboot::NetbootCommand::Serve(args)) => args.json,
             Command::Completions { .. } | Command::Man { .. } | Command::Netboot(_) => false,
         }
     }

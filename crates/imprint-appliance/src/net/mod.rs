@@ -10,9 +10,11 @@
 //! `URL/reports/<machine>/<install-id>.json`, and a successful install's report also to
 //! `URL/reports/<machine>/installed.json`: fetched at the next netboot into the local reports
 //! folder, it lets the flow's "already installed" check (report + the disk's own GPT) boot the
-//! disk instead of reinstalling, as a stick's reports do.
+//! disk instead of reinstalling, as a stick's reports do. While the install runs, progress
+//! events go to `URL/reports/<machine>/progress.json` ([`events`]).
 
 pub mod dhcp;
+pub mod events;
 pub mod iface;
 
 use std::path::{Path, PathBuf};
@@ -49,11 +51,12 @@ const DHCP_WAIT: Duration = Duration::from_secs(60);
 const SMALL_FILE_MAX: u64 = 1 << 20;
 
 /// The network source of an install: the server and the local copies of its config and seed.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Network {
     base: String,
     mac: [u8; 6],
     local: PathBuf,
+    events: events::Events,
 }
 
 impl Network {
@@ -97,11 +100,19 @@ impl Network {
             lease.server,
             lease.lease_secs
         ));
-        let net = Network {
+        let mut net = Network {
             base,
             mac,
             local: PathBuf::from(LOCAL),
+            events: events::Events::off(),
         };
+        // Events go through the same PUT (and path mapping) as the reports, bounded, once.
+        let sink = net.clone();
+        net.events = events::Events::start(
+            &mac_text(&mac, '-'),
+            Box::new(move |rel, body| sink.put_with(rel, body, events::PUT_TIMEOUT, 1).map(|_| ())),
+        );
+        net.events.phase(events::EventPhase::Config);
         net.fetch_config_and_seed(consoles)?;
         Ok(net)
     }
@@ -109,6 +120,11 @@ impl Network {
     /// The local folder laid out like the stick's ESP (`imprint/config.json`, `imprint/seed/`).
     pub fn path(&self) -> &Path {
         &self.local
+    }
+
+    /// This run's progress events.
+    pub fn events(&self) -> &events::Events {
+        &self.events
     }
 
     /// The server's base URL, as it may be shown.
@@ -217,16 +233,22 @@ impl Network {
 
     /// PUTs `body` to `rel` under the base URL, retrying server errors.
     fn put(&self, rel: &str, body: &[u8]) -> Result<String> {
+        self.put_with(rel, body, Duration::from_secs(30), 4)
+    }
+
+    /// PUTs `body` to `rel` under the base URL: `attempts` tries (server errors and transport
+    /// errors are retried), each bounded by `timeout`.
+    fn put_with(&self, rel: &str, body: &[u8], timeout: Duration, attempts: u32) -> Result<String> {
         let url = format!("{}/{rel}", self.base);
         let shown = remote::redact_url(&url);
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(30)))
+            .timeout_global(Some(timeout))
             .user_agent(concat!("imprint/", env!("CARGO_PKG_VERSION")))
             .build()
             .into();
         let mut last = String::new();
-        for attempt in 0..4u32 {
+        for attempt in 0..attempts {
             if attempt > 0 {
                 std::thread::sleep(Duration::from_secs(1 << attempt));
             }
@@ -385,6 +407,7 @@ mod tests {
             base,
             mac: [0x52, 0x54, 0, 0xab, 0xcd, 0x01],
             local: local.to_path_buf(),
+            events: events::Events::off(),
         }
     }
 
