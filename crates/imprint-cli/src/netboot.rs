@@ -26,6 +26,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
 use imprint_core::manifest::Image;
+
+pub mod serve;
 use imprint_core::seed::{self, META_DATA, NETWORK_CONFIG, USER_DATA};
 
 pub mod s3;
@@ -53,9 +55,20 @@ pub enum NetbootCommand {
     /// exist or be an empty folder. With --s3 the tree is for an S3 bucket (public read) and
     /// presigned/ holds each machine's signed report upload URLs. See docs/netboot.md.
     Render(RenderArgs),
+    /// Render the tree for this host and serve it: proxy-DHCP and HTTP, with a live table.
+    ///
+    /// Renders the tree (as `render` does) for http://ADDRESS:PORT/, ADDRESS being the IPv4
+    /// address of --interface; runs the system's dnsmasq for proxy-DHCP on that interface as a
+    /// child (stopped with serve; if it exits, serve says so and stops); serves the tree over
+    /// HTTP with Range, and accepts PUT only for reports/<mac>/<name>.json (at most 1 MiB,
+    /// written whole into --reports). Shows one row per machine — MAC, hostname, phase,
+    /// progress, rate, result — from the progress events and reports machines send; off a
+    /// terminal one line per event on standard output (--json: one JSON object per line).
+    /// Needs root (dnsmasq's DHCP ports). Ctrl-C or SIGTERM stops it. See docs/netboot.md.
+    Serve(serve::ServeArgs),
 }
 
-/// Arguments of `imprint netboot render`.
+/// Arguments of `imprint netboot render` (`serve` fills them in for its own tree).
 #[derive(Debug, clap::Args)]
 pub struct RenderArgs {
     /// The imprint image (.img.zst) machines install.
@@ -93,6 +106,7 @@ pub fn run(cmd: NetbootCommand) -> Result<()> {
             let boot = crate::bootfiles::locate(args.boot.clone())?;
             render(&args, &boot)
         }
+        NetbootCommand::Serve(args) => serve::serve(&args),
     }
 }
 

@@ -519,3 +519,171 @@ fn firmware_without_http_boot_gets_shim_and_grub_over_tftp_and_the_rest_over_htt
     }
     check_install(&log, &access, &image, &nvme, &tree, nuc);
 }
+
+/// `imprint netboot serve` instead of nginx and a hand-run dnsmasq: serve renders the tree for
+/// srv0's address, runs dnsmasq for proxy-DHCP and serves HTTP; the NUC (Secure Boot on)
+/// netboots from it, installs, and its report and progress events reach serve, whose output
+/// shows the machine's row from `network` through `writing` (bytes > 0) to `done installed`.
+#[test]
+fn a_nuc_netboots_from_imprint_netboot_serve_and_serve_shows_its_progress() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let image = small_image(d, "netos", 512, None).unwrap();
+    let config = d.join("serve-fleet.json");
+    std::fs::write(
+        &config,
+        format!(
+            "{{\"target\": {{\"transports\": [\"nvme\"]}}, \"confirm\": \"never\", \"after\": \"poweroff\",\n\
+             \"seed\": {{\"placement\": \"cidata-partition\", \"machines\": [{{\"mac\": \"{}\", \"hostname\": \"nuc-net-01\"}}]}}}}\n",
+            SHELF[0].mac
+        ),
+    )
+    .unwrap();
+    let nvme = sparse_disk(&d.join("nvme.img"), 4 * GIB).unwrap();
+    let mut lab = Lab::new(
+        &format!("ims{}", std::process::id() % 100_000),
+        &d.join("lab"),
+    )
+    .unwrap();
+    let reports = d.join("reports");
+    let tree = d.join("tree");
+    let mut serve = Command::new(imprint_bin().unwrap());
+    serve
+        .args(["netboot", "serve", "--image"])
+        .arg(&image)
+        .arg("--seed")
+        .arg(workspace_root().join("scripts/demo-seed"))
+        .arg("--config")
+        .arg(&config)
+        .arg("--boot")
+        .arg(boot_dir().unwrap())
+        .args(["--interface", "srv0", "--port", &netlab::PORT.to_string()])
+        .arg("--reports")
+        .arg(&reports)
+        .arg("--dir")
+        .arg(&tree);
+    let serve_pid = lab.run_logged("srv", "serve", &serve).unwrap();
+    let started = Instant::now();
+    while !lab.log("serve.err").contains("answers proxy-DHCP on srv0") {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "serve did not come up:\n{}",
+            lab.log("serve.err")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let tap = lab.tap().unwrap();
+    let (_vm, log) = until_poweroff(
+        VmBuilder::new(d.join("serve"), Firmware::SecureBoot)
+            .http_boot_nic(&tap, SHELF[0].mac)
+            .netns(&lab.lan())
+            .nvme(&nvme, "NUC-NVME-0001"),
+        "serve",
+    );
+
+    // The install, as over nginx.
+    assert!(log.contains("secureboot: Secure boot enabled"), "{log}");
+    assert!(log.contains("from DHCP server 10.88.0.1"), "{log}");
+    assert!(
+        log.contains("seed written and read back: hostname nuc-net-01 (named by machines entry 0)")
+    );
+    let verify = Command::new(imprint_bin().unwrap())
+        .arg("verify")
+        .arg(&image)
+        .arg(&nvme)
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "imprint verify: {}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    assert!(seed_file(&nvme, "meta-data").contains("nuc-net-01"));
+    // The report landed under --reports (the tree's reports/ links there).
+    let machine = reports.join("52-54-00-12-34-56");
+    let mut names: Vec<String> = std::fs::read_dir(&machine)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names.len(),
+        3,
+        "report, installed.json, progress.json: {names:?}"
+    );
+    let id = names
+        .iter()
+        .find(|n| n.starts_with("20"))
+        .expect("the install report");
+    let rep: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(machine.join(id)).unwrap()).unwrap();
+    assert_eq!(rep["status"], "installed");
+    assert_eq!(rep["write"]["verified"], true);
+    assert_eq!(
+        std::fs::read(machine.join("installed.json")).unwrap(),
+        std::fs::read(machine.join(id)).unwrap()
+    );
+    assert!(log.contains(&format!(
+        "imprint: report sent to http://10.88.0.2:8080/reports/52-54-00-12-34-56/{id}"
+    )));
+    let last: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(machine.join("progress.json")).unwrap()).unwrap();
+    assert_eq!(last["phase"], "done");
+    assert_eq!(last["result"], "installed");
+    assert_eq!(last["hostname"], "nuc-net-01");
+    assert_eq!(
+        format!("{}.json", last["install_id"].as_str().unwrap()),
+        *id
+    );
+
+    // What serve showed: the machine's row through its phases, bytes while writing, the end.
+    let out = lab.log("serve.out");
+    let rows: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("52-54-00-12-34-56  "))
+        .collect();
+    assert!(
+        rows.iter().any(|l| l.contains("  network")),
+        "the first event:\n{out}"
+    );
+    let writing: Vec<&str> = rows
+        .iter()
+        .copied()
+        .filter(|l| l.contains("nuc-net-01") && l.contains(" writing ") && l.contains("MiB/"))
+        .filter(|l| !l.contains("  0 B/"))
+        .collect();
+    assert!(
+        !writing.is_empty(),
+        "a writing event with bytes > 0:\n{out}"
+    );
+    assert!(
+        rows.iter()
+            .any(|l| l.contains("nuc-net-01") && l.contains(" done ") && l.ends_with("installed")),
+        "the row reached done/installed:\n{out}"
+    );
+    assert!(
+        rows.iter()
+            .any(|l| l.contains(&format!("report {id}: installed"))),
+        "{out}"
+    );
+    let err = lab.log("serve.err");
+    assert!(
+        err.contains("dnsmasq: ") && err.contains("HTTPClient"),
+        "{err}"
+    );
+
+    // SIGTERM: serve stops and takes dnsmasq with it.
+    run(Command::new("kill").args(["-TERM", &serve_pid.to_string()])).unwrap();
+    let t0 = Instant::now();
+    while !lab
+        .log("serve.err")
+        .contains("imprint: stopped; dnsmasq (pid")
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "{}",
+            lab.log("serve.err")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -12,8 +12,11 @@
 //! folder, it lets the flow's "already installed" check (report + the disk's own GPT) boot the
 //! disk instead of reinstalling, as a stick's reports do. A tree rendered with `--s3` (an S3
 //! bucket) carries presigned `PUT` URLs per machine instead ([`presigned`]).
+//! While the install runs, progress events go to
+//! `URL/reports/<machine>/progress.json` ([`events`]).
 
 pub mod dhcp;
+pub mod events;
 pub mod iface;
 pub mod presigned;
 
@@ -59,6 +62,7 @@ pub struct Network {
     mac: [u8; 6],
     local: PathBuf,
     uploads: presigned::Targets,
+    events: events::Events,
 }
 
 impl Network {
@@ -130,7 +134,15 @@ impl Network {
             mac,
             local: PathBuf::from(LOCAL),
             uploads: presigned::Targets::Direct,
+            events: events::Events::off(),
         };
+        // Events go through the same PUT (and path mapping) as the reports, bounded, once.
+        let sink = net.clone();
+        net.events = events::Events::start(
+            &mac_text(&mac, '-'),
+            Box::new(move |rel, body| sink.put_with(rel, body, events::PUT_TIMEOUT, 1).map(|_| ())),
+        );
+        net.events.phase(events::EventPhase::Config);
         net.fetch_config_and_seed(consoles)?;
         net.uploads = presigned::Targets::load(|rel| net.fetch(rel), &net.machine(), consoles)?;
         Ok(net)
@@ -139,6 +151,11 @@ impl Network {
     /// The local folder laid out like the stick's ESP (`imprint/config.json`, `imprint/seed/`).
     pub fn path(&self) -> &Path {
         &self.local
+    }
+
+    /// This run's progress events.
+    pub fn events(&self) -> &events::Events {
+        &self.events
     }
 
     /// The server's base URL, as it may be shown.
@@ -253,16 +270,22 @@ impl Network {
     /// PUTs `body` to `rel` under the base URL (or through its presigned URL), retrying
     /// server errors.
     fn put(&self, rel: &str, body: &[u8]) -> Result<String> {
+        self.put_with(rel, body, Duration::from_secs(30), 4)
+    }
+
+    /// PUTs `body` to `rel` under the base URL: `attempts` tries (server errors and transport
+    /// errors are retried), each bounded by `timeout`.
+    fn put_with(&self, rel: &str, body: &[u8], timeout: Duration, attempts: u32) -> Result<String> {
         let url = self.uploads.url(&self.base, rel, &self.machine())?;
         let shown = remote::redact_url(&url);
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(30)))
+            .timeout_global(Some(timeout))
             .user_agent(concat!("imprint/", env!("CARGO_PKG_VERSION")))
             .build()
             .into();
         let mut last = String::new();
-        for attempt in 0..4u32 {
+        for attempt in 0..attempts {
             if attempt > 0 {
                 std::thread::sleep(Duration::from_secs(1 << attempt));
             }
@@ -429,6 +452,7 @@ mod tests {
             mac: [0x52, 0x54, 0, 0xab, 0xcd, 0x01],
             local: local.to_path_buf(),
             uploads: presigned::Targets::Direct,
+            events: events::Events::off(),
         }
     }
 

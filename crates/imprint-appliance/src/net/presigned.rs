@@ -183,6 +183,7 @@ mod tests {
             mac: [0x52, 0x54, 0, 0xab, 0xcd, 0x01],
             local: t.path().join("local"),
             uploads: Targets::Direct,
+            events: crate::net::events::Events::off(),
         };
         let (mut cons, log) = consoles(t.path());
         net.uploads = Targets::load(|rel| net.fetch(rel), MACHINE, &mut cons).unwrap();

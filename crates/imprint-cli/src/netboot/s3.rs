@@ -47,6 +47,19 @@ pub struct S3Args {
     pub expires: Duration,
 }
 
+impl S3Args {
+    /// No S3: the tree is for a plain HTTP server (what `netboot serve` renders).
+    pub fn off() -> S3Args {
+        S3Args {
+            s3: false,
+            s3_endpoint: None,
+            s3_bucket: None,
+            s3_region: "us-east-1".into(),
+            expires: MAX_EXPIRES,
+        }
+    }
+}
+
 /// Parses `7d`, `36h`, `90m`, `3600s` or `3600` (seconds), at most [`MAX_EXPIRES`].
 pub fn parse_expires(s: &str) -> Result<Duration, String> {
     let (num, unit) = match s.char_indices().last() {
