@@ -300,6 +300,14 @@ fn serve_runs_dnsmasq_serves_ranges_takes_reports_and_stops_cleanly() {
     let (code, body) = ns.curl(&["-r", "1000-5095", &url("image.img.zst")]);
     assert_eq!(code, 206);
     assert_eq!(body, &img[1000..5096]);
+    // Header names in title case: shim's HTTP boot finds only `Content-Length` so spelt.
+    let (code, head) = ns.curl(&["-I", &url("grubx64.efi")]);
+    assert_eq!(code, 200);
+    let head = String::from_utf8(head).unwrap();
+    assert!(
+        head.contains("\r\nContent-Length: ") && head.contains("\r\nAccept-Ranges: bytes"),
+        "{head}"
+    );
     let (code, body) = ns.curl(&[&url("grub/grub.cfg")]);
     assert_eq!(code, 200);
     assert!(String::from_utf8(body)

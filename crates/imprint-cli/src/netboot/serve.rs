@@ -11,7 +11,6 @@
 //! and by the kernel (`PR_SET_PDEATHSIG`) should serve itself be killed.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::future::IntoFuture;
 use std::io::{IsTerminal, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -199,6 +198,30 @@ struct AppState {
 }
 
 /// The HTTP service: the tree (GET/HEAD with Range), `PUT` under reports/ only.
+/// Serves `app` on `listener` until `stop` resolves, over hyper's HTTP/1 server with header
+/// names written in title case (`Content-Length`): shim's HTTP boot looks the length up with a
+/// case-sensitive compare and stalls on hyper's default lower case, where nginx works.
+async fn http_server(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    stop: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    let mut stop = std::pin::pin!(stop);
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => accepted?,
+            () = &mut stop => return Ok(()),
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let _ = hyper::server::conn::http1::Builder::new()
+                .title_case_headers(true)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
 fn router(tree: &Path, reports: &Path, tx: mpsc::Sender<Update>) -> Router {
     let files = ServeDir::new(tree);
     let state = Arc::new(AppState {
@@ -269,11 +292,10 @@ async fn run(s: Serve<'_>) -> Result<()> {
     let listener = tokio::net::TcpListener::from_std(s.listener)
         .context("handing the listening socket to the runtime")?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(listener, router(s.tree, s.reports, s.tx.clone()))
-        .with_graceful_shutdown(async {
-            let _ = stop_rx.await;
-        });
-    let mut server = std::pin::pin!(server.into_future());
+    let server = http_server(listener, router(s.tree, s.reports, s.tx.clone()), async {
+        let _ = stop_rx.await;
+    });
+    let mut server = std::pin::pin!(server);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     let outcome: Result<()> = tokio::select! {
