@@ -300,7 +300,7 @@ fn serve_runs_dnsmasq_serves_ranges_takes_reports_and_stops_cleanly() {
     let (code, body) = ns.curl(&["-r", "1000-5095", &url("image.img.zst")]);
     assert_eq!(code, 206);
     assert_eq!(body, &img[1000..5096]);
-    // Header names in title case: shim's HTTP boot finds only `Content-Length` so spelt.
+    // Header names in title case, as nginx sends them (UEFI HTTP clients parse them).
     let (code, head) = ns.curl(&["-I", &url("grubx64.efi")]);
     assert_eq!(code, 200);
     let head = String::from_utf8(head).unwrap();

@@ -186,11 +186,22 @@ fn until_poweroff(vm: VmBuilder, name: &str) -> (Vm, String) {
     (vm, log)
 }
 
-/// The reports of `nuc` on the server, by file name.
+/// The latest progress event `nuc` sent (`reports/<mac>/progress.json`).
+fn server_progress(tree: &Path, nuc: &Nuc) -> serde_json::Value {
+    let p = tree.join(nuc.reports_dir()).join("progress.json");
+    serde_json::from_slice(&std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
+        .unwrap()
+}
+
+/// The reports of `nuc` on the server, by file name (its progress events aside).
 fn server_reports(tree: &Path, nuc: &Nuc) -> Vec<(String, serde_json::Value)> {
     let dir = tree.join(nuc.reports_dir());
     let mut out: Vec<(String, serde_json::Value)> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .filter(|e| {
+            e.as_ref()
+                .map_or(true, |e| e.file_name() != "progress.json")
+        })
         .map(|e| {
             let p = e.unwrap().path();
             (
@@ -275,6 +286,22 @@ fn check_install(
     );
     let (name, r) = &reports[0];
     assert_eq!(reports[1].0, "installed.json");
+    // The last progress event: this install, done.
+    let last = server_progress(tree, nuc);
+    assert_eq!(
+        (&last["phase"], &last["result"], &last["hostname"]),
+        (
+            &serde_json::json!("done"),
+            &serde_json::json!("installed"),
+            &serde_json::json!(nuc.hostname)
+        ),
+        "{h}: {last}"
+    );
+    assert_eq!(
+        format!("{}.json", last["install_id"].as_str().unwrap_or_default()),
+        *name,
+        "{h}: {last}"
+    );
     assert_eq!(
         &reports[1].1, r,
         "{h}: installed.json is the install's report"

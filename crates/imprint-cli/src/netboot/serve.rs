@@ -199,8 +199,8 @@ struct AppState {
 
 /// The HTTP service: the tree (GET/HEAD with Range), `PUT` under reports/ only.
 /// Serves `app` on `listener` until `stop` resolves, over hyper's HTTP/1 server with header
-/// names written in title case (`Content-Length`): shim's HTTP boot looks the length up with a
-/// case-sensitive compare and stalls on hyper's default lower case, where nginx works.
+/// names written in title case (`Content-Length`), as nginx writes them: UEFI HTTP clients are
+/// small parsers (hyper's default is lower case).
 async fn http_server(
     listener: tokio::net::TcpListener,
     app: Router,
