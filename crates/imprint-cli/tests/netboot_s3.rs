@@ -16,6 +16,9 @@ use std::time::Duration;
 use imprint_core::test_util::{S3Server, S3_ACCESS_KEY, S3_SECRET_KEY};
 use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
 
+mod common;
+use common::{fake_boot, make_image};
+
 const MACHINE: &str = "52-54-00-12-34-56";
 
 fn imprint() -> Command {
@@ -37,41 +40,6 @@ fn text(o: &Output) -> String {
 fn ok(o: Output) -> Output {
     assert!(o.status.success(), "failed: {}", text(&o));
     o
-}
-
-fn make_image(dir: &Path) -> PathBuf {
-    let mut raw: Vec<u8> = (0..(1u32 << 20))
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-        .collect();
-    raw[510] = 0x55;
-    raw[511] = 0xAA;
-    let raw_path = dir.join("os.raw");
-    fs::write(&raw_path, &raw).unwrap();
-    let img = dir.join("os.img.zst");
-    ok(imprint()
-        .arg("prepare")
-        .arg(&raw_path)
-        .arg("-o")
-        .arg(&img)
-        .args(["--threads", "1", "--level", "1"])
-        .output()
-        .unwrap());
-    img
-}
-
-fn fake_boot(dir: &Path) -> PathBuf {
-    let boot = dir.join("boot");
-    for (rel, body) in [
-        ("EFI/BOOT/BOOTX64.EFI", "shim"),
-        ("netboot/grubx64.efi", "trixie grubnet"),
-        ("vmlinuz", "kernel"),
-        ("initrd.img", "initramfs"),
-    ] {
-        let p = boot.join(rel);
-        fs::create_dir_all(p.parent().unwrap()).unwrap();
-        fs::write(p, body.repeat(1000)).unwrap();
-    }
-    boot
 }
 
 /// Inputs: image, seed, a config with one machine by MAC and one by DMI serial, boot files.

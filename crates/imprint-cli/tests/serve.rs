@@ -7,18 +7,17 @@
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, ChildStdout, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+mod common;
+use common::{fake_boot, make_image};
+
 const ADDR: &str = "10.77.0.1";
 const PORT: u16 = 8088;
 const MAC: &str = "52-54-00-aa-bb-01";
-
-fn imprint() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_imprint"))
-}
 
 fn ok(o: Output) -> Output {
     assert!(
@@ -97,43 +96,6 @@ impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
     }
-}
-
-fn fake_boot(dir: &Path) -> PathBuf {
-    let boot = dir.join("boot");
-    for (rel, body) in [
-        ("EFI/BOOT/BOOTX64.EFI", "shim"),
-        ("EFI/BOOT/grubx64.efi", "bookworm grub"),
-        ("EFI/debian/grub.cfg", "@ESP_PARTUUID@"),
-        ("netboot/grubx64.efi", "trixie grubnet"),
-        ("vmlinuz", "kernel"),
-        ("initrd.img", "initramfs"),
-    ] {
-        let p = boot.join(rel);
-        fs::create_dir_all(p.parent().unwrap()).unwrap();
-        fs::write(p, body.repeat(1000)).unwrap();
-    }
-    boot
-}
-
-fn make_image(dir: &Path) -> PathBuf {
-    let mut raw: Vec<u8> = (0..(2u32 << 20))
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-        .collect();
-    raw[510] = 0x55;
-    raw[511] = 0xAA;
-    let raw_path = dir.join("os.raw");
-    fs::write(&raw_path, &raw).unwrap();
-    let img = dir.join("os.img.zst");
-    ok(imprint()
-        .arg("prepare")
-        .arg(&raw_path)
-        .arg("-o")
-        .arg(&img)
-        .args(["--threads", "1", "--level", "1"])
-        .output()
-        .unwrap());
-    img
 }
 
 /// serve's standard output, line by line, read on a thread.

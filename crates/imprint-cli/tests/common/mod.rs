@@ -59,3 +59,42 @@ pub fn imprint_with(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
     }
     run(&mut cmd)
 }
+
+/// A small imprint image: 2 MiB of patterned raw bytes with an MBR signature, prepared by the
+/// real binary into `dir/os.img.zst` (the raw bytes stay in `dir/os.raw`).
+pub fn make_image(dir: &Path) -> std::path::PathBuf {
+    let mut raw: Vec<u8> = (0..(2u32 << 20))
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    raw[510] = 0x55;
+    raw[511] = 0xAA;
+    let raw_path = dir.join("os.raw");
+    std::fs::write(&raw_path, &raw).expect("writing the raw image");
+    let img = dir.join("os.img.zst");
+    ok(run(imprint()
+        .arg("prepare")
+        .arg(&raw_path)
+        .arg("-o")
+        .arg(&img)
+        .args(["--threads", "1", "--level", "1"])));
+    img
+}
+
+/// Boot files with distinct contents under `dir/boot` (render and build copy them; what they
+/// are is the boot tests' business).
+pub fn fake_boot(dir: &Path) -> std::path::PathBuf {
+    let boot = dir.join("boot");
+    for (rel, body) in [
+        ("EFI/BOOT/BOOTX64.EFI", "shim"),
+        ("EFI/BOOT/grubx64.efi", "bookworm grub"),
+        ("EFI/debian/grub.cfg", "@ESP_PARTUUID@"),
+        ("netboot/grubx64.efi", "trixie grubnet"),
+        ("vmlinuz", "kernel"),
+        ("initrd.img", "initramfs"),
+    ] {
+        let p = boot.join(rel);
+        std::fs::create_dir_all(p.parent().expect("a parent")).expect("creating boot folders");
+        std::fs::write(p, body.repeat(1000)).expect("writing a boot file");
+    }
+    boot
+}
