@@ -24,14 +24,37 @@ fn seed(dir: &Path) -> PathBuf {
     s
 }
 
-/// Real nginx serving `root` on 127.0.0.1:`port`, PUT allowed under /reports/.
-struct Nginx {
+/// A real web server (a child with its own config folder), killed on drop.
+struct Server {
     child: Child,
     _dir: tempfile::TempDir,
 }
 
-impl Nginx {
-    fn start(root: &Path, port: u16) -> Nginx {
+impl Server {
+    /// Runs `cmd` (whose config lives in `dir`) and waits until 127.0.0.1:`port` answers.
+    fn run(mut cmd: Command, dir: tempfile::TempDir, port: u16, package: &str) -> Server {
+        let name = cmd.get_program().to_string_lossy().into_owned();
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("{name}: {e}; is it installed? run scripts/deps (Debian package {package})")
+            });
+        let t = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(child.try_wait().unwrap().is_none(), "{name} exited");
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "{name} not listening"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Server { child, _dir: dir }
+    }
+
+    /// Real nginx serving `root` on 127.0.0.1:`port`, PUT allowed under /reports/.
+    fn nginx(root: &Path, port: u16) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().display();
         let conf = dir.path().join("nginx.conf");
@@ -48,41 +71,14 @@ impl Nginx {
             ),
         )
         .unwrap();
-        let mut child = Command::new("nginx")
-            .arg("-c")
-            .arg(&conf)
-            .arg("-p")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nginx is not installed: run scripts/deps (Debian package nginx-light)");
-        let t = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(child.try_wait().unwrap().is_none(), "nginx exited");
-            assert!(t.elapsed() < Duration::from_secs(10), "nginx not listening");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Nginx { child, _dir: dir }
+        let mut cmd = Command::new("nginx");
+        cmd.arg("-c").arg(&conf).arg("-p").arg(dir.path());
+        Server::run(cmd, dir, port, "nginx-light")
     }
-}
 
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Real caddy serving `root` on `port` with the Caddyfile docs/netboot.md gives (its
-/// site block as printed there; the admin endpoint off so tests can run side by side).
-struct Caddy {
-    child: Child,
-    _dir: tempfile::TempDir,
-}
-
-impl Caddy {
-    fn start(root: &Path, port: u16) -> Caddy {
+    /// Real caddy serving `root` on `port` with the Caddyfile docs/netboot.md gives (its site
+    /// block as printed there; the admin endpoint off so tests can run side by side).
+    fn caddy(root: &Path, port: u16) -> Server {
         let doc = fs::read_to_string(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../../docs/netboot.md"
@@ -100,26 +96,16 @@ impl Caddy {
         let dir = tempfile::tempdir().unwrap();
         let conf = dir.path().join("Caddyfile");
         fs::write(&conf, format!("{{\n\tadmin off\n}}\n{site}")).unwrap();
-        let mut child = Command::new("caddy")
-            .args(["run", "--adapter", "caddyfile", "--config"])
+        let mut cmd = Command::new("caddy");
+        cmd.args(["run", "--adapter", "caddyfile", "--config"])
             .arg(&conf)
             .env("XDG_DATA_HOME", dir.path().join("data"))
-            .env("XDG_CONFIG_HOME", dir.path().join("config"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("caddy is not installed: run scripts/deps (Debian package caddy)");
-        let t = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(child.try_wait().unwrap().is_none(), "caddy exited: {site}");
-            assert!(t.elapsed() < Duration::from_secs(10), "caddy not listening");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Caddy { child, _dir: dir }
+            .env("XDG_CONFIG_HOME", dir.path().join("config"));
+        Server::run(cmd, dir, port, "caddy")
     }
 }
 
-impl Drop for Caddy {
+impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -247,7 +233,7 @@ fn rendered_tree_is_served_by_caddy_as_documented_byte_for_byte_with_ranges() {
     let t = tempfile::tempdir().unwrap();
     let port = free_port();
     let out = render_tree(t.path(), port).out;
-    let _caddy = Caddy::start(&out, port);
+    let _caddy = Server::caddy(&out, port);
     serves_the_tree(&out, port);
 }
 
@@ -327,7 +313,7 @@ fn rendered_tree_is_served_by_nginx_byte_for_byte_with_ranges_and_accepts_report
     );
 
     // Every file over HTTP: whole, and three ranges each; a 404 with a body.
-    let _nginx = Nginx::start(&out, port);
+    let _nginx = Server::nginx(&out, port);
     serves_the_tree(&out, port);
     // Reports go in by PUT under reports/ (and nowhere else).
     let (st, head, _) = http(
