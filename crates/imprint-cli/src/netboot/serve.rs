@@ -279,7 +279,7 @@ fn router(tree: &Path, reports: &Path, tx: mpsc::Sender<Update>) -> Router {
 /// Gives an error answer without a body (`ServeDir`'s 404, axum's 405) a short text body, as
 /// nginx's error pages have. UEFI HTTP clients need it: shim asks for `revocations_sku.efi`
 /// first, and OVMF's HTTP stack never completes a response whose `Content-Length` is 0, so
-/// shim waits forever on an empty 404 (seen with Debian's shim 15.8 under OVMF; nginx's 404
+/// shim waits forever on an empty 404 (seen with Debian's shim 16.1 under OVMF; nginx's 404
 /// has a body and shim goes on to `grubx64.efi`).
 async fn error_bodies(req: Request, next: Next) -> Response {
     let head = req.method() == Method::HEAD;
