@@ -65,7 +65,8 @@ pub enum NetbootCommand {
     /// progress, rate, result — from the progress events and reports machines send; off a
     /// terminal one line per event on standard output (--json: one JSON object per line).
     /// Every other request is logged on standard error (client, method, path, range, status,
-    /// length; --json: on standard output). Needs root (dnsmasq's DHCP ports). Ctrl-C or SIGTERM stops it. See docs/netboot.md.
+    /// length; --json: on standard output). Needs root (dnsmasq's DHCP ports). Ctrl-C or
+    /// SIGTERM stops it. See docs/netboot.md.
     Serve(serve::ServeArgs),
 }
 
