@@ -24,12 +24,21 @@ use crate::esp::{find_esp, EspPartition};
 use crate::modules::{
     modaliases, module_params, InsertModule, KernelInsert, ModuleIndex, ModuleLoader, ALWAYS_LOAD,
 };
+use crate::settle;
 
 /// How long [`init`] waits at most for devices (the USB stick enumerates last) to appear.
 pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(15);
-/// The device set counts as settled once nothing new appeared for this long.
-const SETTLE_QUIET: Duration = Duration::from_millis(1500);
-const POLL: Duration = Duration::from_millis(100);
+/// With a storage controller whose progress [`crate::settle`] cannot read, the device set
+/// counts as settled once nothing new appeared for this long.
+pub const SETTLE_QUIET: Duration = Duration::from_millis(1500);
+/// Otherwise the block devices must stay unchanged this long (partitions, a namespace scan
+/// that registers several namespaces one after the other).
+pub const STABLE: Duration = Duration::from_millis(300);
+/// USB devices must stay unchanged this long: a hub enumerates its ports one after the other
+/// and shows no sign of the ones still to come (USB disks are never targets; this keeps the
+/// boot screen's table complete).
+pub const USB_QUIET: Duration = Duration::from_millis(1000);
+const POLL: Duration = Duration::from_millis(50);
 
 /// Errors of early boot; each names the step and the object.
 #[derive(Debug, thiserror::Error)]
@@ -97,16 +106,35 @@ pub struct BootEnv {
     pub esp: Option<EspPartition>,
     /// The system roots the flow reads (`/proc`, `/sys`, `/dev`).
     pub roots: Roots,
-    /// True when the device set settled before [`SETTLE_TIMEOUT`].
+    /// True when the disks settled by the rule in [`crate::settle`] before [`SETTLE_TIMEOUT`].
     pub settled: bool,
+    /// Storage controllers still appearing when the wait gave up (empty when settled).
+    pub pending: Vec<String>,
+    /// When PID 1 started (`main`'s first instant).
+    pub started: Instant,
+    /// The kernel's uptime (`CLOCK_BOOTTIME`) when PID 1 started: kernel start to PID 1.
+    pub kernel_uptime: Option<Duration>,
+    /// From PID 1's start to the last module inserted.
+    pub modules_done: Duration,
     /// Time from PID 1 start to the end of [`init`].
     pub elapsed: Duration,
 }
 
+/// The kernel's uptime including suspend (`CLOCK_BOOTTIME`), the clock of `/proc/uptime`.
+pub fn boottime() -> Option<Duration> {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .ok()
+        .map(Duration::from)
+}
+
 /// Early boot for PID 1: mounts, command line, modules, settle. Messages go to `consoles`.
 /// Only a failing mount of `/proc`, `/sys` or `/dev` is an error: without them nothing works.
-pub fn init(consoles: &mut Consoles) -> Result<BootEnv, BootError> {
-    let start = Instant::now();
+/// `start` is when PID 1's `main` began and `kernel_uptime` the kernel's uptime then.
+pub fn init(
+    consoles: &mut Consoles,
+    start: Instant,
+    kernel_uptime: Option<Duration>,
+) -> Result<BootEnv, BootError> {
     mount_api_filesystems()?;
     // The consoles opened before /dev was a devtmpfs only had /dev/console from the archive.
     let roots = Roots::system();
@@ -133,15 +161,16 @@ pub fn init(consoles: &mut Consoles) -> Result<BootEnv, BootError> {
             None
         }
     };
-    if let Some(loader) = loader.as_mut() {
-        for module in ALWAYS_LOAD {
-            loader.load(module);
-        }
-    }
-    let efivars = mount_efivarfs(&roots.sys, consoles);
     let esp_partuuid = cmdline.get(CMDLINE_ESP_PARAM).map(str::to_owned);
-    let (settled, esp) =
-        coldplug_and_settle(&roots, loader.as_mut(), esp_partuuid.as_deref(), consoles);
+    let settled = coldplug_and_settle(
+        &roots,
+        loader.as_mut(),
+        esp_partuuid.as_deref(),
+        start,
+        consoles,
+    );
+    // efivarfs is one of ALWAYS_LOAD, loaded in coldplug's first pass.
+    let efivars = mount_efivarfs(&roots.sys, consoles);
     let (modules_loaded, module_failures) = match loader {
         Some(l) => (l.loaded_order, l.failures),
         None => (Vec::new(), Vec::new()),
@@ -155,9 +184,13 @@ pub fn init(consoles: &mut Consoles) -> Result<BootEnv, BootError> {
         modules_loaded,
         module_failures,
         efivars,
-        esp,
+        esp: settled.esp,
         roots,
-        settled,
+        settled: settled.settled,
+        pending: settled.pending,
+        started: start,
+        kernel_uptime,
+        modules_done: settled.modules_since_pid1,
         elapsed: start.elapsed(),
     })
 }
@@ -237,38 +270,107 @@ fn mount_efivarfs(sys: &Path, consoles: &mut Consoles) -> bool {
     }
 }
 
+/// What [`coldplug_and_settle`] found and how long its parts took.
+struct Settled {
+    /// The rule in [`crate::settle`] held (and the stick appeared) before [`SETTLE_TIMEOUT`].
+    settled: bool,
+    esp: Option<EspPartition>,
+    /// From PID 1's start to the end of the last module insertion.
+    modules_since_pid1: Duration,
+    /// Controllers still appearing when the wait ended (empty when settled).
+    pending: Vec<String>,
+}
+
 /// Loads drivers for every device (repeating while loading drivers makes new devices appear:
-/// xhci first, then the USB disks behind it) until nothing changed for [`SETTLE_QUIET`] and,
-/// when the command line names the stick's ESP, that partition has appeared.
+/// xhci first, then the USB disks behind it; each pass's modules load in parallel) and waits
+/// until the stick's ESP (when the command line names it) is there and every storage
+/// controller is done by the rule in [`crate::settle`]: no new device in the last pass, no
+/// controller pending, and the block devices unchanged for [`STABLE`] ([`SETTLE_QUIET`] when a
+/// controller of a kind the rule cannot read is present; USB devices for [`USB_QUIET`]).
 fn coldplug_and_settle<I: InsertModule>(
     roots: &Roots,
     mut loader: Option<&mut ModuleLoader<I>>,
     esp_partuuid: Option<&str>,
+    pid1_start: Instant,
     consoles: &mut Consoles,
-) -> (bool, Option<EspPartition>) {
+) -> Settled {
     let start = Instant::now();
     let mut seen_aliases = BTreeSet::new();
     let mut seen_blocks = BTreeSet::new();
+    let mut seen_usb = BTreeSet::new();
     let mut last_change = Instant::now();
+    let mut last_usb = Instant::now();
+    let mut modules = Duration::ZERO;
     let mut announced = false;
+    let mut last_pending: Vec<String> = Vec::new();
+    let mut first = true;
     loop {
         let aliases = modaliases(&roots.sys.join("devices"));
         let new: Vec<String> = aliases.difference(&seen_aliases).cloned().collect();
         if let Some(loader) = loader.as_deref_mut() {
-            for alias in &new {
-                loader.load_for_alias(alias);
+            let mut wanted: Vec<String> = Vec::new();
+            if first {
+                wanted.extend(ALWAYS_LOAD.iter().map(|m| (*m).to_string()));
+            }
+            wanted.extend(loader.modules_for_aliases(&new));
+            if !wanted.is_empty() {
+                loader.load_all(&wanted);
+                modules = pid1_start.elapsed();
             }
         }
+        first = false;
         let blocks: BTreeSet<String> = list_dir(&roots.sys.join("class/block"));
         if !new.is_empty() || blocks != seen_blocks {
             last_change = Instant::now();
         }
+        let usb: BTreeSet<String> = list_dir(&roots.sys.join("bus/usb/devices"));
+        if usb != seen_usb {
+            last_usb = Instant::now();
+        }
+        let quiet_pass = new.is_empty();
         seen_aliases.extend(new);
         seen_blocks = blocks;
+        seen_usb = usb;
         let esp = esp_partuuid.and_then(|uuid| find_esp(&roots.sys, &roots.dev, uuid));
         let esp_ok = esp_partuuid.is_none() || esp.is_some();
-        if esp_ok && last_change.elapsed() >= SETTLE_QUIET {
-            return (true, esp);
+        let has_driver = |alias: &str| match loader.as_deref() {
+            Some(l) => l.driver_expected(alias),
+            None => false,
+        };
+        let storage = settle::storage(
+            &roots.sys,
+            &has_driver,
+            start.elapsed() >= settle::NVME_EMPTY_GRACE,
+        );
+        if storage.pending != last_pending {
+            for p in &storage.pending {
+                consoles.log_line(&format!(
+                    "imprint: waiting at {:.2}s: {p}",
+                    start.elapsed().as_secs_f64()
+                ));
+            }
+            last_pending = storage.pending.clone();
+        }
+        let quiet = if storage.unknown.is_empty() {
+            STABLE
+        } else {
+            SETTLE_QUIET
+        };
+        if esp_ok
+            && quiet_pass
+            && storage.ready()
+            && last_change.elapsed() >= quiet
+            && last_usb.elapsed() >= USB_QUIET
+        {
+            for why in storage.unknown.iter().chain(&storage.ignored) {
+                consoles.log_line(&format!("imprint: storage: {why}"));
+            }
+            return Settled {
+                settled: true,
+                esp,
+                modules_since_pid1: modules,
+                pending: Vec::new(),
+            };
         }
         if start.elapsed() >= SETTLE_TIMEOUT {
             if !esp_ok {
@@ -278,7 +380,18 @@ fn coldplug_and_settle<I: InsertModule>(
                     SETTLE_TIMEOUT.as_secs()
                 ));
             }
-            return (false, esp);
+            for p in &storage.pending {
+                consoles.line(&format!(
+                    "imprint: still appearing after {}s: {p}",
+                    SETTLE_TIMEOUT.as_secs()
+                ));
+            }
+            return Settled {
+                settled: false,
+                esp,
+                modules_since_pid1: modules,
+                pending: storage.pending,
+            };
         }
         if !announced && start.elapsed() >= Duration::from_secs(2) {
             consoles.line(&format!(

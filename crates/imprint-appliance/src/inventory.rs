@@ -157,6 +157,10 @@ mod tests {
             esp: None,
             roots: Roots::system(),
             settled: true,
+            pending: Vec::new(),
+            started: std::time::Instant::now(),
+            kernel_uptime: None,
+            modules_done: Duration::ZERO,
             elapsed: Duration::ZERO,
         }
     }

@@ -7,6 +7,7 @@ use std::ffi::CString;
 use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex, PoisonError};
 
 use nix::kmod::{finit_module, ModuleInitFlags};
 
@@ -254,10 +255,10 @@ fn walk_modaliases(dir: &Path, depth: usize, out: &mut BTreeSet<String>) {
 }
 
 /// The one syscall the loader needs, behind a trait so the load order is tested without a
-/// kernel.
-pub trait InsertModule {
+/// kernel. Called from several threads at once (independent modules load in parallel).
+pub trait InsertModule: Sync {
     /// Inserts the module file at `path` with `params` (space-separated `name=value`).
-    fn insert(&mut self, path: &Path, params: &str) -> io::Result<()>;
+    fn insert(&self, path: &Path, params: &str) -> io::Result<()>;
 }
 
 /// `finit_module(2)` on the module file.
@@ -265,13 +266,18 @@ pub trait InsertModule {
 pub struct KernelInsert;
 
 impl InsertModule for KernelInsert {
-    fn insert(&mut self, path: &Path, params: &str) -> io::Result<()> {
+    fn insert(&self, path: &Path, params: &str) -> io::Result<()> {
         let file = File::open(path)?;
         let params = CString::new(params)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in parameters"))?;
         finit_module(&file, &params, ModuleInitFlags::empty()).map_err(io::Error::from)
     }
 }
+
+/// How many modules are inserted at once. Module init mostly waits (for firmware, for a
+/// controller to answer), so more threads than CPUs still help; the kernel serialises what
+/// must be serialised itself.
+pub const LOAD_THREADS: usize = 8;
 
 /// Loads modules with their dependencies, each at most once, remembering what failed.
 #[derive(Debug)]
@@ -280,7 +286,7 @@ pub struct ModuleLoader<I> {
     params: HashMap<String, Vec<String>>,
     inserter: I,
     attempted: HashSet<String>,
-    /// Modules inserted (or found already present), in order.
+    /// Modules inserted (or found already present), in the order their insertion finished.
     pub loaded_order: Vec<String>,
     pub failures: Vec<(String, String)>,
 }
@@ -297,65 +303,218 @@ impl<I: InsertModule> ModuleLoader<I> {
         }
     }
 
-    /// Loads every module a device's modalias matches.
-    pub fn load_for_alias(&mut self, modalias: &str) {
-        for module in self.index.modules_for_alias(modalias) {
-            self.load(&module);
+    /// The module names every modalias in `modaliases` matches, in order, each once.
+    pub fn modules_for_aliases<'a>(
+        &self,
+        modaliases: impl IntoIterator<Item = &'a String>,
+    ) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for alias in modaliases {
+            for m in self.index.modules_for_alias(alias) {
+                if !out.contains(&m) {
+                    out.push(m);
+                }
+            }
         }
+        out
+    }
+
+    /// Whether a driver for a device with `modalias` is there or coming: a module claims it
+    /// that is built in, or was not tried yet, or loaded. False when none claims it or every
+    /// one that does failed to load: then the device will not get a driver from us.
+    pub fn driver_expected(&self, modalias: &str) -> bool {
+        self.index.modules_for_alias(modalias).iter().any(|m| {
+            self.index.is_builtin(m) || !self.attempted.contains(m) || self.loaded_order.contains(m)
+        })
     }
 
     /// Loads a module (by name or alias) and what it needs. Returns false if it, or a hard
     /// dependency of it, could not be loaded.
+    #[cfg(test)]
     pub fn load(&mut self, name: &str) -> bool {
+        self.load_all(&[name]);
         let modules = self.index.resolve(name);
-        if modules.is_empty() {
-            if self.attempted.insert(normalize(name)) {
-                self.failures.push((
-                    normalize(name),
-                    "not in modules.dep or modules.alias".into(),
-                ));
-            }
-            return false;
-        }
-        let mut ok = true;
-        for module in modules {
-            if self.index.is_builtin(&module) {
-                continue;
-            }
-            for m in self.index.load_order(&module) {
-                self.insert_once(&m);
-            }
-            // A failed soft dependency is not the module's failure; a failed hard one is.
-            ok &= self.loaded_order.contains(&module);
-        }
-        ok
+        !modules.is_empty()
+            && modules
+                .iter()
+                .all(|m| self.index.is_builtin(m) || self.loaded_order.contains(m))
     }
 
-    fn insert_once(&mut self, module: &str) {
-        if !self.attempted.insert(module.to_owned()) {
-            return;
-        }
-        let Some(path) = self.index.path(module) else {
-            self.failures
-                .push((module.to_owned(), "not in modules.dep".into()));
-            return;
-        };
-        let params = self
-            .params
-            .get(module)
-            .map(|p| p.join(" "))
-            .unwrap_or_default();
-        match self.inserter.insert(&path, &params) {
-            Ok(()) => {}
-            // Already there: loaded earlier by someone else (or built in after all).
-            Err(e) if e.raw_os_error() == Some(nix::libc::EEXIST) => {}
-            Err(e) => {
-                self.failures.push((module.to_owned(), e.to_string()));
-                return;
+    /// Loads every module in `names` (names or aliases) with what each needs, in parallel on
+    /// [`LOAD_THREADS`] threads: a module is inserted only after every module it needs (hard
+    /// dependencies, soft pre-dependencies) was attempted, a soft post-dependency only after
+    /// its module; modules that do not need each other load at the same time. Returns when
+    /// every insertion has finished.
+    pub fn load_all<S: AsRef<str>>(&mut self, names: &[S]) {
+        // The sequential order (each module's [`ModuleIndex::load_order`], concatenated, each
+        // module once): a valid order by construction. The parallel schedule only keeps the
+        // constraints that agree with it, so a softdep cycle cannot deadlock.
+        let mut plan: Vec<String> = Vec::new();
+        for name in names {
+            let name = name.as_ref();
+            let modules = self.index.resolve(name);
+            if modules.is_empty() {
+                if self.attempted.insert(normalize(name)) {
+                    self.failures.push((
+                        normalize(name),
+                        "not in modules.dep or modules.alias".into(),
+                    ));
+                }
+                continue;
+            }
+            for module in modules {
+                if self.index.is_builtin(&module) {
+                    continue;
+                }
+                for m in self.index.load_order(&module) {
+                    if !self.attempted.contains(&m) && !plan.contains(&m) {
+                        plan.push(m);
+                    }
+                }
             }
         }
-        self.loaded_order.push(module.to_owned());
+        self.attempted.extend(plan.iter().cloned());
+        let prereqs = self.index.prerequisites(&plan);
+        let results = run_parallel(&plan, &prereqs, LOAD_THREADS, |module| {
+            let Some(path) = self.index.path(module) else {
+                return Err("not in modules.dep".to_string());
+            };
+            let params = self
+                .params
+                .get(module)
+                .map(|p| p.join(" "))
+                .unwrap_or_default();
+            match self.inserter.insert(&path, &params) {
+                // Already there: loaded earlier by someone else (or built in after all).
+                Err(e) if e.raw_os_error() != Some(nix::libc::EEXIST) => Err(e.to_string()),
+                _ => Ok(()),
+            }
+        });
+        for (i, result) in results {
+            match result {
+                Ok(()) => self.loaded_order.push(plan[i].clone()),
+                Err(why) => self.failures.push((plan[i].clone(), why)),
+            }
+        }
     }
+}
+
+impl ModuleIndex {
+    /// For each module of `plan` (a valid sequential load order), the indexes of the earlier
+    /// modules of `plan` it must wait for: its hard dependencies, its soft pre-dependencies,
+    /// and the modules naming it as a soft post-dependency.
+    pub fn prerequisites(&self, plan: &[String]) -> Vec<Vec<usize>> {
+        let pos: HashMap<&str, usize> = plan
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.as_str(), i))
+            .collect();
+        let mut out: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); plan.len()];
+        let mut edge = |before: &str, after: &str| {
+            if let (Some(&b), Some(&a)) = (pos.get(before), pos.get(after)) {
+                // Only edges the sequential order agrees with: cycles (softdeps can form them)
+                // were already broken there.
+                if b < a {
+                    out[a].insert(b);
+                }
+            }
+        };
+        for m in plan {
+            if let Some((_, deps)) = self.deps.get(m) {
+                for d in deps {
+                    edge(d, m);
+                }
+            }
+            let (pre, post) = self.softdeps.get(m).cloned().unwrap_or_default();
+            for name in &pre {
+                for p in self.resolve(name) {
+                    edge(&p, m);
+                }
+            }
+            for name in &post {
+                for p in self.resolve(name) {
+                    edge(m, &p);
+                }
+            }
+        }
+        out.into_iter().map(|s| s.into_iter().collect()).collect()
+    }
+}
+
+/// Runs `job` on every item of `items` on up to `threads` threads, item `i` only after every
+/// item in `prereqs[i]` finished (whatever its result). Returns (index, result) in the order
+/// the jobs finished.
+fn run_parallel<T, F>(
+    items: &[String],
+    prereqs: &[Vec<usize>],
+    threads: usize,
+    job: F,
+) -> Vec<(usize, T)>
+where
+    T: Send,
+    F: Fn(&str) -> T + Sync,
+{
+    struct State<T> {
+        waiting_on: Vec<usize>,
+        ready: Vec<usize>,
+        running: usize,
+        finished: Vec<(usize, T)>,
+    }
+    let n = items.len();
+    let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for (i, pre) in prereqs.iter().enumerate() {
+        for &p in pre {
+            dependents[p].push(i);
+        }
+    }
+    let waiting_on: Vec<usize> = prereqs.iter().map(Vec::len).collect();
+    // Reversed so that `pop` hands out the earliest ready item first.
+    let ready: Vec<usize> = (0..n).rev().filter(|&i| waiting_on[i] == 0).collect();
+    let state = Mutex::new(State {
+        waiting_on,
+        ready,
+        running: 0,
+        finished: Vec::with_capacity(n),
+    });
+    let wake = Condvar::new();
+    let worker = || loop {
+        let mut s = state.lock().unwrap_or_else(PoisonError::into_inner);
+        let i = loop {
+            if let Some(i) = s.ready.pop() {
+                break i;
+            }
+            // Nothing ready and nothing running: every item is done (the edges only point
+            // backwards in `items`, so nothing can be stuck waiting).
+            if s.running == 0 {
+                wake.notify_all();
+                return;
+            }
+            s = wake.wait(s).unwrap_or_else(PoisonError::into_inner);
+        };
+        s.running += 1;
+        drop(s);
+        let result = job(&items[i]);
+        let mut s = state.lock().unwrap_or_else(PoisonError::into_inner);
+        s.running -= 1;
+        s.finished.push((i, result));
+        for &d in &dependents[i] {
+            s.waiting_on[d] -= 1;
+            if s.waiting_on[d] == 0 {
+                s.ready.push(d);
+            }
+        }
+        wake.notify_all();
+    };
+    std::thread::scope(|scope| {
+        for _ in 1..threads.clamp(1, n.max(1)) {
+            scope.spawn(worker);
+        }
+        worker();
+    });
+    state
+        .into_inner()
+        .unwrap_or_else(PoisonError::into_inner)
+        .finished
 }
 
 #[cfg(test)]
@@ -416,61 +575,103 @@ mod tests {
         dir
     }
 
+    /// Records every insertion with when it started and ended (one global sequence), so the
+    /// tests can check that a module started only after what it needs had finished.
     #[derive(Default)]
     struct Recorder {
-        calls: Vec<(String, String)>,
+        /// (module, params, start seq, end seq), in the order insertions finished.
+        calls: Mutex<Vec<(String, String, usize, usize)>>,
+        seq: std::sync::atomic::AtomicUsize,
         refuse: Vec<&'static str>,
+        /// `(a, b)`: inserting `a` waits (up to 5 s) until `b` has started; only a loader
+        /// that runs them at the same time lets `a` see that.
+        rendezvous: Option<(&'static str, &'static str)>,
+        started: Mutex<Vec<String>>,
+        met: std::sync::atomic::AtomicBool,
     }
 
-    impl InsertModule for &mut Recorder {
-        fn insert(&mut self, path: &Path, params: &str) -> io::Result<()> {
+    impl Recorder {
+        fn tick(&self) -> usize {
+            self.seq.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+        }
+
+        fn names(&self) -> Vec<String> {
+            self.calls
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|c| c.0.clone())
+                .collect()
+        }
+
+        fn span(&self, module: &str) -> (usize, usize) {
+            let calls = self.calls.lock().unwrap();
+            let c = calls.iter().find(|c| c.0 == module).unwrap();
+            (c.2, c.3)
+        }
+    }
+
+    impl InsertModule for &Recorder {
+        fn insert(&self, path: &Path, params: &str) -> io::Result<()> {
             let name = module_name(&path.to_string_lossy());
+            let start = self.tick();
+            self.started.lock().unwrap().push(name.clone());
+            if let Some((a, b)) = self.rendezvous {
+                if name == a {
+                    let t = std::time::Instant::now();
+                    while t.elapsed() < std::time::Duration::from_secs(5) {
+                        if self.started.lock().unwrap().iter().any(|s| s == b) {
+                            self.met.store(true, std::sync::atomic::Ordering::SeqCst);
+                            break;
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                    }
+                }
+            }
+            // Long enough that a loader ignoring dependencies would be caught overlapping.
+            std::thread::sleep(std::time::Duration::from_millis(10));
             if self.refuse.contains(&name.as_str()) {
                 return Err(io::Error::from_raw_os_error(nix::libc::ENODEV));
             }
-            self.calls.push((name, params.to_owned()));
+            let end = self.tick();
+            self.calls
+                .lock()
+                .unwrap()
+                .push((name, params.to_owned(), start, end));
             Ok(())
         }
     }
 
-    #[test]
-    fn load_order_puts_dependencies_and_softdeps_first() {
-        let dir = fake_modules();
-        let index = ModuleIndex::load(dir.path()).unwrap();
-        assert_eq!(
-            index.load_order("nvme"),
-            [
-                "crct10dif_generic",
-                "crc_t10dif",
-                "crc64",
-                "crc64_rocksoft",
-                "t10_pi",
-                "nvme_core",
-                "nvme"
-            ]
-        );
-        // Softdep by alias resolves to every matching module, before ext4 and its deps.
-        assert_eq!(
-            index.load_order("ext4"),
-            ["crc32c_generic", "crc32c_intel", "jbd2", "ext4"]
-        );
-        assert_eq!(index.resolve("usb-storage"), ["usb_storage"]);
-        assert_eq!(
-            index.resolve("crypto-crc32c"),
-            ["crc32c_generic", "crc32c_intel"]
-        );
-        assert!(index.is_builtin("atkbd"));
-        assert!(index
-            .path("usb-storage")
-            .unwrap()
-            .ends_with("kernel/drivers/usb/storage/usb-storage.ko"));
+    /// Every module in `names` started after each module it needs (hard dependencies, soft
+    /// pre-dependencies present in the recording) had finished.
+    fn assert_deps_finished_first(index: &ModuleIndex, rec: &Recorder) {
+        let names = rec.names();
+        let prereqs = index.prerequisites(&names);
+        for (i, module) in names.iter().enumerate() {
+            let (start, _) = rec.span(module);
+            for &p in &prereqs[i] {
+                let (_, end) = rec.span(&names[p]);
+                assert!(
+                    end < start,
+                    "{module} started ({start}) before {} finished ({end})",
+                    names[p]
+                );
+            }
+            // The hard dependencies, whatever the order of the recording.
+            for dep in &index.deps[module].1 {
+                if names.contains(dep) {
+                    let (_, end) = rec.span(dep);
+                    assert!(end < start, "{module} started before its dependency {dep}");
+                }
+            }
+        }
     }
 
     #[test]
     fn loader_loads_once_with_params_and_records_failures() {
         let dir = fake_modules();
         let index = ModuleIndex::load(dir.path()).unwrap();
-        let mut rec = Recorder {
+        let rec = Recorder {
             refuse: vec!["crc32c_intel"],
             ..Default::default()
         };
@@ -478,9 +679,13 @@ mod tests {
             "quiet usb-storage.quirks=0bc2:3312:u imprint.esp=x",
         ));
         {
-            let mut loader = ModuleLoader::new(index, params, &mut rec);
-            loader.load_for_alias("pci:v00001B36d0000000Dsv00001AF4sd00001100bc0Csc03i30");
-            loader.load_for_alias("usb:v46F4p0001d0000dc00dsc00dp00ic08isc06ip50in00");
+            let mut loader = ModuleLoader::new(index.clone(), params, &rec);
+            let mods = loader.modules_for_aliases(&[
+                "pci:v00001B36d0000000Dsv00001AF4sd00001100bc0Csc03i30".to_string(),
+                "usb:v46F4p0001d0000dc00dsc00dp00ic08isc06ip50in00".to_string(),
+            ]);
+            assert_eq!(mods, ["xhci_pci", "usb_storage"]);
+            loader.load_all(&mods);
             assert!(loader.load("ext4"));
             assert!(loader.load("atkbd"));
             assert!(!loader.load("no_such_module"));
@@ -499,21 +704,79 @@ mod tests {
                 ]
             );
         }
-        let names: Vec<_> = rec.calls.iter().map(|(n, _)| n.as_str()).collect();
+        let mut names = rec.names();
+        assert_deps_finished_first(&index, &rec);
+        names.sort();
         assert_eq!(
             names,
             [
+                "crc32c_generic",
+                "ext4",
+                "jbd2",
+                "usb_storage",
                 "usbcore",
                 "xhci_hcd",
                 "xhci_pci",
-                "usb_storage",
-                "crc32c_generic",
-                "jbd2",
-                "ext4"
             ]
         );
-        assert_eq!(rec.calls[3].1, "delay_use=0 quirks=0bc2:3312:u");
-        assert_eq!(rec.calls[0].1, "");
+        let calls = rec.calls.lock().unwrap();
+        let params_of = |m: &str| calls.iter().find(|c| c.0 == m).unwrap().1.clone();
+        assert_eq!(params_of("usb_storage"), "delay_use=0 quirks=0bc2:3312:u");
+        assert_eq!(params_of("usbcore"), "");
+    }
+
+    #[test]
+    fn parallel_loader_runs_independent_modules_together_and_dependents_after() {
+        let dir = fake_modules();
+        let index = ModuleIndex::load(dir.path()).unwrap();
+        // nvme's chain and the USB chain share nothing: jbd2 (ext4's dependency) waits until
+        // usbcore has started, which only a loader running both chains at once allows.
+        let rec = Recorder {
+            rendezvous: Some(("jbd2", "usbcore")),
+            ..Default::default()
+        };
+        let mut loader = ModuleLoader::new(index.clone(), HashMap::new(), &rec);
+        loader.load_all(&["nvme", "ext4", "usb_storage", "xhci_pci", "sd_mod"]);
+        assert!(loader.failures.is_empty(), "{:?}", loader.failures);
+        assert!(
+            rec.met.load(std::sync::atomic::Ordering::SeqCst),
+            "jbd2 and usbcore never loaded at the same time"
+        );
+        let names = rec.names();
+        assert_eq!(names.len(), 16, "{names:?}");
+        assert_deps_finished_first(&index, &rec);
+        // The soft pre-dependencies too: crc_t10dif after crct10dif_generic, ext4 after both
+        // crc32c modules.
+        let before = |a: &str, b: &str| rec.span(a).1 < rec.span(b).0;
+        assert!(before("crct10dif_generic", "crc_t10dif"));
+        assert!(before("crc32c_generic", "ext4") && before("crc32c_intel", "ext4"));
+        assert!(before("nvme_core", "nvme") && before("t10_pi", "nvme_core"));
+        assert!(before("usbcore", "xhci_hcd") && before("xhci_hcd", "xhci_pci"));
+        assert_eq!(loader.loaded_order.len(), 16);
+    }
+
+    #[test]
+    fn prerequisites_only_point_backwards_so_softdep_cycles_cannot_deadlock() {
+        let dir = fake_modules();
+        // a pre: b and b pre: a — a cycle the sequential order broke.
+        fs::write(
+            dir.path().join("modules.dep"),
+            "kernel/a.ko:\nkernel/b.ko:\n",
+        )
+        .unwrap();
+        fs::write(
+            dir.path().join("modules.softdep"),
+            "softdep a pre: b\nsoftdep b pre: a\n",
+        )
+        .unwrap();
+        let index = ModuleIndex::load(dir.path()).unwrap();
+        let plan = index.load_order("a");
+        assert_eq!(plan, ["b", "a"]);
+        assert_eq!(index.prerequisites(&plan), [vec![], vec![0]]);
+        let rec = Recorder::default();
+        let mut loader = ModuleLoader::new(index, HashMap::new(), &rec);
+        assert!(loader.load("a"));
+        assert_eq!(rec.names(), ["b", "a"]);
     }
 
     #[test]
