@@ -13,6 +13,7 @@
 use std::collections::BTreeSet;
 use std::fs;
 use std::io;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -304,6 +305,13 @@ fn coldplug_and_settle<I: InsertModule>(
     let mut announced = false;
     let mut last_pending: Vec<String> = Vec::new();
     let mut first = true;
+    // The kernel log says which ATA ports have no link (libata leaves their slots `unknown`).
+    let mut kmsg_file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open(roots.dev.join("kmsg"))
+        .ok();
+    let mut kmsg: Vec<String> = Vec::new();
     loop {
         let aliases = modaliases(&roots.sys.join("devices"));
         let new: Vec<String> = aliases.difference(&seen_aliases).cloned().collect();
@@ -337,10 +345,12 @@ fn coldplug_and_settle<I: InsertModule>(
             Some(l) => l.driver_expected(alias),
             None => false,
         };
+        kmsg.extend(read_kmsg(kmsg_file.as_mut()));
         let storage = settle::storage(
             &roots.sys,
             &has_driver,
             start.elapsed() >= settle::NVME_EMPTY_GRACE,
+            &settle::ata_links_down(kmsg.iter().map(String::as_str)),
         );
         if storage.pending != last_pending {
             for p in &storage.pending {
@@ -402,6 +412,30 @@ fn coldplug_and_settle<I: InsertModule>(
         }
         std::thread::sleep(POLL);
     }
+}
+
+/// The kernel log records not read yet from `/dev/kmsg` (opened non-blocking), the ATA link
+/// lines only (all the settle rule needs).
+fn read_kmsg(file: Option<&mut fs::File>) -> Vec<String> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    let Some(f) = file else { return out };
+    let mut buf = vec![0u8; 8192];
+    // One record per read; EAGAIN at the end, EPIPE when a record was overwritten (go on).
+    for _ in 0..100_000 {
+        match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                let rec = String::from_utf8_lossy(&buf[..n]);
+                if rec.contains(": SATA link ") {
+                    out.push(rec.lines().next().unwrap_or_default().to_owned());
+                }
+            }
+            Err(e) if e.raw_os_error() == Some(nix::libc::EPIPE) => {}
+            Err(_) => break,
+        }
+    }
+    out
 }
 
 pub(crate) fn list_dir(dir: &Path) -> BTreeSet<String> {

@@ -10,8 +10,10 @@
 //! - NVMe: every controller under it is `live` and shows a namespace; a live controller without
 //!   any is waited for up to [`NVME_EMPTY_GRACE`] (namespaces are scanned after it goes live);
 //!   dead controllers give no disks;
-//! - AHCI/libata: every ATA device slot has finished probing (its `class` is no longer
-//!   `unknown`), and every slot that found a disk (`ata`, `zac`) has its block device;
+//! - AHCI/libata: every ATA device slot has finished probing — its `class` is no longer
+//!   `unknown`, or the kernel said the port's link is down (`ataN: SATA link down` in the kernel
+//!   log: libata leaves an empty port's slot `unknown`) — and every slot that found a disk
+//!   (`ata`, `zac`) has its block device;
 //! - USB mass storage (never a target, but the stick is one and the screen lists them all):
 //!   every mass-storage interface with a driver has its block device;
 //! - a bound controller of any other kind (virtio, SCSI HBA, RAID, SD) cannot say it is done:
@@ -20,6 +22,7 @@
 //! A controller without any driver (none in `modules.alias`, or its module failed to load)
 //! gives no disks, now or later: it is listed, not waited for.
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::path::Path;
 use std::time::Duration;
@@ -51,7 +54,13 @@ impl Storage {
 /// Reads the storage controllers under `sys`. `has_driver(modalias)` says whether a driver for
 /// a device exists (built in, loaded, or about to load); `nvme_grace_over` whether a live NVMe
 /// controller without namespaces may count as empty.
-pub fn storage(sys: &Path, has_driver: &dyn Fn(&str) -> bool, nvme_grace_over: bool) -> Storage {
+/// `links_down`: the ATA ports (`ata3`) the kernel log said have no link.
+pub fn storage(
+    sys: &Path,
+    has_driver: &dyn Fn(&str) -> bool,
+    nvme_grace_over: bool,
+    links_down: &BTreeSet<String>,
+) -> Storage {
     let mut s = Storage::default();
     let pci = sys.join("bus/pci/devices");
     for addr in list_dir(&pci) {
@@ -82,7 +91,7 @@ pub fn storage(sys: &Path, has_driver: &dyn Fn(&str) -> bool, nvme_grace_over: b
         if driver == "nvme" || dir.join("nvme").is_dir() {
             nvme(&dir, &what, nvme_grace_over, &mut s);
         } else if list_dir(&dir).iter().any(|n| is_numbered(n, "ata")) {
-            ata(&dir, &what, &mut s);
+            ata(&dir, &what, links_down, &mut s);
         } else {
             s.unknown.push(format!("{what}: driver {driver}"));
         }
@@ -130,7 +139,7 @@ fn nvme(dir: &Path, what: &str, grace_over: bool, s: &mut Storage) {
     }
 }
 
-fn ata(dir: &Path, what: &str, s: &mut Storage) {
+fn ata(dir: &Path, what: &str, links_down: &BTreeSet<String>, s: &mut Storage) {
     for port in list_dir(dir).into_iter().filter(|n| is_numbered(n, "ata")) {
         let pdir = dir.join(&port);
         let slots = ata_slots(&pdir);
@@ -142,6 +151,8 @@ fn ata(dir: &Path, what: &str, s: &mut Storage) {
         let mut disks = 0;
         for (slot, class) in slots {
             match class.as_str() {
+                // An empty port's slot stays `unknown` after probing; the log says why.
+                "unknown" | "" if links_down.contains(&port) => {}
                 // Not probed yet: a disk may still come.
                 "unknown" | "" => s
                     .pending
@@ -197,6 +208,20 @@ fn usb_storage(sys: &Path, has_driver: &dyn Fn(&str) -> bool, s: &mut Storage) {
             s.pending.push(format!("{what}: disk not registered yet"));
         }
     }
+}
+
+/// The ATA ports a kernel log line says have no link: `ataN: SATA link down (…)`, from
+/// `/dev/kmsg` records (`prio,seq,time,flags;text`) or plain lines.
+pub fn ata_links_down<'a>(lines: impl IntoIterator<Item = &'a str>) -> BTreeSet<String> {
+    lines
+        .into_iter()
+        .filter_map(|l| {
+            let text = l.split_once(';').map_or(l, |(_, t)| t);
+            let (port, rest) = text.split_once(": ")?;
+            (is_numbered(port, "ata") && rest.starts_with("SATA link down"))
+                .then(|| port.to_owned())
+        })
+        .collect()
 }
 
 /// Whole disks registered under `dir` (its `…/block/NAME` entries), at most `depth` levels
@@ -303,7 +328,11 @@ mod tests {
     use super::*;
 
     fn check(sys: &Path, grace: bool) -> Storage {
-        storage(sys, &|alias: &str| !alias.contains("bc0C"), grace)
+        check_with(sys, grace, &BTreeSet::new())
+    }
+
+    fn check_with(sys: &Path, grace: bool, down: &BTreeSet<String>) -> Storage {
+        storage(sys, &|alias: &str| !alias.contains("bc0C"), grace, down)
     }
 
     #[test]
@@ -385,7 +414,23 @@ mod tests {
         };
         slot(1, "unknown");
         slot(2, "none");
+        slot(4, "unknown");
         let s = check(sys, false);
+        assert_eq!(
+            s.pending,
+            [
+                "PCI 0000:00:1f.2 (storage 010601): ata1 dev1.0 still probing",
+                "PCI 0000:00:1f.2 (storage 010601): ata4 dev4.0 still probing"
+            ]
+        );
+        // The kernel said ata4 has no link: its slot stays `unknown`, and that is final.
+        let down = ata_links_down([
+            "6,512,20514302,-;ata4: SATA link down (SStatus 0 SControl 300)",
+            "6,513,20514303,-;ata1: SATA link up 1.5 Gbps (SStatus 113 SControl 300)",
+            "ata12: SATA link down (SStatus 0 SControl 300)",
+        ]);
+        assert_eq!(down.iter().collect::<Vec<_>>(), ["ata12", "ata4"]);
+        let s = check_with(sys, false, &down);
         assert_eq!(
             s.pending,
             ["PCI 0000:00:1f.2 (storage 010601): ata1 dev1.0 still probing"]
@@ -393,10 +438,10 @@ mod tests {
         slot(1, "ata");
         assert!(check(sys, false).pending[0].contains("ata1 found a disk, not registered yet"));
         block(sys, &c.join("ata1/host0/target0:0:0/0:0:0:0"), "sda");
-        assert!(check(sys, false).ready());
+        assert!(check_with(sys, false, &down).ready());
         // A port without slots yet is still being set up.
         fs::create_dir_all(c.join("ata3")).unwrap();
-        assert!(check(sys, false).pending[0].contains("ata3 has no device slots yet"));
+        assert!(check_with(sys, false, &down).pending[0].contains("ata3 has no device slots yet"));
     }
 
     #[test]
