@@ -135,6 +135,19 @@ impl Consoles {
         }
     }
 
+    /// The same consoles for another thread (the log consoles' handles cloned, the one
+    /// screen shared): what it writes shows as the flow's own lines do.
+    pub fn handle(&self) -> Consoles {
+        Consoles {
+            outputs: self
+                .outputs
+                .iter()
+                .filter_map(|(n, f)| f.try_clone().ok().map(|f| (n.clone(), f)))
+                .collect(),
+            screen: self.screen.clone(),
+        }
+    }
+
     /// Names of the consoles currently written to, the screen first.
     pub fn active(&self) -> Vec<String> {
         let mut names: Vec<String> = self

@@ -38,6 +38,7 @@ use crate::handover::{
     already_installed, esp_volume_serial, handed_over_before, record_provisioned,
 };
 use crate::medium::Medium;
+use crate::net::events::EventPhase;
 use crate::power;
 use crate::prompt::{ask_choice, confirm};
 use crate::rootfs::seed_into_root;
@@ -105,6 +106,7 @@ pub fn run(env: &BootEnv, consoles: &mut Consoles) -> ! {
             None,
         ),
     };
+    stick.events().install_id(&install_id);
     if crate::inventory::wanted(env, &config) {
         crate::inventory::run(env, consoles, &mut rep, stick)
     }
@@ -296,6 +298,8 @@ fn install(
     // machine (no table entry and no serial or MAC for the hostname pattern) stops here.
     let rendered = seed::render(&templates, &config.seed, &identity, &rep.install_id)
         .context("rendering the cloud-init seed")?;
+    medium.events().hostname(&rendered.hostname);
+    medium.events().phase(EventPhase::Target);
     let disks = discover::scan(sys).context("scanning the disks")?;
     rep.disks = Some(disks.clone());
     // Early boot gave up waiting while a controller was still starting: a disk may be missing
@@ -460,7 +464,8 @@ fn install(
             (Vec::new(), None, Some((num, offset, len)))
         }
     };
-    let progress = ConsoleProgress::new(consoles);
+    let console_progress = ConsoleProgress::new(consoles);
+    let progress = medium.events().progress(&console_progress);
     let opts = WriteOptions {
         verify: true,
         zeroout: true,
@@ -494,7 +499,8 @@ fn install(
         write::write_planned(&image, &target, &plan, &additions, hook, &opts, &progress)
             .with_context(|| format!("writing {} to {}", m.name, dev.display()))?
     };
-    drop(progress);
+    drop(console_progress);
+    medium.events().phase(EventPhase::Seed);
     consoles.line(&format!(
         "imprint: wrote {} in {:.1} s ({:.0} MiB/s), read back alongside and verified {:.1} s after the last write",
         discover::human_bytes(m.raw_size),
@@ -541,6 +547,7 @@ fn install(
     });
     rep.timing("seed", t.elapsed().as_secs_f64());
     rep.status = Status::Installed;
+    medium.events().phase(EventPhase::BootOrder);
     rep.next_boot = next_boot(consoles, env, &dev, &target_disk);
     // The stick's hand-over record (its GRUB boots this disk while the stick stays in).
     if let (true, false, seed::SeedPlacement::CidataPartition { partition_guid, .. }) =

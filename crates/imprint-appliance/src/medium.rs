@@ -14,6 +14,7 @@ use imprint_core::stick::REPORTS_DIR;
 use crate::boot::BootEnv;
 use crate::console::Consoles;
 use crate::mount::Mount;
+use crate::net::events::{self, Events};
 use crate::net::{self, Network};
 
 /// The source of an install.
@@ -67,6 +68,14 @@ impl Medium {
         }
     }
 
+    /// The run's progress events (network mode; nowhere for the stick).
+    pub fn events(&self) -> &Events {
+        match self {
+            Medium::Net(n) => n.events(),
+            _ => &events::OFF,
+        }
+    }
+
     /// The image to install.
     pub fn image(&self, env: &BootEnv) -> Result<Image> {
         match self {
@@ -97,6 +106,8 @@ impl Medium {
                     Ok(url) => consoles.line(&format!("imprint: report sent to {url}")),
                     Err(e) => consoles.line(&format!("imprint: could not send the report: {e:#}")),
                 }
+                // The last progress event, after the report it points at (bounded wait).
+                n.events().finish(rep.status, rep.error.as_deref());
             }
         }
     }

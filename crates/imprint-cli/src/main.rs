@@ -200,7 +200,7 @@ enum Command {
         #[arg(long, value_name = "PUBFILE")]
         trust: Vec<PathBuf>,
     },
-    /// Provision machines over the network: a static tree for any HTTP server.
+    /// Provision machines over the network: a static tree for any HTTP server, or served here.
     #[command(subcommand)]
     Netboot(netboot::NetbootCommand),
     /// Print the shell completion script for SHELL on standard output.
@@ -274,6 +274,7 @@ impl Command {
             | Command::Disks { json, .. }
             | Command::Reports { json, .. }
             | Command::Inspect { json, .. } => *json,
+            Command::Netboot(netboot::NetbootCommand::Serve(args)) => args.json,
             Command::Completions { .. } | Command::Man { .. } | Command::Netboot(_) => false,
         }
     }
@@ -316,7 +317,14 @@ fn main() -> ExitCode {
     } else {
         output::Level::Normal
     });
-    commands::remove_temporaries_on_signals();
+    // `netboot serve` stops on Ctrl-C and SIGTERM itself (it ends dnsmasq and cleans its
+    // folder); every other command removes its temporary files and exits.
+    if !matches!(
+        cli.command,
+        Command::Netboot(netboot::NetbootCommand::Serve(_))
+    ) {
+        commands::remove_temporaries_on_signals();
+    }
     let json = cli.command.json();
     let result = match cli.command {
         Command::Prepare(args) => commands::prepare(&args),

@@ -14,6 +14,7 @@
 //! reports/           empty: appliances PUT their reports to reports/<machine>/<install-id>.json
 //! dnsmasq.conf       proxy-DHCP beside the network's own DHCP server (not served)
 //! tftp/              shim, GRUB and grub.cfg only, for PXE firmware without HTTP boot
+//! presigned/         with --s3 only: each machine's presigned report upload URLs ([`s3`])
 //! ```
 //!
 //! Every input is checked (as `imprint build` checks them) before anything is written; the tree
@@ -25,7 +26,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
 use imprint_core::manifest::Image;
+
+pub mod serve;
 use imprint_core::seed::{self, META_DATA, NETWORK_CONFIG, USER_DATA};
+
+pub mod s3;
 
 /// Where image-build/build puts Debian 13's network GRUB in the boot folder.
 pub const NET_GRUB: &str = "netboot/grubx64.efi";
@@ -47,11 +52,23 @@ pub enum NetbootCommand {
     /// there, e.g. nginx `dav_methods PUT; create_full_put_path on;`), dnsmasq.conf for
     /// proxy-DHCP beside the network's own DHCP server, and tftp/ (shim and GRUB only) for PXE
     /// firmware without HTTP boot. Config, seed and image are checked first; OUTPUT must not
-    /// exist or be an empty folder. See docs/netboot.md.
+    /// exist or be an empty folder. With --s3 the tree is for an S3 bucket (public read) and
+    /// presigned/ holds each machine's signed report upload URLs. See docs/netboot.md.
     Render(RenderArgs),
+    /// Render the tree for this host and serve it: proxy-DHCP and HTTP, with a live table.
+    ///
+    /// Renders the tree (as `render` does) for http://ADDRESS:PORT/, ADDRESS being the IPv4
+    /// address of --interface; runs the system's dnsmasq for proxy-DHCP on that interface as a
+    /// child (stopped with serve; if it exits, serve says so and stops); serves the tree over
+    /// HTTP with Range, and accepts PUT only for reports/<mac>/<name>.json (at most 1 MiB,
+    /// written whole into --reports). Shows one row per machine — MAC, hostname, phase,
+    /// progress, rate, result — from the progress events and reports machines send; off a
+    /// terminal one line per event on standard output (--json: one JSON object per line).
+    /// Needs root (dnsmasq's DHCP ports). Ctrl-C or SIGTERM stops it. See docs/netboot.md.
+    Serve(serve::ServeArgs),
 }
 
-/// Arguments of `imprint netboot render`.
+/// Arguments of `imprint netboot render` (`serve` fills them in for its own tree).
 #[derive(Debug, clap::Args)]
 pub struct RenderArgs {
     /// The imprint image (.img.zst) machines install.
@@ -78,6 +95,8 @@ pub struct RenderArgs {
     /// The folder to create.
     #[arg(short, long)]
     pub output: PathBuf,
+    #[command(flatten)]
+    pub s3: s3::S3Args,
 }
 
 /// Runs an `imprint netboot` subcommand.
@@ -87,6 +106,7 @@ pub fn run(cmd: NetbootCommand) -> Result<()> {
             let boot = crate::bootfiles::locate(args.boot.clone())?;
             render(&args, &boot)
         }
+        NetbootCommand::Serve(args) => serve::serve(&args),
     }
 }
 
@@ -287,6 +307,13 @@ pub fn render(args: &RenderArgs, boot: &Path) -> Result<()> {
             seed_files.push((name, data));
         }
     }
+    let presigned = if args.s3.s3 {
+        let parsed: imprint_core::config::Config =
+            serde_json::from_slice(&config).context("reading the configuration")?;
+        Some(s3::presign(&args.s3, &url, &parsed)?)
+    } else {
+        None
+    };
     let image = Image::open(&args.image)?;
     if require_signature && image.signature().is_none() {
         return Err(imprint_core::signature::SignatureError::Unsigned {
@@ -358,6 +385,13 @@ pub fn render(args: &RenderArgs, boot: &Path) -> Result<()> {
     fs::create_dir_all(dir.join("seed")).context("creating seed/")?;
     fs::create_dir_all(dir.join("reports")).context("creating reports/")?;
     copy(&args.image, IMAGE_NAME)?;
+    for (rel, data) in presigned.iter().flat_map(|p| &p.files) {
+        write(rel, data)?;
+    }
+    if presigned.is_some() {
+        fs::set_permissions(dir.join("presigned"), fs::Permissions::from_mode(0o755))
+            .context("setting the mode of presigned/")?;
+    }
     write(
         "dnsmasq.conf",
         dnsmasq_conf(&url, net, mask, &final_abs.join("tftp")).as_bytes(),
@@ -381,6 +415,9 @@ pub fn render(args: &RenderArgs, boot: &Path) -> Result<()> {
         url.base(),
         out.display()
     );
+    for line in presigned.iter().flat_map(|p| &p.summary) {
+        eprintln!("{line}");
+    }
     Ok(())
 }
 

@@ -6,33 +6,15 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use imprint_core::config::Config;
 use imprint_core::machine::{Dmi, MachineIdentity, Nic};
 use imprint_core::seed;
 use serde_json::{json, Value};
 
-fn imprint(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_imprint"));
-    for a in args {
-        cmd.arg(a);
-    }
-    cmd.output().expect("running imprint")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn ok(o: Output) -> Output {
-    assert!(o.status.success(), "failed: {}\n{}", stdout(&o), stderr(&o));
-    o
-}
+mod common;
+use common::{imprint_with, ok, stderr, stdout};
 
 /// A real imprint image made by `imprint prepare` from a small GPT-looking raw disk.
 fn image(dir: &Path) -> PathBuf {
@@ -43,7 +25,7 @@ fn image(dir: &Path) -> PathBuf {
     let raw = dir.join("disk.raw");
     fs::write(&raw, &v).unwrap();
     let img = dir.join("os.img.zst");
-    ok(imprint(&[&"prepare", &raw, &"-o", &img]));
+    ok(imprint_with(&[&"prepare", &raw, &"-o", &img]));
     img
 }
 
@@ -67,7 +49,7 @@ fn boot_dir(dir: &Path) -> PathBuf {
 }
 
 fn build(img: &Path, boot: &Path, seed: &Path, out: &Path) -> Output {
-    imprint(&[
+    imprint_with(&[
         &"build", &"--image", &img, &"--boot", &boot, &"--seed", &seed, &"-o", &out,
     ])
 }
@@ -298,7 +280,7 @@ fn reports_table_json_and_machines() {
     let dir = t.path().join("reports");
     fleet(&dir);
 
-    let o = ok(imprint(&[&"reports", &dir]));
+    let o = ok(imprint_with(&[&"reports", &dir]));
     assert_eq!(stdout(&o), TABLE);
     // The junk file is named, and skipped; the .txt is not a report file at all.
     assert!(stderr(&o).contains("skipping"), "{}", stderr(&o));
@@ -308,10 +290,10 @@ fn reports_table_json_and_machines() {
     // A mounted stick: its imprint/reports/ is found.
     let stick = t.path().join("stick");
     fleet(&stick.join("imprint/reports"));
-    assert_eq!(stdout(&ok(imprint(&[&"reports", &stick]))), TABLE);
+    assert_eq!(stdout(&ok(imprint_with(&[&"reports", &stick]))), TABLE);
 
     let rows: Value =
-        serde_json::from_str(&stdout(&ok(imprint(&[&"reports", &dir, &"--json"])))).unwrap();
+        serde_json::from_str(&stdout(&ok(imprint_with(&[&"reports", &dir, &"--json"])))).unwrap();
     let rows = rows.as_array().unwrap();
     assert_eq!(rows.len(), 3);
     assert_eq!(rows[0]["install_id"], "b1");
@@ -323,7 +305,7 @@ fn reports_table_json_and_machines() {
 
     // The machines skeleton: one entry per machine, keyed by its wired MAC, loads as config
     // once the hostnames are filled in.
-    let o = ok(imprint(&[&"reports", &dir, &"--machines"]));
+    let o = ok(imprint_with(&[&"reports", &dir, &"--machines"]));
     let frag: Value = serde_json::from_str(&stdout(&o)).unwrap();
     let m = frag["seed"]["machines"].as_array().unwrap();
     assert_eq!(m.len(), 3);
@@ -352,7 +334,7 @@ fn reports_table_json_and_machines() {
     // Nothing to list is an error, not an empty table.
     let empty = t.path().join("none");
     fs::create_dir(&empty).unwrap();
-    let o = imprint(&[&"reports", &empty]);
+    let o = imprint_with(&[&"reports", &empty]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("no reports in"), "{}", stderr(&o));
 }
@@ -369,7 +351,7 @@ fn reports_from_a_stick_image() {
     ok(build(&img, &boot, &seed, &out));
 
     // A fresh stick has an empty reports folder.
-    let o = imprint(&[&"reports", &out]);
+    let o = imprint_with(&[&"reports", &out]);
     assert!(stderr(&o).contains("no reports in"), "{}", stderr(&o));
 
     // Put the reports where the appliance writes them: imprint/reports/ on the stick's ESP.
@@ -392,7 +374,7 @@ fn reports_from_a_stick_image() {
         }
     }
     let before = fs::read(&out).unwrap();
-    let o = ok(imprint(&[&"reports", &out]));
+    let o = ok(imprint_with(&[&"reports", &out]));
     assert_eq!(stdout(&o), TABLE);
     // Read only: the stick image is unchanged.
     assert!(fs::read(&out).unwrap() == before);

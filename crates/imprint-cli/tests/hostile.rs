@@ -6,32 +6,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
+mod common;
+use common::{imprint, run, sha, stderr, stdout};
 
 const MIB: usize = 1 << 20;
-
-fn imprint() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_imprint"))
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.output().expect("running a command")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn sha(path: &Path) -> String {
-    format!("{:x}", Sha256::digest(std::fs::read(path).unwrap()))
-}
 
 fn require_root() {
     assert!(

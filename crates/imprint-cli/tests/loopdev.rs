@@ -6,17 +6,10 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use sha2::{Digest, Sha256};
+mod common;
+use common::{imprint, run, sha, stderr};
 
 const MIB: u64 = 1 << 20;
-
-fn imprint() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_imprint"))
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.output().expect("running a command")
-}
 
 fn check(cmd: &mut Command) {
     let out = run(cmd);
@@ -123,16 +116,8 @@ fn fill(path: &Path, size: u64, byte: u8) {
     std::fs::write(path, vec![byte; size as usize]).unwrap();
 }
 
-fn sha(path: &Path) -> String {
-    format!("{:x}", Sha256::digest(std::fs::read(path).unwrap()))
-}
-
 fn write(image: &Path, dev: &Path) -> Output {
     run(imprint().arg("write").arg(image).arg(dev).arg("--yes"))
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 /// No GPT header at LBA 1 nor at the disk's last LBA, and a zeroed first MiB: nothing can boot.

@@ -7,62 +7,13 @@
 
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-fn imprint() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_imprint"))
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn ok(o: Output) -> Output {
-    assert!(o.status.success(), "failed: {}", stderr(&o));
-    o
-}
-
-/// A small imprint image (raw MBR-signed bytes prepared by the real binary).
-fn make_image(dir: &Path) -> PathBuf {
-    let mut raw: Vec<u8> = (0..(2u32 << 20))
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-        .collect();
-    raw[510] = 0x55;
-    raw[511] = 0xAA;
-    let raw_path = dir.join("os.raw");
-    fs::write(&raw_path, &raw).unwrap();
-    let img = dir.join("os.img.zst");
-    ok(imprint()
-        .arg("prepare")
-        .arg(&raw_path)
-        .arg("-o")
-        .arg(&img)
-        .args(["--threads", "1", "--level", "1"])
-        .output()
-        .unwrap());
-    img
-}
-
-/// Boot files with distinct contents (render copies them; their meaning is the boot tests').
-fn fake_boot(dir: &Path) -> PathBuf {
-    let boot = dir.join("boot");
-    for (rel, body) in [
-        ("EFI/BOOT/BOOTX64.EFI", "shim"),
-        ("EFI/BOOT/grubx64.efi", "bookworm grub"),
-        ("EFI/debian/grub.cfg", "@ESP_PARTUUID@"),
-        ("netboot/grubx64.efi", "trixie grubnet"),
-        ("vmlinuz", "kernel"),
-        ("initrd.img", "initramfs"),
-    ] {
-        let p = boot.join(rel);
-        fs::create_dir_all(p.parent().unwrap()).unwrap();
-        fs::write(p, body.repeat(1000)).unwrap();
-    }
-    boot
-}
+mod common;
+use common::{fake_boot, free_port, imprint, make_image, ok, stderr};
 
 fn seed(dir: &Path) -> PathBuf {
     let s = dir.join("seed");
@@ -70,14 +21,6 @@ fn seed(dir: &Path) -> PathBuf {
     fs::write(s.join("user-data"), "#cloud-config\nruncmd:\n  - echo hi\n").unwrap();
     fs::write(s.join("meta-data"), "instance-id: x\n").unwrap();
     s
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Real nginx serving `root` on 127.0.0.1:`port`, PUT allowed under /reports/.

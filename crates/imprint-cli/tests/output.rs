@@ -11,25 +11,10 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
+mod common;
+use common::{imprint, run, stderr, stdout};
+
 const MIB: usize = 1 << 20;
-
-fn imprint() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_imprint"));
-    c.env_remove("IMPRINT_BOOT");
-    c
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.output().expect("running imprint")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 /// The one JSON object a command printed as its result: the last line of standard output
 /// (progress events come before it).

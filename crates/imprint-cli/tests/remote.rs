@@ -14,25 +14,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
+mod common;
+use common::{free_port, imprint, ok, stderr};
+
 const MIB: usize = 1 << 20;
-
-fn imprint() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_imprint"))
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn ok(o: Output) -> Output {
-    assert!(
-        o.status.success(),
-        "failed: {}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        stderr(&o)
-    );
-    o
-}
 
 /// Deterministic pseudo-random bytes: they do not compress, so the compressed image is as
 /// large as the raw one and a cut lands mid-payload.
@@ -66,14 +51,6 @@ fn make_image(dir: &Path, name: &str, mib: usize, seed: u32) -> (Vec<u8>, PathBu
         .output()
         .unwrap());
     (raw, img)
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn wait_listening(port: u16, child: &mut Child) {

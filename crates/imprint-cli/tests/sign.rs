@@ -6,28 +6,10 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
-fn imprint(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_imprint"));
-    for a in args {
-        cmd.arg(a);
-    }
-    cmd.output().expect("running imprint")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn ok(o: Output) -> Output {
-    assert!(o.status.success(), "failed: {}\n{}", stdout(&o), stderr(&o));
-    o
-}
+mod common;
+use common::{imprint_with, ok, stderr, stdout};
 
 /// A small GPT-looking raw disk image (protective MBR signature, "EFI PART" at LBA 1, data).
 fn raw_image(dir: &Path) -> PathBuf {
@@ -57,7 +39,7 @@ fn keygen_prepare_sign_inspect() {
     let t = tempfile::tempdir().unwrap();
     let raw = raw_image(t.path());
     let name = t.path().join("release");
-    let kg = ok(imprint(&[&"keygen", &"-o", &name]));
+    let kg = ok(imprint_with(&[&"keygen", &"-o", &name]));
     let id = key_id(&kg);
     assert_eq!(id.len(), 16, "{id}");
     let key = t.path().join("release.key");
@@ -70,7 +52,7 @@ fn keygen_prepare_sign_inspect() {
     let pub_text = std::fs::read_to_string(&pubkey).unwrap();
     assert!(pub_text.contains(&id), "{pub_text}");
     // Never overwrites a key.
-    let again = imprint(&[&"keygen", &"-o", &name]);
+    let again = imprint_with(&[&"keygen", &"-o", &name]);
     assert!(!again.status.success());
     assert!(
         stderr(&again).contains("never overwritten"),
@@ -79,7 +61,9 @@ fn keygen_prepare_sign_inspect() {
     );
 
     let img = t.path().join("signed.img.zst");
-    let p = ok(imprint(&[&"prepare", &raw, &"-o", &img, &"--sign", &key]));
+    let p = ok(imprint_with(&[
+        &"prepare", &raw, &"-o", &img, &"--sign", &key,
+    ]));
     assert!(
         stdout(&p).contains(&format!("signature:    key {id}")),
         "{}",
@@ -89,9 +73,9 @@ fn keygen_prepare_sign_inspect() {
     let decoded = zstd::stream::decode_all(std::fs::File::open(&img).unwrap()).unwrap();
     assert_eq!(decoded, std::fs::read(&raw).unwrap());
 
-    let i = ok(imprint(&[&"inspect", &"--check", &img]));
+    let i = ok(imprint_with(&[&"inspect", &"--check", &img]));
     assert!(stdout(&i).contains(&format!("key {id}")), "{}", stdout(&i));
-    let i = ok(imprint(&[&"inspect", &img, &"--trust", &pubkey]));
+    let i = ok(imprint_with(&[&"inspect", &img, &"--trust", &pubkey]));
     assert!(
         stdout(&i).contains(&format!("verified:     signature by trusted key {id}")),
         "{}",
@@ -99,9 +83,9 @@ fn keygen_prepare_sign_inspect() {
     );
 
     // Another key: untrusted, named, exit 3.
-    let other = ok(imprint(&[&"keygen", &"-o", &t.path().join("other")]));
+    let other = ok(imprint_with(&[&"keygen", &"-o", &t.path().join("other")]));
     let other_id = key_id(&other);
-    let i = imprint(&[&"inspect", &img, &"--trust", &t.path().join("other.pub")]);
+    let i = imprint_with(&[&"inspect", &img, &"--trust", &t.path().join("other.pub")]);
     assert_eq!(i.status.code(), Some(3), "{}", stderr(&i));
     assert!(
         stderr(&i).contains(&format!("signed by key {id}")),
@@ -112,10 +96,10 @@ fn keygen_prepare_sign_inspect() {
 
     // An unsigned image says so.
     let unsigned = t.path().join("unsigned.img.zst");
-    ok(imprint(&[&"prepare", &raw, &"-o", &unsigned]));
-    let i = ok(imprint(&[&"inspect", &unsigned]));
+    ok(imprint_with(&[&"prepare", &raw, &"-o", &unsigned]));
+    let i = ok(imprint_with(&[&"inspect", &unsigned]));
     assert!(stdout(&i).contains("signature:    none"), "{}", stdout(&i));
-    let i = imprint(&[&"inspect", &unsigned, &"--trust", &pubkey]);
+    let i = imprint_with(&[&"inspect", &unsigned, &"--trust", &pubkey]);
     assert_eq!(i.status.code(), Some(3));
     assert!(stderr(&i).contains("is not signed"), "{}", stderr(&i));
 
@@ -128,8 +112,8 @@ fn keygen_prepare_sign_inspect() {
     bytes[at + 8] = b'D';
     let tampered = t.path().join("tampered.img.zst");
     std::fs::write(&tampered, &bytes).unwrap();
-    ok(imprint(&[&"inspect", &tampered]));
-    let i = imprint(&[&"inspect", &tampered, &"--trust", &pubkey]);
+    ok(imprint_with(&[&"inspect", &tampered]));
+    let i = imprint_with(&[&"inspect", &tampered, &"--trust", &pubkey]);
     assert_eq!(i.status.code(), Some(3), "{}", stderr(&i));
     assert!(stderr(&i).contains("altered"), "{}", stderr(&i));
 }
@@ -140,7 +124,7 @@ fn password_protected_key() {
     let raw = raw_image(t.path());
     let pw = t.path().join("pw");
     std::fs::write(&pw, "correct horse\n").unwrap();
-    let kg = ok(imprint(&[
+    let kg = ok(imprint_with(&[
         &"keygen",
         &"-o",
         &t.path().join("k"),
@@ -151,7 +135,7 @@ fn password_protected_key() {
     let key = t.path().join("k.key");
     let img = t.path().join("x.img.zst");
 
-    let no_pw = imprint(&[&"prepare", &raw, &"-o", &img, &"--sign", &key]);
+    let no_pw = imprint_with(&[&"prepare", &raw, &"-o", &img, &"--sign", &key]);
     assert!(!no_pw.status.success());
     assert!(
         stderr(&no_pw).contains("--password-file"),
@@ -162,7 +146,7 @@ fn password_protected_key() {
 
     let wrong = t.path().join("wrong");
     std::fs::write(&wrong, "incorrect horse\n").unwrap();
-    let bad = imprint(&[
+    let bad = imprint_with(&[
         &"prepare",
         &raw,
         &"-o",
@@ -175,7 +159,7 @@ fn password_protected_key() {
     assert!(!bad.status.success());
     assert!(!img.exists());
 
-    ok(imprint(&[
+    ok(imprint_with(&[
         &"prepare",
         &raw,
         &"-o",
@@ -185,7 +169,7 @@ fn password_protected_key() {
         &"--password-file",
         &pw,
     ]));
-    let i = ok(imprint(&[
+    let i = ok(imprint_with(&[
         &"inspect",
         &img,
         &"--trust",
@@ -202,7 +186,7 @@ fn password_protected_key() {
 fn build_refuses_unsigned_image_when_config_requires_signature() {
     let t = tempfile::tempdir().unwrap();
     let raw = raw_image(t.path());
-    let kg = ok(imprint(&[&"keygen", &"-o", &t.path().join("k")]));
+    let kg = ok(imprint_with(&[&"keygen", &"-o", &t.path().join("k")]));
     let pub_b64 = std::fs::read_to_string(t.path().join("k.pub"))
         .unwrap()
         .lines()
@@ -216,10 +200,10 @@ fn build_refuses_unsigned_image_when_config_requires_signature() {
     )
     .unwrap();
     let unsigned = t.path().join("u.img.zst");
-    ok(imprint(&[&"prepare", &raw, &"-o", &unsigned]));
+    ok(imprint_with(&[&"prepare", &raw, &"-o", &unsigned]));
     let no_boot = t.path().join("no-boot");
     let out = t.path().join("stick.img");
-    let b = imprint(&[
+    let b = imprint_with(&[
         &"build",
         &"--image",
         &unsigned,
@@ -236,7 +220,7 @@ fn build_refuses_unsigned_image_when_config_requires_signature() {
 
     // A signed image gets past that check (and stops at the missing boot files here).
     let signed = t.path().join("s.img.zst");
-    ok(imprint(&[
+    ok(imprint_with(&[
         &"prepare",
         &raw,
         &"-o",
@@ -244,7 +228,7 @@ fn build_refuses_unsigned_image_when_config_requires_signature() {
         &"--sign",
         &t.path().join("k.key"),
     ]));
-    let b = imprint(&[
+    let b = imprint_with(&[
         &"build",
         &"--image",
         &signed,
@@ -261,7 +245,7 @@ fn build_refuses_unsigned_image_when_config_requires_signature() {
 
     // A config with a key that does not parse is refused, naming the key.
     std::fs::write(&config, r#"{"trusted_keys": ["RWQ-broken"]}"#).unwrap();
-    let b = imprint(&[
+    let b = imprint_with(&[
         &"build",
         &"--image",
         &signed,

@@ -1332,7 +1332,7 @@ mod proptests {
     use proptest::prelude::*;
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig { cases: crate::test_util::proptest_cases(512), ..ProptestConfig::default() })]
 
         #[test]
         fn arbitrary_text_never_panics(text in any::<String>()) {

@@ -13,6 +13,7 @@
 //! - [`input`]: opening user-given files: non-regular files refused, small files size-capped.
 //! - `remote` (feature `remote`): images from an `http(s)://` URL through a resumable reader.
 //! - [`progress`]: progress events for terminals, logs and the appliance (`--json`).
+//! - [`event`]: the progress events a network install sends to its server.
 //! - [`report`]: the typed install report the appliance writes to the stick.
 //! - [`discover`], [`select`], [`config`], [`seed`]: what the appliance needs to find the
 //!   internal disk, decide on it, and render the cloud-init NoCloud seed.
@@ -26,11 +27,13 @@ pub mod blockdev;
 pub mod config;
 pub mod discover;
 pub mod durable;
+pub mod event;
 pub mod gpt_table;
 pub mod input;
 pub mod loopdev;
 pub mod machine;
 pub mod manifest;
+pub mod presigned;
 pub mod progress;
 #[cfg(feature = "remote")]
 pub mod remote;

@@ -2214,7 +2214,7 @@ mod proptests {
     use proptest::prelude::*;
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig { cases: crate::test_util::proptest_cases(128), ..ProptestConfig::default() })]
 
         #[test]
         fn arbitrary_seed_files_never_panic(

@@ -35,3 +35,77 @@ pub fn with_gpt(
     }
     disk.into_inner()
 }
+
+/// How many cases a property test runs: `PROPTEST_CASES` when set (the long runs
+/// docs/testing.md describes), else `default` (what fits `cargo test`). An explicit `cases` in
+/// a `ProptestConfig` would otherwise override the variable.
+pub fn proptest_cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A real S3 server for tests (`tests/s3-server`: s3s over files, SigV4 checked, anonymous
+/// read of objects, signed everything else), on a loopback port, stopped on drop. Buckets are
+/// the folders of its root. Built by `scripts/deps` into `target/s3-server/` (or
+/// `$IMPRINT_S3_SERVER`).
+#[derive(Debug)]
+pub struct S3Server {
+    child: std::process::Child,
+    /// `http://127.0.0.1:PORT`.
+    pub endpoint: String,
+}
+
+/// The access key [`S3Server`] accepts.
+pub const S3_ACCESS_KEY: &str = "imprint-test-key";
+/// The secret key [`S3Server`] accepts.
+pub const S3_SECRET_KEY: &str = "imprint-test-secret-do-not-print";
+
+impl S3Server {
+    /// Starts the server over `root`; panics (a test helper) when it cannot.
+    #[allow(clippy::expect_used, clippy::unwrap_used, clippy::missing_panics_doc)]
+    pub fn start(root: &std::path::Path) -> S3Server {
+        use std::io::BufRead;
+        let bin = std::env::var_os("IMPRINT_S3_SERVER").map_or_else(
+            || {
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../../target/s3-server/bin/imprint-s3-server")
+            },
+            std::path::PathBuf::from,
+        );
+        let mut child = std::process::Command::new(&bin)
+            .arg("127.0.0.1:0")
+            .arg(root)
+            .arg(S3_ACCESS_KEY)
+            .arg(S3_SECRET_KEY)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{}: {e} (scripts/deps builds it from tests/s3-server)",
+                    bin.display()
+                )
+            });
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .expect("the S3 server says where it listens");
+        S3Server {
+            child,
+            endpoint: format!("http://{addr}"),
+        }
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -15,9 +15,9 @@
 use std::io::{Cursor, Read, Seek, SeekFrom};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
-use crossbeam_channel::{bounded, unbounded, Receiver};
+use crossbeam_channel::{unbounded, Receiver};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -183,11 +183,12 @@ pub enum VerifyError {
 /// Reads `[0, raw_size)` of `target` back, splices `overlays` in, and compares every chunk
 /// with the manifest.
 ///
-/// One reader thread fills aligned buffers (O_DIRECT where the target allows it) and hands
-/// each chunk to one of [`hash_workers`] hashing threads in turn, so reading overlaps hashing
-/// and SHA-256 runs on every core. Memory stays bounded: the buffers are a fixed pool (see
-/// [`pool_size`]), recycled as soon as a piece is hashed. A mismatch names the lowest chunk
-/// that differs, as a sequential check would: chunks before it are always all checked.
+/// Two threads per core ([`hash_workers`]) each take the next chunk, read it into their own
+/// aligned buffer (O_DIRECT where the target allows it) and hash it, so several reads are
+/// outstanding, reading overlaps hashing and SHA-256 runs on every core. Memory stays
+/// bounded: one buffer per thread, within a fixed budget (see [`thread_count`]). A mismatch
+/// or read error names the lowest offset that fails, as a sequential check would: chunks
+/// before it are always all checked.
 pub fn verify_chunks(
     target: &Target,
     m: &Manifest,
@@ -214,18 +215,19 @@ pub(crate) fn verify_trailing(
 }
 
 /// Bytes read per `read_at`: large enough for a deep request on a disk, small enough that a
-/// few per worker fit the memory budget.
+/// few per core fit the memory budget.
 const PIECE: usize = 4 << 20;
 /// More hashing threads than this buys nothing on the disks imprint writes (8 cores hash
 /// at least 3 GB/s even without SHA extensions) and would cost buffers.
 const MAX_WORKERS: usize = 8;
-/// The buffer pool never exceeds this many bytes (peak RSS of `imprint write` stays < 64 MiB).
+/// The threads' buffers never exceed this many bytes (peak RSS of `imprint verify` stays
+/// < 64 MiB).
 const POOL_BUDGET: usize = 48 << 20;
-/// The pool's budget while the read-back trails the writer, whose own buffers are in use at
+/// The buffer budget while the read-back trails the writer, whose own buffers are in use at
 /// the same time.
 const TRAIL_POOL_BUDGET: usize = 16 << 20;
 
-/// Hashing threads: one per core the process may use, at most [`MAX_WORKERS`].
+/// Cores to hash on: one per core the process may use, at most [`MAX_WORKERS`].
 pub fn hash_workers() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
@@ -233,24 +235,14 @@ pub fn hash_workers() -> usize {
         .clamp(1, MAX_WORKERS)
 }
 
-/// Buffers in the pool for `workers` hashing threads of `piece`-byte pieces: two per worker
-/// (one being hashed, one queued) and two for the reader to fill ahead, within `budget`
-/// bytes and never fewer than two.
-fn pool_size(workers: usize, piece: usize, budget: usize) -> usize {
-    (2 * workers + 2).min(budget / piece).max(2)
+/// Reading threads for `workers` cores of `piece`-byte pieces: two per core (while one
+/// waits for its read, the other hashes, so the cores stay busy and the device always has
+/// reads outstanding), each with one buffer, within `budget` bytes and never fewer than one.
+fn thread_count(workers: usize, piece: usize, budget: usize) -> usize {
+    (2 * workers).min(budget / piece).max(1)
 }
 
-/// A piece of one chunk, read into a pool buffer.
-struct Piece {
-    chunk: u64,
-    offset: u64,
-    len: usize,
-    /// The piece ends its chunk: the worker finishes the digest.
-    last: bool,
-    buf: AlignedBuf,
-}
-
-/// Where the reader stands with a trailing writer: what has been written, and flushed.
+/// Where the read-back stands with a trailing writer: what has been written, and flushed.
 struct Follow<'a> {
     trail: Trail<'a>,
     written: u64,
@@ -297,8 +289,40 @@ impl Follow<'_> {
     }
 }
 
+/// The chunks still to hand out, in order, and the trailing writer they wait for.
+struct Claims<'a> {
+    next: u64,
+    follow: Option<Follow<'a>>,
+    /// No chunk is handed out any more (the writer stopped, or a flush failed).
+    closed: bool,
+}
+
+/// Why a thread stopped before the image's end: a read or flush error at an offset, or the
+/// writer stopping first.
+#[derive(Default)]
+struct Stopped {
+    /// The lowest offset of a failed read or flush, and its error.
+    error: Option<(u64, VerifyError)>,
+    /// The writer stopped before the read-back reached the end.
+    interrupted: bool,
+}
+
+impl Stopped {
+    fn error(&mut self, offset: u64, e: VerifyError) {
+        if self.error.as_ref().is_none_or(|(o, _)| offset < *o) {
+            self.error = Some((offset, e));
+        }
+    }
+}
+
 /// [`verify_chunks`] with the regions held in memory, the trailing writer (if any), the
-/// worker count and piece size as parameters (tests vary them).
+/// core count and piece size as parameters (tests vary them).
+///
+/// Every thread takes the next chunk (in order: behind a writer, once the writer has written
+/// and flushed it), reads it piece by piece into its own aligned buffer and hashes it; a
+/// digest goes to this thread, which compares it and reports progress as a contiguous
+/// prefix. So there are as many reads outstanding as threads, reading overlaps hashing
+/// across threads, and no single thread handles every byte.
 fn verify_chunks_with(
     target: &Target,
     m: &Manifest,
@@ -325,143 +349,137 @@ fn verify_chunks_with(
     } else {
         POOL_BUDGET
     };
-    let nbuf = pool_size(workers, piece, budget);
+    let threads = thread_count(workers, piece, budget).min(chunks.max(1) as usize);
 
-    // The lowest chunk known to differ (u64::MAX: none yet). Only ever lowered, so every chunk
-    // below its final value is read and hashed; chunks above it are skipped.
+    // The lowest chunk known to differ or to fail to read (u64::MAX: none yet). Only ever
+    // lowered, so every chunk below its final value is read and hashed; chunks above it are
+    // skipped.
     let fail_at = AtomicU64::new(u64::MAX);
-    let (free_tx, free_rx) = bounded::<AlignedBuf>(nbuf);
-    for _ in 0..nbuf {
-        let _ = free_tx.send(AlignedBuf::new(piece));
-    }
+    let claims = Mutex::new(Claims {
+        next: 0,
+        follow: trail.map(|trail| Follow {
+            trail,
+            written: 0,
+            flushed: 0,
+            closed: false,
+        }),
+        closed: false,
+    });
+    let stopped = Mutex::new(Stopped::default());
     let (done_tx, done_rx) = unbounded::<(u64, [u8; 32])>();
-    let mut work_txs = Vec::with_capacity(workers);
-    let mut work_rxs = Vec::with_capacity(workers);
-    for _ in 0..workers {
-        // Unbounded: the pool already bounds the pieces in flight.
-        let (tx, rx) = unbounded::<Piece>();
-        work_txs.push(tx);
-        work_rxs.push(rx);
-    }
     // Stops the trailing writer (when there is one).
     let halt = || {
         if let Some(s) = stop {
             s.store(true, Ordering::Relaxed);
         }
     };
+    // A thread that panicked leaves its lock usable: what it guarded is plain data.
+    fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 
     let hash_panicked = AtomicBool::new(false);
-    let (read, mismatch, checked) = std::thread::scope(|s| {
+    let (mismatch, checked) = std::thread::scope(|s| {
         let fail_at = &fail_at;
         let hash_panicked = &hash_panicked;
         let halt = &halt;
-        // Each stage owns its channel ends, so a stage that stops (done, failed or panicked)
-        // unblocks the others instead of leaving them waiting forever.
-        let reader = s.spawn(move || -> Result<bool, (u64, VerifyError)> {
-            let read_err = |offset: u64, source: std::io::Error| {
-                (
-                    offset,
-                    VerifyError::ReadIo {
-                        target: target.path().display().to_string(),
-                        offset,
-                        source,
-                    },
-                )
-            };
-            let mut follow = trail.map(|trail| Follow {
-                trail,
-                written: 0,
-                flushed: 0,
-                closed: false,
-            });
-            let mut offset = 0u64;
-            while offset < raw {
-                let chunk = offset / m.chunk_size;
-                if chunk > fail_at.load(Ordering::Relaxed) || hash_panicked.load(Ordering::Relaxed)
-                {
-                    return Ok(true);
-                }
-                let chunk_end = m.chunk_range(chunk).1;
-                let n = (chunk_end - offset).min(piece as u64) as usize;
-                if let Some(f) = follow.as_mut() {
-                    // The bytes must be on the target, and held bytes overlapping the piece
-                    // published: wait for the writer to pass the end of both.
-                    let end = offset + n as u64;
-                    let need = regions
-                        .iter()
-                        .filter(|r| r.offset() < end && r.offset() + r.len() > offset)
-                        .map(|r| r.offset() + r.len())
-                        .fold(end, u64::max);
-                    if !f.reach(target, need.min(raw), raw)? {
-                        return Ok(false);
-                    }
-                }
-                let Ok(mut buf) = free_rx.recv() else {
-                    return Ok(true);
-                };
-                // O_DIRECT needs whole sectors: an image whose size is not a multiple of
-                // 4 KiB ends in a partial read, rounded up as far as the target reaches.
-                let room = target.size().saturating_sub(offset).max(n as u64);
-                let span = (n.next_multiple_of(4096) as u64).min(room) as usize;
-                target
-                    .read_at(&mut buf.as_mut_slice()[..span], offset)
-                    .map_err(|e| read_err(offset, e))?;
-                let p = Piece {
-                    chunk,
-                    offset,
-                    len: n,
-                    last: offset + n as u64 == chunk_end,
-                    buf,
-                };
-                if work_txs[(chunk % workers as u64) as usize].send(p).is_err() {
-                    return Ok(true);
-                }
-                offset += n as u64;
-            }
-            Ok(true)
-        });
-        let mut hashers = Vec::with_capacity(workers);
-        for rx in work_rxs {
-            let free_tx = free_tx.clone();
+        let claims = &claims;
+        let stopped = &stopped;
+        let name = &name;
+        for _ in 0..threads {
             let done_tx = done_tx.clone();
-            hashers.push(s.spawn(move || {
-                let hash_all = || {
-                    let mut h = Sha256::new();
-                    // A held region that was not published in time spoils its chunk: no
-                    // digest is sent, and the read-back reports itself incomplete.
-                    let mut spoiled = false;
-                    for mut p in rx.iter() {
-                        if p.chunk <= fail_at.load(Ordering::Relaxed) {
-                            if p.offset == m.chunk_range(p.chunk).0 {
-                                h = Sha256::new();
-                                spoiled = false;
+            s.spawn(move || {
+                let run = || {
+                    let mut buf = AlignedBuf::new(piece);
+                    loop {
+                        // Take the next chunk, once it is on the target (and the held bytes
+                        // overlapping it are published).
+                        let chunk = {
+                            let mut c = lock(claims);
+                            let chunk = c.next;
+                            if c.closed
+                                || chunk >= chunks
+                                || chunk > fail_at.load(Ordering::Relaxed)
+                                || hash_panicked.load(Ordering::Relaxed)
+                            {
+                                return;
                             }
-                            let data = &mut p.buf.as_mut_slice()[..p.len];
-                            spoiled |= !splice(data, p.offset, regions);
-                            h.update(&*data);
-                            if p.last && !spoiled {
-                                let digest: [u8; 32] = std::mem::take(&mut h).finalize().into();
-                                if done_tx.send((p.chunk, digest)).is_err() {
-                                    return;
+                            if let Some(f) = c.follow.as_mut() {
+                                let (start, end) = m.chunk_range(chunk);
+                                let need = regions
+                                    .iter()
+                                    .filter(|r| r.offset() < end && r.offset() + r.len() > start)
+                                    .map(|r| r.offset() + r.len())
+                                    .fold(end, u64::max);
+                                let reached = f.reach(target, need.min(raw), raw);
+                                match reached {
+                                    Ok(true) => {}
+                                    Ok(false) => {
+                                        c.closed = true;
+                                        lock(stopped).interrupted = true;
+                                        return;
+                                    }
+                                    Err((offset, e)) => {
+                                        c.closed = true;
+                                        fail_at.fetch_min(chunk, Ordering::Relaxed);
+                                        lock(stopped).error(offset, e);
+                                        halt();
+                                        return;
+                                    }
                                 }
                             }
+                            c.next += 1;
+                            chunk
+                        };
+                        let (start, end) = m.chunk_range(chunk);
+                        let mut h = Sha256::new();
+                        // A held region that was not published in time spoils its chunk: no
+                        // digest is sent, and the read-back reports itself incomplete.
+                        let mut spoiled = false;
+                        let mut offset = start;
+                        while offset < end {
+                            if chunk > fail_at.load(Ordering::Relaxed) {
+                                // A lower chunk failed: this one no longer matters.
+                                return;
+                            }
+                            let n = (end - offset).min(piece as u64) as usize;
+                            // O_DIRECT needs whole sectors: an image whose size is not a
+                            // multiple of 4 KiB ends in a partial read, rounded up as far as
+                            // the target reaches.
+                            let room = target.size().saturating_sub(offset).max(n as u64);
+                            let span = (n.next_multiple_of(4096) as u64).min(room) as usize;
+                            if let Err(source) =
+                                target.read_at(&mut buf.as_mut_slice()[..span], offset)
+                            {
+                                fail_at.fetch_min(chunk, Ordering::Relaxed);
+                                lock(stopped).error(
+                                    offset,
+                                    VerifyError::ReadIo {
+                                        target: name.clone(),
+                                        offset,
+                                        source,
+                                    },
+                                );
+                                halt();
+                                return;
+                            }
+                            let data = &mut buf.as_mut_slice()[..n];
+                            spoiled |= !splice(data, offset, regions);
+                            h.update(&*data);
+                            offset += n as u64;
                         }
-                        // The reader may be done and gone; that is fine.
-                        let _ = free_tx.send(p.buf);
+                        if !spoiled && done_tx.send((chunk, h.finalize().into())).is_err() {
+                            return;
+                        }
                     }
                 };
-                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(hash_all)).is_err() {
-                    // Stop the reader and hand back what is queued here, so no stage waits
-                    // for buffers this thread would never return.
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).is_err() {
+                    // The others stop taking chunks; the result reports itself incomplete.
                     hash_panicked.store(true, Ordering::Relaxed);
                     halt();
-                    for p in rx.iter() {
-                        let _ = free_tx.send(p.buf);
-                    }
                 }
-            }));
+            });
         }
-        drop(free_tx);
         drop(done_tx);
 
         // This thread compares digests and reports progress as a contiguous prefix.
@@ -489,30 +507,16 @@ fn verify_chunks_with(
                 progress.advance(m.chunk_range(prefix - 1).1);
             }
         }
-        let read = reader.join().unwrap_or_else(|_| {
-            Err((
-                0,
-                VerifyError::ReadIo {
-                    target: name.clone(),
-                    offset: 0,
-                    source: std::io::Error::other("reader thread panicked"),
-                },
-            ))
-        });
-        if read.is_err() {
-            halt();
-        }
-        for h in hashers {
-            if h.join().is_err() {
-                hash_panicked.store(true, Ordering::Relaxed);
-            }
-        }
-        (read, mismatch, checked)
+        // The scope joins the threads; a panic was caught inside each.
+        (mismatch, checked)
     });
     let hash_panicked = hash_panicked.load(Ordering::Relaxed);
     if hash_panicked {
         halt();
     }
+    let Stopped { error, interrupted } = stopped
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
 
     let read_err = |offset: u64, source: std::io::Error| VerifyError::ReadIo {
         target: name.clone(),
@@ -530,24 +534,24 @@ fn verify_chunks_with(
             actual,
         }
     };
-    match (read, mismatch) {
+    match (error, mismatch) {
         // Whichever lies first on the disk is what a sequential check would have met.
-        (Err((offset, e)), Some((i, actual))) => {
+        (Some((offset, e)), Some((i, actual))) => {
             if m.chunk_range(i).0 < offset {
                 return Err(mismatch_err(i, actual));
             }
             return Err(e);
         }
-        (Err((_, e)), None) => return Err(e),
-        (Ok(_), Some((i, actual))) => return Err(mismatch_err(i, actual)),
-        // The writer stopped before the reader reached the end: the write's error says why.
-        (Ok(false), None) => {
+        (Some((_, e)), None) => return Err(e),
+        (None, Some((i, actual))) => return Err(mismatch_err(i, actual)),
+        // The writer stopped before the read-back reached the end: the write's error says why.
+        (None, None) if interrupted => {
             return Err(VerifyError::Interrupted {
                 target: name.clone(),
                 offset: m.chunk_range(checked.min(chunks.saturating_sub(1))).0,
             })
         }
-        (Ok(true), None) => {}
+        (None, None) => {}
     }
     // Defence in depth: never report success for a partial read-back.
     if hash_panicked || checked != chunks {
@@ -916,6 +920,34 @@ mod tests {
         }
     }
 
+    /// The last chunk is three sectors long: read at the same time as chunk 4, it is hashed
+    /// long before it. Neither the digest that arrives first nor its progress may win.
+    #[test]
+    fn a_shorter_later_chunk_finishing_first_neither_hides_a_lower_mismatch_nor_jumps_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        let (raw, m) = image(dir.path(), 512);
+        let t = disk(dir.path(), &raw, 512);
+        for _ in 0..10 {
+            let seen = Seen::default();
+            check(&t, &m, &[], &seen, 4, 4096).unwrap();
+            let seen = seen.0.into_inner().unwrap();
+            assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+            assert_eq!(seen.last(), Some(&m.raw_size), "{seen:?}");
+        }
+        let mut bad = raw.clone();
+        bad[(4 << 20) + 5] ^= 1;
+        let n = bad.len();
+        bad[n - 1] ^= 1;
+        let t = disk(dir.path(), &bad, 512);
+        for _ in 0..10 {
+            let seen = Seen::default();
+            let e = check(&t, &m, &[], &seen, 4, 4096).unwrap_err();
+            assert!(matches!(e, VerifyError::Mismatch { chunk: 4, .. }), "{e}");
+            // Chunks 0..4 verified: progress stops at the first bad chunk's start.
+            assert_eq!(seen.0.into_inner().unwrap().last(), Some(&(4 << 20)));
+        }
+    }
+
     #[test]
     fn overlays_stand_in_for_the_held_regions() {
         for ss in [512, 4096] {
@@ -988,15 +1020,37 @@ mod tests {
         let mut bad = raw[..3 << 20].to_vec();
         bad[(1 << 20) + 9] ^= 1;
         let t = disk(dir.path(), &bad, 512);
-        let e = check(&t, &m, &[], &NoProgress, 2, PIECE).unwrap_err();
-        assert!(matches!(e, VerifyError::Mismatch { chunk: 1, .. }), "{e}");
+        for (workers, piece) in SHAPES {
+            let e = check(&t, &m, &[], &NoProgress, workers, piece).unwrap_err();
+            assert!(matches!(e, VerifyError::Mismatch { chunk: 1, .. }), "{e}");
+        }
+        // The target ends inside chunk 3: chunks 3, 4 and 5 all fail to read, at the same
+        // time, and the last one (three sectors past the end) fails first. The lowest offset
+        // is named.
+        let cut = (3 << 20) + (1 << 19);
+        let t = disk(dir.path(), &raw[..cut], 512);
+        for _ in 0..10 {
+            for (workers, piece) in SHAPES {
+                let e = check(&t, &m, &[], &NoProgress, workers, piece).unwrap_err();
+                let VerifyError::ReadIo { offset, .. } = e else {
+                    panic!("{workers} {piece}: {e}");
+                };
+                // The failing read is the piece holding the cut.
+                let p = (piece.min(1 << 20) / 4096).max(1) * 4096;
+                assert_eq!(
+                    offset,
+                    (3 << 20) + ((1 << 19) / p * p) as u64,
+                    "{workers} {piece}"
+                );
+            }
+        }
     }
 
     #[test]
     fn the_buffer_pool_stays_within_its_budget() {
         for budget in [POOL_BUDGET, TRAIL_POOL_BUDGET] {
             for w in 1..=MAX_WORKERS {
-                let n = pool_size(w, PIECE, budget);
+                let n = thread_count(w, PIECE, budget);
                 assert!(n >= w.min(2) && n * PIECE <= budget, "{w}: {n}");
             }
         }

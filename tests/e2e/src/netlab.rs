@@ -4,7 +4,8 @@
 //! ```text
 //!  PREFIX-rtr  rtr0 10.88.0.1/24   the "home router": dnsmasq hands out 10.88.0.100-150
 //!  PREFIX-srv  srv0 10.88.0.2/24   the imprint server: nginx (the rendered tree, PUT under
-//!                                  reports/) and the rendered proxy-DHCP dnsmasq.conf
+//!                                  reports/) and the rendered proxy-DHCP dnsmasq.conf, or
+//!                                  `imprint netboot serve --interface srv0`
 //!  PREFIX-lan  br0 + rtrp + srvp + tap0, tap1, …   the LAN; qemu runs here on a tap
 //! ```
 //!
@@ -193,6 +194,37 @@ impl Lab {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Runs `cmd` in namespace `short` (`srv`, …) with its standard output and error in the
+    /// lab's `NAME.out` and `NAME.err` (read them with [`Lab::log`]); killed on drop.
+    /// Returns its pid (`ip netns exec` execs the command, so it is the command's).
+    pub fn run_logged(&mut self, short: &str, name: &str, cmd: &Command) -> Result<u32, E2eError> {
+        let file = |ext: &str| {
+            let path = self.dir.join(format!("{name}.{ext}"));
+            fs::File::create(&path).map_err(|source| E2eError::Io {
+                what: "creating",
+                path,
+                source,
+            })
+        };
+        let (out, err) = (file("out")?, file("err")?);
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns(short)])
+            .arg(cmd.get_program())
+            .args(cmd.get_args())
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .map_err(|source| E2eError::Io {
+                what: "starting",
+                path: PathBuf::from(cmd.get_program()),
+                source,
+            })?;
+        let pid = child.id();
+        self.children.push(child);
+        Ok(pid)
     }
 
     /// A new tap device on the bridge; returns its name.

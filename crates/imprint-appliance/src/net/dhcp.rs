@@ -6,6 +6,13 @@
 //! broadcast (the BROADCAST flag), which Linux delivers to that socket without an address.
 //! Offers without an address (a proxy-DHCP server answering a boot client) are ignored, as are
 //! answers to another client (transaction id, hardware address).
+//!
+//! An install can outlast a short lease (dnsmasq's default is an hour; a 20 GiB image over a
+//! slow link or a slow disk takes longer), so [`keep`] holds the lease for the rest of the boot
+//! (RFC 2131 4.4.5): at T1 it renews with the server that granted it (unicast), from T2 it
+//! rebinds with any server (broadcast), and when the lease ran out or a server refused it (NAK)
+//! it starts over with DISCOVER and puts the new address on the interface. A download that was
+//! cut by the change resumes through the core's resumable reader.
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
@@ -28,6 +35,10 @@ pub struct Lease {
     pub router: Option<Ipv4Addr>,
     /// Lease time in seconds (`u32::MAX` = infinite).
     pub lease_secs: u32,
+    /// When to renew (T1), seconds after the grant: option 58, else half the lease.
+    pub renew_secs: u32,
+    /// When to rebind (T2), seconds after the grant: option 59, else 7/8 of the lease.
+    pub rebind_secs: u32,
     /// The server that granted it.
     pub server: Ipv4Addr,
     /// DNS servers offered.
@@ -128,13 +139,186 @@ fn lease_of(ack: &Message, server: Ipv4Addr) -> Lease {
         Some(DhcpOption::DomainNameServer(d)) => d.clone(),
         _ => Vec::new(),
     };
+    // RFC 2131 4.4.5's defaults, and T1 <= T2 <= the lease whatever a server sent.
+    let rebind_secs = match o.get(OptionCode::Rebinding) {
+        Some(DhcpOption::Rebinding(t)) => *t,
+        _ => (u64::from(lease_secs) * 7 / 8) as u32,
+    }
+    .min(lease_secs);
+    let renew_secs = match o.get(OptionCode::Renewal) {
+        Some(DhcpOption::Renewal(t)) => *t,
+        _ => lease_secs / 2,
+    }
+    .min(rebind_secs);
     Lease {
         address: ack.yiaddr(),
         prefix,
         router,
         lease_secs,
+        renew_secs,
+        rebind_secs,
         server,
         dns,
+    }
+}
+
+/// Renews `lease` (RFC 2131 4.3.2, RENEWING or REBINDING): a REQUEST carrying the address in
+/// `ciaddr`, unicast to the server that granted it, or with `rebind` broadcast to any server.
+/// `Ok(None)` is a NAK (the lease is gone); the caller starts over with [`lease`].
+pub fn renew(
+    iface: &str,
+    mac: [u8; 6],
+    lease: &Lease,
+    rebind: bool,
+    timeout: Duration,
+) -> Result<Option<Lease>, DhcpError> {
+    let sock = open_socket(iface).map_err(|source| DhcpError::Socket {
+        iface: iface.into(),
+        source,
+    })?;
+    let xid = transaction_id(&mac);
+    let mut request = message(xid, &mac, MessageType::Request, None);
+    request.set_ciaddr(lease.address);
+    // The client has an address now: answers come to it, not by broadcast.
+    request.set_flags(Flags::default());
+    let dest = if rebind {
+        Ipv4Addr::BROADCAST
+    } else {
+        lease.server
+    };
+    let what = if rebind {
+        "REQUEST (rebind)"
+    } else {
+        "REQUEST (renew)"
+    };
+    let answer = exchange_with(
+        &sock,
+        iface,
+        what,
+        &request,
+        dest,
+        Instant::now(),
+        timeout,
+        |m| {
+            m.xid() == xid
+                && (m.opts().has_msg_type(MessageType::Ack)
+                    || m.opts().has_msg_type(MessageType::Nak))
+                && m.chaddr().get(..6) == Some(&mac[..])
+        },
+    )?;
+    if answer.opts().has_msg_type(MessageType::Nak) {
+        return Ok(None);
+    }
+    let server = match answer.opts().get(OptionCode::ServerIdentifier) {
+        Some(DhcpOption::ServerIdentifier(s)) => *s,
+        _ => lease.server,
+    };
+    let mut renewed = lease_of(&answer, server);
+    if renewed.address.is_unspecified() {
+        renewed.address = lease.address;
+    }
+    Ok(Some(renewed))
+}
+
+/// What [`keep`] did, for the console.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kept {
+    /// The lease was extended (renewed or rebound).
+    Renewed(Lease),
+    /// The lease was lost and a new one put on the interface.
+    Replaced(Lease),
+    /// Renewing failed this time; it tries again.
+    Trouble(String),
+}
+
+/// Holds `lease` on `iface` for the rest of the boot on a thread of its own: renews at T1,
+/// rebinds from T2, starts over (DISCOVER, and the new address set with `configure`) when the
+/// lease ran out, was refused, or a server moved the address. `report` hears about each step.
+/// An infinite lease needs nothing and no thread is started.
+pub fn keep(
+    iface: String,
+    mac: [u8; 6],
+    lease: Lease,
+    configure: impl Fn(&str, &Lease) -> io::Result<()> + Send + 'static,
+    report: impl Fn(Kept) + Send + 'static,
+) -> io::Result<Option<std::thread::JoinHandle<()>>> {
+    if lease.lease_secs == u32::MAX {
+        return Ok(None);
+    }
+    std::thread::Builder::new()
+        .name("dhcp-keep".into())
+        .spawn(move || hold(&iface, mac, lease, &configure, &report))
+        .map(Some)
+}
+
+/// [`keep`]'s loop; never returns.
+fn hold(
+    iface: &str,
+    mac: [u8; 6],
+    mut lease: Lease,
+    configure: &dyn Fn(&str, &Lease) -> io::Result<()>,
+    report: &dyn Fn(Kept),
+) {
+    let mut granted = Instant::now();
+    loop {
+        let at = |secs: u32| granted + Duration::from_secs(u64::from(secs));
+        let (t1, t2, end) = (
+            at(lease.renew_secs),
+            at(lease.rebind_secs),
+            at(lease.lease_secs),
+        );
+        std::thread::sleep(t1.saturating_duration_since(Instant::now()));
+        // RENEWING until T2, REBINDING until the end; each try waits half of what is left.
+        let mut renewed = false;
+        loop {
+            let now = Instant::now();
+            if now >= end {
+                break;
+            }
+            let rebind = now >= t2;
+            let until = if rebind { end } else { t2 };
+            let wait = (until.saturating_duration_since(now) / 2).max(Duration::from_secs(2));
+            match renew(iface, mac, &lease, rebind, wait) {
+                Ok(Some(l)) if l.address == lease.address => {
+                    lease = l;
+                    granted = now;
+                    renewed = true;
+                    report(Kept::Renewed(lease.clone()));
+                    break;
+                }
+                // A NAK, or a server moving the address: the lease is gone.
+                Ok(_) => break,
+                Err(e) => {
+                    report(Kept::Trouble(crate::console::error_chain(&e)));
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+        }
+        if renewed {
+            continue;
+        }
+        // INIT again, until a new lease is on the interface.
+        loop {
+            let fresh = self::lease(iface, mac, Duration::from_secs(60))
+                .map_err(|e| crate::console::error_chain(&e))
+                .and_then(|l| {
+                    configure(iface, &l)
+                        .map(|()| l)
+                        .map_err(|e| format!("{iface}: setting the new address: {e}"))
+                });
+            match fresh {
+                Ok(l) => {
+                    lease = l;
+                    granted = Instant::now();
+                    report(Kept::Replaced(lease.clone()));
+                    break;
+                }
+                Err(e) => {
+                    report(Kept::Trouble(e));
+                    std::thread::sleep(Duration::from_secs(5));
+                }
+            }
+        }
     }
 }
 
@@ -167,13 +351,37 @@ fn message(
     m
 }
 
-/// Sends `msg` and waits for an answer `wanted` accepts, resending after 1, 2, 4, 8 s…
-/// (RFC 2131's backoff, shortened: a provisioning network is local).
+/// Broadcasts `msg` and waits for an answer `wanted` accepts (see [`exchange_with`]).
 fn exchange(
     sock: &UdpSocket,
     iface: &str,
     what: &'static str,
     msg: &Message,
+    start: Instant,
+    timeout: Duration,
+    wanted: impl Fn(&Message) -> bool,
+) -> Result<Message, DhcpError> {
+    exchange_with(
+        sock,
+        iface,
+        what,
+        msg,
+        Ipv4Addr::BROADCAST,
+        start,
+        timeout,
+        wanted,
+    )
+}
+
+/// Sends `msg` to `to` and waits for an answer `wanted` accepts, resending after 1, 2, 4, 8 s…
+/// (RFC 2131's backoff, shortened: a provisioning network is local).
+#[allow(clippy::too_many_arguments)]
+fn exchange_with(
+    sock: &UdpSocket,
+    iface: &str,
+    what: &'static str,
+    msg: &Message,
+    to: Ipv4Addr,
     start: Instant,
     timeout: Duration,
     wanted: impl Fn(&Message) -> bool,
@@ -184,7 +392,7 @@ fn exchange(
             iface: iface.into(),
             reason: e.to_string(),
         })?;
-    let dest = SocketAddrV4::new(Ipv4Addr::BROADCAST, SERVER_PORT);
+    let dest = SocketAddrV4::new(to, SERVER_PORT);
     let mut wait = Duration::from_secs(1);
     let mut buf = [0u8; 1500];
     loop {
@@ -314,7 +522,8 @@ mod tests {
         );
     }
 
-    /// Two network namespaces joined by a veth pair, removed on drop (with the server).
+    /// Two network namespaces joined by a veth pair (`vsrv` at 10.77.0.1/24, `vcli`), removed on
+    /// drop (with the server).
     struct Lab {
         server_ns: String,
         client_ns: String,
@@ -323,13 +532,89 @@ mod tests {
 
     impl Drop for Lab {
         fn drop(&mut self) {
+            self.stop_dnsmasq();
+            for ns in [&self.server_ns, &self.client_ns] {
+                let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            }
+        }
+    }
+
+    impl Lab {
+        fn new(tag: &str) -> Lab {
+            let id = std::process::id();
+            let lab = Lab {
+                server_ns: format!("imp-{tag}s-{id}"),
+                client_ns: format!("imp-{tag}c-{id}"),
+                dnsmasq: None,
+            };
+            let (s, c) = (&lab.server_ns, &lab.client_ns);
+            ip(&["netns", "add", s]);
+            ip(&["netns", "add", c]);
+            ip(&[
+                "link", "add", "vsrv", "netns", s, "type", "veth", "peer", "name", "vcli", "netns",
+                c,
+            ]);
+            ip(&["-n", s, "addr", "add", "10.77.0.1/24", "dev", "vsrv"]);
+            ip(&["-n", s, "link", "set", "vsrv", "up"]);
+            ip(&["-n", s, "link", "set", "lo", "up"]);
+            ip(&["-n", c, "link", "set", "lo", "up"]);
+            lab
+        }
+
+        /// Starts a real dnsmasq on `vsrv` with `args` added, its leases in `leases`.
+        fn start_dnsmasq(&mut self, leases: &std::path::Path, args: &[&str]) {
+            self.stop_dnsmasq();
+            self.dnsmasq = Some(
+                Command::new("ip")
+                    .args([
+                        "netns",
+                        "exec",
+                        &self.server_ns,
+                        "dnsmasq",
+                        "--keep-in-foreground",
+                    ])
+                    .args(["--port=0", "--interface=vsrv", "--bind-interfaces"])
+                    .args(args)
+                    .arg(format!("--dhcp-leasefile={}", leases.display()))
+                    .arg("--conf-file=/dev/null")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("dnsmasq (scripts/deps: dnsmasq-base)"),
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+
+        fn stop_dnsmasq(&mut self) {
             if let Some(mut c) = self.dnsmasq.take() {
                 let _ = c.kill();
                 let _ = c.wait();
             }
-            for ns in [&self.server_ns, &self.client_ns] {
-                let _ = Command::new("ip").args(["netns", "del", ns]).status();
-            }
+        }
+
+        /// Runs `f` on a thread moved into the client namespace.
+        fn in_client<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+            let ns_path = format!("/run/netns/{}", self.client_ns);
+            std::thread::spawn(move || {
+                let ns = std::fs::File::open(&ns_path).unwrap();
+                nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+                f()
+            })
+            .join()
+            .unwrap()
+        }
+
+        /// The client's IPv4 addresses on `vcli`, as `ip` shows them (`10.77.0.51/24`).
+        fn client_addresses(&self) -> Vec<String> {
+            let o = Command::new("ip")
+                .args(["-n", &self.client_ns, "-4", "-o", "addr", "show", "vcli"])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter_map(|l| l.split_whitespace().skip_while(|w| *w != "inet").nth(1))
+                .map(str::to_owned)
+                .collect()
         }
     }
 
@@ -342,53 +627,20 @@ mod tests {
             eprintln!("skipped: needs root for network namespaces");
             return;
         }
-        let tag = std::process::id();
-        let mut lab = Lab {
-            server_ns: format!("imp-dhs-{tag}"),
-            client_ns: format!("imp-dhc-{tag}"),
-            dnsmasq: None,
-        };
-        let (s, c) = (lab.server_ns.clone(), lab.client_ns.clone());
-        ip(&["netns", "add", &s]);
-        ip(&["netns", "add", &c]);
-        ip(&[
-            "link", "add", "vsrv", "netns", &s, "type", "veth", "peer", "name", "vcli", "netns", &c,
-        ]);
-        ip(&["-n", &s, "addr", "add", "10.77.0.1/24", "dev", "vsrv"]);
-        ip(&["-n", &s, "link", "set", "vsrv", "up"]);
-        ip(&["-n", &s, "link", "set", "lo", "up"]);
-        ip(&["-n", &c, "link", "set", "lo", "up"]);
+        let mut lab = Lab::new("dh");
+        let c = lab.client_ns.clone();
         let t = tempfile::tempdir().unwrap();
         let leases = t.path().join("leases");
-        lab.dnsmasq = Some(
-            Command::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    &s,
-                    "dnsmasq",
-                    "--keep-in-foreground",
-                    "--port=0",
-                    "--interface=vsrv",
-                    "--bind-interfaces",
-                ])
-                .arg("--dhcp-range=10.77.0.50,10.77.0.60,255.255.255.0,2h")
-                .arg("--dhcp-option=option:router,10.77.0.254")
-                .arg("--dhcp-option=option:dns-server,10.77.0.53")
-                .arg(format!("--dhcp-leasefile={}", leases.display()))
-                .arg("--conf-file=/dev/null")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("dnsmasq (scripts/deps: dnsmasq-base)"),
+        lab.start_dnsmasq(
+            &leases,
+            &[
+                "--dhcp-range=10.77.0.50,10.77.0.60,255.255.255.0,2h",
+                "--dhcp-option=option:router,10.77.0.254",
+                "--dhcp-option=option:dns-server,10.77.0.53",
+            ],
         );
-        std::thread::sleep(Duration::from_millis(300));
 
-        // The client runs on a thread moved into the client namespace.
-        let ns_path = format!("/run/netns/{c}");
-        let got = std::thread::spawn(move || {
-            let ns = std::fs::File::open(&ns_path).unwrap();
-            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let got = lab.in_client(move || {
             let mac = super::super::iface::mac_of(std::path::Path::new("/sys/class/net/vcli"));
             // /sys shows the namespace that mounted it, so ask the interface itself.
             let mac = mac
@@ -406,9 +658,7 @@ mod tests {
             .unwrap_err()
             .kind();
             (lease, mac, reach)
-        })
-        .join()
-        .unwrap();
+        });
         let (lease, mac, reach) = got;
         assert!(
             (50..=60).contains(&lease.address.octets()[3])
@@ -448,6 +698,101 @@ mod tests {
         // is refused (an RST from 10.77.0.1), not timed out or unreachable.
         assert_eq!(reach, io::ErrorKind::ConnectionRefused);
         drop(lab);
+    }
+
+    /// The first field (expiry, seconds since the epoch) of the lease file's line for `addr`.
+    fn lease_expiry(leases: &std::path::Path, addr: Ipv4Addr) -> u64 {
+        let text = std::fs::read_to_string(leases).unwrap();
+        text.lines()
+            .find(|l| l.split_whitespace().nth(2) == Some(&addr.to_string()))
+            .and_then(|l| l.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no lease for {addr} in {text}"))
+    }
+
+    /// Waits for the keeper's next step other than a passing trouble, up to `secs`.
+    fn next_step(rx: &std::sync::mpsc::Receiver<Kept>, secs: u64) -> Kept {
+        let until = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(Kept::Trouble(_)) => continue,
+                Ok(k) => return k,
+                Err(e) => panic!("the lease keeper did nothing within {secs} s: {e}"),
+            }
+        }
+    }
+
+    /// An install can outlast its lease: the kept lease is renewed with its server at T1 (the
+    /// server's lease file moves the expiry on), and when a server refuses it (a new dnsmasq
+    /// whose range no longer holds the address NAKs) the client starts over and the interface
+    /// ends with the new address only.
+    #[test]
+    fn a_kept_lease_is_renewed_at_t1_and_replaced_when_refused() {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("skipped: needs root for network namespaces");
+            return;
+        }
+        let mut lab = Lab::new("dk");
+        let t = tempfile::tempdir().unwrap();
+        let leases = t.path().join("leases");
+        let short = [
+            "--dhcp-option=option:T1,2",
+            "--dhcp-option=option:T2,4",
+            "--dhcp-authoritative",
+        ];
+        let mut args = vec!["--dhcp-range=10.77.0.50,10.77.0.60,255.255.255.0,2m"];
+        args.extend(short);
+        lab.start_dnsmasq(&leases, &args);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let first = lab.in_client(move || {
+            let mac = super::super::iface::hw_addr("vcli").unwrap();
+            super::super::iface::up("vcli").unwrap();
+            let l = lease("vcli", mac, Duration::from_secs(20)).unwrap();
+            super::super::iface::configure("vcli", &l).unwrap();
+            // The keeper's thread is made here, so it lives in the client namespace too.
+            keep(
+                "vcli".into(),
+                mac,
+                l.clone(),
+                super::super::iface::configure,
+                move |k| {
+                    let _ = tx.send(k);
+                },
+            )
+            .unwrap()
+            .expect("a finite lease is kept");
+            l
+        });
+        // dnsmasq adds a little random fuzz to T1.
+        assert!(
+            (2..=4).contains(&first.renew_secs)
+                && (first.rebind_secs, first.lease_secs) == (4, 120),
+            "{first:?}"
+        );
+        let granted = lease_expiry(&leases, first.address);
+        std::thread::sleep(Duration::from_millis(1100));
+        match next_step(&rx, 15) {
+            Kept::Renewed(l) => assert_eq!(l.address, first.address),
+            other => panic!("expected a renewal, got {other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            lease_expiry(&leases, first.address) > granted,
+            "the server did not extend the lease"
+        );
+
+        // The network changes under the install: the next renewal is refused.
+        let leases2 = t.path().join("leases2");
+        let mut args = vec!["--dhcp-range=10.77.0.100,10.77.0.110,255.255.255.0,2m"];
+        args.extend(short);
+        lab.start_dnsmasq(&leases2, &args);
+        let now = match next_step(&rx, 40) {
+            Kept::Replaced(l) => l,
+            other => panic!("expected a new lease, got {other:?}"),
+        };
+        assert!((100..=110).contains(&now.address.octets()[3]), "{now:?}");
+        assert_eq!(lab.client_addresses(), [format!("{}/24", now.address)]);
+        lease_expiry(&leases2, now.address);
     }
 
     #[test]

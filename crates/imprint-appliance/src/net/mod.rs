@@ -10,10 +10,15 @@
 //! `URL/reports/<machine>/<install-id>.json`, and a successful install's report also to
 //! `URL/reports/<machine>/installed.json`: fetched at the next netboot into the local reports
 //! folder, it lets the flow's "already installed" check (report + the disk's own GPT) boot the
-//! disk instead of reinstalling, as a stick's reports do.
+//! disk instead of reinstalling, as a stick's reports do. A tree rendered with `--s3` (an S3
+//! bucket) carries presigned `PUT` URLs per machine instead ([`presigned`]).
+//! While the install runs, progress events go to
+//! `URL/reports/<machine>/progress.json` ([`events`]).
 
 pub mod dhcp;
+pub mod events;
 pub mod iface;
+pub mod presigned;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -39,8 +44,10 @@ pub const IMAGE_NAME: &str = "image.img.zst";
 pub const INSTALLED_REPORT: &str = "installed.json";
 /// Where the fetched config and seed are kept, laid out like the stick's ESP.
 const LOCAL: &str = "/run/imprint/net";
-/// How long NICs may take to appear after their drivers loaded.
-const NIC_WAIT: Duration = Duration::from_secs(15);
+/// How long NICs may take to appear after their drivers loaded. Generous: on a loaded host
+/// (three TCG NUCs on two shared cores) virtio_net bound more than 15 s after the device set
+/// stopped being waited for; a NIC that never appears costs this once, before any write.
+const NIC_WAIT: Duration = Duration::from_secs(60);
 /// How long a link may take to come up.
 const CARRIER_WAIT: Duration = Duration::from_secs(15);
 /// How long DHCP may take.
@@ -49,11 +56,13 @@ const DHCP_WAIT: Duration = Duration::from_secs(60);
 const SMALL_FILE_MAX: u64 = 1 << 20;
 
 /// The network source of an install: the server and the local copies of its config and seed.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Network {
     base: String,
     mac: [u8; 6],
     local: PathBuf,
+    uploads: presigned::Targets,
+    events: events::Events,
 }
 
 impl Network {
@@ -97,18 +106,56 @@ impl Network {
             lease.server,
             lease.lease_secs
         ));
-        let net = Network {
+        // Hold the lease for the rest of the boot (an install can outlast it).
+        let notes = std::sync::Mutex::new(consoles.handle());
+        let kept = dhcp::keep(name.clone(), mac, lease, iface::configure, move |k| {
+            let line = match k {
+                dhcp::Kept::Renewed(l) => format!(
+                    "imprint: network: DHCP lease on {} renewed ({} s)",
+                    l.address, l.lease_secs
+                ),
+                dhcp::Kept::Replaced(l) => format!(
+                    "imprint: network: the DHCP lease was lost; now {}/{} (downloads resume)",
+                    l.address, l.prefix
+                ),
+                dhcp::Kept::Trouble(e) => format!("imprint: network: renewing the DHCP lease: {e}"),
+            };
+            if let Ok(mut c) = notes.lock() {
+                c.line(&line);
+            }
+        });
+        if let Err(e) = kept {
+            consoles.line(&format!(
+                "imprint: network: cannot keep the DHCP lease ({e}); it may run out during a long install"
+            ));
+        }
+        let mut net = Network {
             base,
             mac,
             local: PathBuf::from(LOCAL),
+            uploads: presigned::Targets::Direct,
+            events: events::Events::off(),
         };
+        // Events go through the same PUT (and path mapping) as the reports, bounded, once.
+        let sink = net.clone();
+        net.events = events::Events::start(
+            &mac_text(&mac, '-'),
+            Box::new(move |rel, body| sink.put_with(rel, body, events::PUT_TIMEOUT, 1).map(|_| ())),
+        );
+        net.events.phase(events::EventPhase::Config);
         net.fetch_config_and_seed(consoles)?;
+        net.uploads = presigned::Targets::load(|rel| net.fetch(rel), &net.machine(), consoles)?;
         Ok(net)
     }
 
     /// The local folder laid out like the stick's ESP (`imprint/config.json`, `imprint/seed/`).
     pub fn path(&self) -> &Path {
         &self.local
+    }
+
+    /// This run's progress events.
+    pub fn events(&self) -> &events::Events {
+        &self.events
     }
 
     /// The server's base URL, as it may be shown.
@@ -193,6 +240,11 @@ impl Network {
             .with_context(|| format!("opening the image {}", remote::redact_url(&url)))
     }
 
+    /// This machine's folder name under `reports/` (the booting NIC's MAC, `aa-bb-…`).
+    fn machine(&self) -> String {
+        mac_text(&self.mac, '-')
+    }
+
     /// `reports/<machine>/<install-id>.json` for `rep`: the machine is the booting NIC's MAC.
     pub fn report_path(&self, rep: &Report) -> String {
         format!(
@@ -215,18 +267,25 @@ impl Network {
         Ok(shown)
     }
 
-    /// PUTs `body` to `rel` under the base URL, retrying server errors.
+    /// PUTs `body` to `rel` under the base URL (or through its presigned URL), retrying
+    /// server errors.
     fn put(&self, rel: &str, body: &[u8]) -> Result<String> {
-        let url = format!("{}/{rel}", self.base);
+        self.put_with(rel, body, Duration::from_secs(30), 4)
+    }
+
+    /// PUTs `body` to `rel` under the base URL: `attempts` tries (server errors and transport
+    /// errors are retried), each bounded by `timeout`.
+    fn put_with(&self, rel: &str, body: &[u8], timeout: Duration, attempts: u32) -> Result<String> {
+        let url = self.uploads.url(&self.base, rel, &self.machine())?;
         let shown = remote::redact_url(&url);
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(30)))
+            .timeout_global(Some(timeout))
             .user_agent(concat!("imprint/", env!("CARGO_PKG_VERSION")))
             .build()
             .into();
         let mut last = String::new();
-        for attempt in 0..4u32 {
+        for attempt in 0..attempts {
             if attempt > 0 {
                 std::thread::sleep(Duration::from_secs(1 << attempt));
             }
@@ -240,8 +299,15 @@ impl Network {
                     last = format!("HTTP {}", r.status().as_u16());
                 }
                 Ok(r) => bail!(
-                    "{shown}: the server answered HTTP {} to the report PUT (does it allow PUT under reports/?)",
-                    r.status().as_u16()
+                    "{shown}: the server answered HTTP {} to the report PUT ({})",
+                    r.status().as_u16(),
+                    match self.uploads {
+                        presigned::Targets::Presigned(ref up) => format!(
+                            "a presigned URL, valid until {}: expired, or the clock is off?",
+                            up.expires
+                        ),
+                        _ => "does it allow PUT under reports/?".to_string(),
+                    }
                 ),
                 Err(e) => last = e.to_string(),
             }
@@ -385,6 +451,8 @@ mod tests {
             base,
             mac: [0x52, 0x54, 0, 0xab, 0xcd, 0x01],
             local: local.to_path_buf(),
+            uploads: presigned::Targets::Direct,
+            events: events::Events::off(),
         }
     }
 

@@ -453,7 +453,7 @@ mod tests {
 
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig {
-            cases: 512,
+            cases: imprint_core::test_util::proptest_cases(512),
             ..proptest::prelude::ProptestConfig::default()
         })]
 
