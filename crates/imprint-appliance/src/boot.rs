@@ -2,9 +2,9 @@
 //!
 //! [`init`] mounts the API filesystems, reads the kernel command line, loads the kernel modules
 //! the hardware asks for (coldplug: every device's `modalias` matched against `modules.alias`,
-//! with dependencies and soft dependencies in order, repeated while new devices appear, as udev
-//! would; see [`crate::modules`]) and waits, bounded, until the block devices settle and the
-//! stick's ESP ([`crate::esp`]) appeared.
+//! with dependencies and soft dependencies in order, and again for every device that appears
+//! later, as udev would; see [`crate::modules`] and [`crate::uevent`]) and waits, bounded,
+//! until the block devices settle and the stick's ESP ([`crate::esp`]) appeared.
 //!
 //! The pieces that decide something ([`Cmdline`], the module index, the ESP search) take their
 //! roots (`/proc`, `/sys`, `/dev`, the module directory, in [`Roots`]) as parameters, so the unit
@@ -17,15 +17,18 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use imprint_core::report::Coldplug;
 use imprint_core::stick::CMDLINE_ESP_PARAM;
 use nix::mount::{mount, MsFlags};
 
 use crate::console::{error_chain, Consoles};
 use crate::esp::{find_esp, EspPartition};
 use crate::modules::{
-    modaliases, module_params, InsertModule, KernelInsert, ModuleIndex, ModuleLoader, ALWAYS_LOAD,
+    modaliases, module_params, InsertModule, KernelInsert, ModuleIndex, ModuleLoader, Progress,
+    ALWAYS_LOAD,
 };
 use crate::settle;
+use crate::uevent::Uevents;
 
 /// How long [`init`] waits at most for devices (the USB stick enumerates last) to appear.
 pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -117,6 +120,8 @@ pub struct BootEnv {
     pub kernel_uptime: Option<Duration>,
     /// From PID 1's start to the last module inserted.
     pub modules_done: Duration,
+    /// Where the wait for devices went.
+    pub coldplug: Coldplug,
     /// Time from PID 1 start to the end of [`init`].
     pub elapsed: Duration,
 }
@@ -151,7 +156,7 @@ pub fn init(
         "imprint: kernel {kernel_release}, loading drivers"
     ));
 
-    let mut loader = match ModuleIndex::load(&roots.modules) {
+    let loader = match ModuleIndex::load(&roots.modules) {
         Ok(index) => Some(ModuleLoader::new(
             index,
             module_params(&cmdline),
@@ -163,22 +168,56 @@ pub fn init(
         }
     };
     let esp_partuuid = cmdline.get(CMDLINE_ESP_PARAM).map(str::to_owned);
-    let settled = coldplug_and_settle(
-        &roots,
-        loader.as_mut(),
-        esp_partuuid.as_deref(),
-        start,
-        consoles,
-    );
+    // Subscribed before coldplug's first walk, so that no device falls between the two.
+    let uevents = match Uevents::open() {
+        Ok(u) => Some(u),
+        Err(e) => {
+            consoles.log_line(&format!(
+                "imprint: no kernel uevents ({e}): walking /sys/devices on every pass"
+            ));
+            None
+        }
+    };
+    let wait_for_disks = |consoles: &mut Consoles| {
+        coldplug_and_settle(
+            &roots,
+            loader.as_ref(),
+            uevents,
+            esp_partuuid.as_deref(),
+            start,
+            consoles,
+        )
+    };
+    // The loader's run ends when every module queued has finished, also after a timeout.
+    let settled = match &loader {
+        Some(l) => l.run(|| wait_for_disks(consoles)),
+        None => wait_for_disks(consoles),
+    };
     // efivarfs is one of ALWAYS_LOAD, loaded in coldplug's first pass.
     let efivars = mount_efivarfs(&roots.sys, consoles);
-    let (modules_loaded, module_failures) = match loader {
-        Some(l) => (l.loaded_order, l.failures),
-        None => (Vec::new(), Vec::new()),
+    let (modules_loaded, module_failures, last_module) = match &loader {
+        Some(l) => (l.loaded(), l.failures(), l.last_finished()),
+        None => (Vec::new(), Vec::new(), None),
     };
     for (module, reason) in &module_failures {
         consoles.line(&format!("imprint: module {module} not loaded: {reason}"));
     }
+    let c = &settled.coldplug;
+    consoles.log_line(&format!(
+        "imprint: coldplug: {} passes; {} walks of /sys/devices in {:.2}s (longest {:.2}s), \
+         {} uevents; {} disk checks in {:.2}s; last new device {:.2}s, block change {:.2}s, \
+         USB change {:.2}s after PID 1 started",
+        c.passes,
+        c.walks,
+        c.walk_seconds,
+        c.longest_walk_seconds,
+        c.uevents,
+        c.checks,
+        c.check_seconds,
+        c.last_device_at,
+        c.last_block_change_at,
+        c.last_usb_change_at,
+    ));
     Ok(BootEnv {
         cmdline,
         kernel_release,
@@ -191,7 +230,8 @@ pub fn init(
         pending: settled.pending,
         started: start,
         kernel_uptime,
-        modules_done: settled.modules_since_pid1,
+        modules_done: last_module.map_or(Duration::ZERO, |t| t.saturating_duration_since(start)),
+        coldplug: settled.coldplug,
         elapsed: start.elapsed(),
     })
 }
@@ -271,40 +311,49 @@ fn mount_efivarfs(sys: &Path, consoles: &mut Consoles) -> bool {
     }
 }
 
-/// What [`coldplug_and_settle`] found and how long its parts took.
+/// What [`coldplug_and_settle`] found and where its time went.
 struct Settled {
     /// The rule in [`crate::settle`] held (and the stick appeared) before [`SETTLE_TIMEOUT`].
     settled: bool,
     esp: Option<EspPartition>,
-    /// From PID 1's start to the end of the last module insertion.
-    modules_since_pid1: Duration,
     /// Controllers still appearing when the wait ended (empty when settled).
     pending: Vec<String>,
+    coldplug: Coldplug,
 }
 
-/// Loads drivers for every device (repeating while loading drivers makes new devices appear:
-/// xhci first, then the USB disks behind it; each pass's modules load in parallel) and waits
-/// until the stick's ESP (when the command line names it) is there and every storage
-/// controller is done by the rule in [`crate::settle`]: no new device in the last pass, no
-/// controller pending, and the block devices unchanged for [`STABLE`] ([`SETTLE_QUIET`] when a
-/// controller of a kind the rule cannot read is present; USB devices for [`USB_QUIET`]).
+/// Loads drivers for every device as it appears and waits until the stick's ESP (when the
+/// command line names it) is there and every storage controller is done by the rule in
+/// [`crate::settle`]: no module loading and no new device in the last pass, no controller
+/// pending, and the block devices unchanged for [`STABLE`] ([`SETTLE_QUIET`] when a controller
+/// of a kind the rule cannot read is present; USB devices for [`USB_QUIET`]).
+///
+/// Devices are found by one walk of `/sys/devices`, then by the kernel's `uevents`
+/// ([`crate::uevent`], subscribed before; a walk again only if events were lost, on every pass
+/// without them). Their modules are queued to `loader`, whose run loads them in the background: a pass
+/// follows as soon as an insertion finishes (its driver may have made devices appear, as xhci
+/// makes the USB disks appear), or after [`POLL`].
 fn coldplug_and_settle<I: InsertModule>(
     roots: &Roots,
-    mut loader: Option<&mut ModuleLoader<I>>,
+    loader: Option<&ModuleLoader<I>>,
+    mut uevents: Option<Uevents>,
     esp_partuuid: Option<&str>,
     pid1_start: Instant,
     consoles: &mut Consoles,
 ) -> Settled {
     let start = Instant::now();
+    let at = |t: Instant| t.saturating_duration_since(pid1_start).as_secs_f64();
+    let devices = roots.sys.join("devices");
+    let mut stats = Coldplug::default();
+    let mut walk = true;
     let mut seen_aliases = BTreeSet::new();
     let mut seen_blocks = BTreeSet::new();
     let mut seen_usb = BTreeSet::new();
-    let mut last_change = Instant::now();
-    let mut last_usb = Instant::now();
-    let mut modules = Duration::ZERO;
+    let mut last_change = start;
+    let mut last_usb = start;
+    let mut last_device = start;
+    let mut esp = None;
     let mut announced = false;
     let mut last_pending: Vec<String> = Vec::new();
-    let mut first = true;
     // The kernel log says which ATA ports have no link (libata leaves their slots `unknown`).
     let mut kmsg_file = fs::OpenOptions::new()
         .read(true)
@@ -313,45 +362,88 @@ fn coldplug_and_settle<I: InsertModule>(
         .ok();
     let mut kmsg: Vec<String> = Vec::new();
     loop {
-        let aliases = modaliases(&roots.sys.join("devices"));
-        let new: Vec<String> = aliases.difference(&seen_aliases).cloned().collect();
-        if let Some(loader) = loader.as_deref_mut() {
-            let mut wanted: Vec<String> = Vec::new();
-            if first {
+        // Where the insertions stood before this pass looked: only if none was running then
+        // has the pass seen every device they made.
+        let progress = loader.map(ModuleLoader::progress);
+        let mut found = Vec::new();
+        if let Some(u) = uevents.as_mut() {
+            let added = u.read();
+            stats.uevents += u32::try_from(added.events).unwrap_or(u32::MAX);
+            walk |= added.lost;
+            found = added.modaliases;
+        }
+        if walk || uevents.is_none() {
+            let t = Instant::now();
+            found.extend(modaliases(&devices));
+            let took = t.elapsed().as_secs_f64();
+            stats.walks += 1;
+            stats.walk_seconds += took;
+            stats.longest_walk_seconds = stats.longest_walk_seconds.max(took);
+            walk = false;
+        }
+        let new: Vec<String> = found
+            .into_iter()
+            .filter(|a| seen_aliases.insert(a.clone()))
+            .collect();
+        let mut queued = 0;
+        if let Some(loader) = loader {
+            let mut wanted = loader.modules_for_aliases(&new);
+            // After the first walk's drivers: queued first goes first when threads are scarce,
+            // and the disks wait for their controllers' drivers, not for these.
+            if stats.passes == 0 {
                 wanted.extend(ALWAYS_LOAD.iter().map(|m| (*m).to_string()));
             }
-            wanted.extend(loader.modules_for_aliases(&new));
-            if !wanted.is_empty() {
-                loader.load_all(&wanted);
-                modules = pid1_start.elapsed();
-            }
+            queued = loader.queue(&wanted);
         }
-        first = false;
+        stats.passes += 1;
+        let now = Instant::now();
         let blocks: BTreeSet<String> = list_dir(&roots.sys.join("class/block"));
+        if !new.is_empty() {
+            last_device = now;
+        }
         if !new.is_empty() || blocks != seen_blocks {
-            last_change = Instant::now();
+            last_change = now;
+        }
+        if blocks != seen_blocks {
+            stats.last_block_change_at = at(now);
         }
         let usb: BTreeSet<String> = list_dir(&roots.sys.join("bus/usb/devices"));
         if usb != seen_usb {
-            last_usb = Instant::now();
+            last_usb = now;
         }
-        let quiet_pass = new.is_empty();
-        seen_aliases.extend(new);
         seen_blocks = blocks;
         seen_usb = usb;
-        let esp = esp_partuuid.and_then(|uuid| find_esp(&roots.sys, &roots.dev, uuid));
-        let esp_ok = esp_partuuid.is_none() || esp.is_some();
-        let has_driver = |alias: &str| match loader.as_deref() {
-            Some(l) => l.driver_expected(alias),
-            None => false,
-        };
         kmsg.extend(read_kmsg(kmsg_file.as_mut()));
+        let quiet_pass = new.is_empty() && queued == 0 && progress.is_none_or(|p| p.idle);
+        let timed_out = start.elapsed() >= SETTLE_TIMEOUT;
+        if !announced && start.elapsed() >= Duration::from_secs(2) {
+            consoles.line(&format!(
+                "imprint: waiting for disks to settle (up to {}s)",
+                SETTLE_TIMEOUT.as_secs()
+            ));
+            announced = true;
+        }
+        // The disks cannot be done while a driver is loading or a device just appeared, and
+        // checking them is the costly part of a pass: only a quiet pass (or the last) does.
+        if !quiet_pass && !timed_out {
+            wait(loader, progress);
+            continue;
+        }
+        let t = Instant::now();
+        // The stick's partition does not go away once it is there.
+        if esp.is_none() {
+            esp = esp_partuuid.and_then(|uuid| find_esp(&roots.sys, &roots.dev, uuid));
+        }
+        let esp_ok = esp_partuuid.is_none() || esp.is_some();
+        let has_driver = |alias: &str| loader.is_some_and(|l| l.driver_expected(alias));
         let storage = settle::storage(
             &roots.sys,
             &has_driver,
             start.elapsed() >= settle::NVME_EMPTY_GRACE,
             &settle::ata_links_down(kmsg.iter().map(String::as_str)),
         );
+        stats.checks += 1;
+        stats.check_seconds += t.elapsed().as_secs_f64();
         if storage.pending != last_pending {
             for p in &storage.pending {
                 consoles.log_line(&format!(
@@ -366,6 +458,16 @@ fn coldplug_and_settle<I: InsertModule>(
         } else {
             SETTLE_QUIET
         };
+        let done = |settled: bool, esp, pending, mut stats: Coldplug| {
+            stats.last_device_at = at(last_device);
+            stats.last_usb_change_at = at(last_usb);
+            Settled {
+                settled,
+                esp,
+                pending,
+                coldplug: stats,
+            }
+        };
         if esp_ok
             && quiet_pass
             && storage.ready()
@@ -375,14 +477,9 @@ fn coldplug_and_settle<I: InsertModule>(
             for why in storage.unknown.iter().chain(&storage.ignored) {
                 consoles.log_line(&format!("imprint: storage: {why}"));
             }
-            return Settled {
-                settled: true,
-                esp,
-                modules_since_pid1: modules,
-                pending: Vec::new(),
-            };
+            return done(true, esp, Vec::new(), stats);
         }
-        if start.elapsed() >= SETTLE_TIMEOUT {
+        if timed_out {
             if !esp_ok {
                 consoles.line(&format!(
                     "imprint: the stick's partition {} did not appear within {}s",
@@ -396,21 +493,18 @@ fn coldplug_and_settle<I: InsertModule>(
                     SETTLE_TIMEOUT.as_secs()
                 ));
             }
-            return Settled {
-                settled: false,
-                esp,
-                modules_since_pid1: modules,
-                pending: storage.pending,
-            };
+            return done(false, esp, storage.pending, stats);
         }
-        if !announced && start.elapsed() >= Duration::from_secs(2) {
-            consoles.line(&format!(
-                "imprint: waiting for disks to settle (up to {}s)",
-                SETTLE_TIMEOUT.as_secs()
-            ));
-            announced = true;
-        }
-        std::thread::sleep(POLL);
+        wait(loader, progress);
+    }
+}
+
+/// Until the next pass: an insertion finishing after `progress` (its driver may have made
+/// devices appear) or [`POLL`], whichever comes first.
+fn wait<I: InsertModule>(loader: Option<&ModuleLoader<I>>, progress: Option<Progress>) {
+    match (loader, progress) {
+        (Some(l), Some(p)) => l.wait_for_progress(p.finished, POLL),
+        _ => std::thread::sleep(POLL),
     }
 }
 
@@ -509,7 +603,129 @@ impl Cmdline {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
     use super::*;
+    use crate::settle::fake::write;
+
+    /// A kernel for coldplug: inserting `xhci_pci` makes a USB disk's interface appear (as the
+    /// controller's driver enumerates its ports); inserting `ext4` is slow, and only ends
+    /// early once `usb_storage` has started.
+    struct FakeKernel {
+        sys: PathBuf,
+        /// (module, started, finished), in the order insertions finished.
+        log: Mutex<Vec<(String, Instant, Instant)>>,
+        started: Mutex<Vec<String>>,
+    }
+
+    impl InsertModule for &FakeKernel {
+        fn insert(&self, path: &Path, _params: &str) -> io::Result<()> {
+            let name = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().replace('-', "_"))
+                .unwrap_or_default();
+            let start = Instant::now();
+            self.started.lock().unwrap().push(name.clone());
+            match name.as_str() {
+                "xhci_pci" => write(
+                    &self
+                        .sys
+                        .join("devices/pci0000:00/0000:00:02.0/usb1/1-1/1-1:1.0/modalias"),
+                    "usb:v46F4p0001d0000dc00dsc00dp00ic08isc06ip50in00\n",
+                ),
+                "ext4" => {
+                    while start.elapsed() < Duration::from_secs(5)
+                        && !self
+                            .started
+                            .lock()
+                            .unwrap()
+                            .iter()
+                            .any(|m| m == "usb_storage")
+                    {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
+                _ => {}
+            }
+            std::thread::sleep(Duration::from_millis(10));
+            self.log.lock().unwrap().push((name, start, Instant::now()));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn coldplug_loads_what_a_driver_made_appear_without_waiting_for_slow_modules() {
+        let t = tempfile::tempdir().unwrap();
+        let roots = Roots {
+            proc: t.path().join("proc"),
+            sys: t.path().join("sys"),
+            dev: t.path().join("dev"),
+            modules: t.path().join("modules"),
+        };
+        write(
+            &roots.modules.join("modules.dep"),
+            "kernel/usbcore.ko:\n\
+             kernel/xhci-hcd.ko: kernel/usbcore.ko\n\
+             kernel/xhci-pci.ko: kernel/xhci-hcd.ko kernel/usbcore.ko\n\
+             kernel/usb-storage.ko: kernel/usbcore.ko\n\
+             kernel/jbd2.ko:\n\
+             kernel/ext4.ko: kernel/jbd2.ko\n",
+        );
+        write(
+            &roots.modules.join("modules.alias"),
+            "alias pci:v*d*sv*sd*bc0Csc03i30* xhci_pci\n\
+             alias usb:v*p*d*dc*dsc*dp*ic08isc06ip50in* usb_storage\n",
+        );
+        // The USB controller; the disk behind it appears only once its driver is loaded.
+        write(
+            &roots.sys.join("devices/pci0000:00/0000:00:02.0/modalias"),
+            "pci:v00001B36d0000000Dsv00001AF4sd00001100bc0Csc03i30\n",
+        );
+        let kernel = FakeKernel {
+            sys: roots.sys.clone(),
+            log: Mutex::default(),
+            started: Mutex::default(),
+        };
+        let index = ModuleIndex::load(&roots.modules).unwrap();
+        let loader = ModuleLoader::new(index, HashMap::new(), &kernel);
+        let start = Instant::now();
+        let settled = loader.run(|| {
+            coldplug_and_settle(
+                &roots,
+                Some(&loader),
+                None,
+                None,
+                start,
+                &mut Consoles::default(),
+            )
+        });
+        assert!(settled.settled);
+        let log = kernel.log.lock().unwrap().clone();
+        let span = |m: &str| {
+            let (_, s, e) = log.iter().find(|(n, _, _)| n == m).unwrap();
+            (*s, *e)
+        };
+        // usb_storage, found by a later pass, started while ext4 (the first pass) still
+        // loaded; with one batch per pass it would have waited for ext4's 5 s.
+        assert!(span("usb_storage").0 < span("ext4").1, "{log:?}");
+        assert!(span("ext4").1 < start + Duration::from_secs(4), "{log:?}");
+        // Dependencies still come first.
+        assert!(span("usbcore").1 <= span("usb_storage").0);
+        assert!(span("xhci_hcd").1 <= span("xhci_pci").0);
+        assert!(span("jbd2").1 <= span("ext4").0);
+        let loaded = loader.loaded();
+        assert!(loaded.contains(&"usb_storage".to_string()), "{loaded:?}");
+        // Without uevents, every pass walked sysfs; the ALWAYS_LOAD modules this tree lacks
+        // failed, and only those.
+        let c = &settled.coldplug;
+        assert!(c.walks == c.passes && c.passes >= 3, "{c:?}");
+        assert!(c.checks >= 1 && c.last_device_at > 0.0, "{c:?}");
+        assert!(loader
+            .failures()
+            .iter()
+            .all(|(m, _)| ALWAYS_LOAD.contains(&m.as_str()) && m != "ext4"));
+    }
 
     #[test]
     fn cmdline_parses_quotes_and_last_value_wins() {

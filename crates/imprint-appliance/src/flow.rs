@@ -75,6 +75,7 @@ pub fn run(env: &BootEnv, consoles: &mut Consoles) -> ! {
         settled: env.settled,
         seconds: env.elapsed.as_secs_f64(),
         pending: env.pending.clone(),
+        coldplug: Some(env.coldplug.clone()),
     });
     rep.phases = Some(Phases {
         kernel_seconds: env.kernel_uptime.map(|d| d.as_secs_f64()),

@@ -161,6 +161,7 @@ mod tests {
             started: std::time::Instant::now(),
             kernel_uptime: None,
             modules_done: Duration::ZERO,
+            coldplug: Default::default(),
             elapsed: Duration::ZERO,
         }
     }

@@ -31,6 +31,7 @@ mod rootfs;
 mod screen;
 mod settle;
 mod stick;
+mod uevent;
 
 use std::path::Path;
 

@@ -7,7 +7,8 @@ use std::ffi::CString;
 use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Condvar, Mutex, PoisonError};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use nix::kmod::{finit_module, ModuleInitFlags};
 
@@ -280,15 +281,83 @@ impl InsertModule for KernelInsert {
 pub const LOAD_THREADS: usize = 8;
 
 /// Loads modules with their dependencies, each at most once, remembering what failed.
+///
+/// Modules are queued ([`ModuleLoader::queue`]) at any time and inserted by worker threads
+/// while [`ModuleLoader::run`] runs, each as soon as every module it needs has finished: a
+/// module queued late (a USB disk's driver, found once the USB controller's driver made the
+/// disk appear) does not wait for unrelated modules queued before it.
 #[derive(Debug)]
 pub struct ModuleLoader<I> {
     index: ModuleIndex,
     params: HashMap<String, Vec<String>>,
     inserter: I,
+    schedule: Mutex<Schedule>,
+    /// Signalled when a module is queued or becomes ready, an insertion finishes, or a run
+    /// closes.
+    changed: Condvar,
+}
+
+/// Every module queued so far and where each stands: the workers' shared state.
+#[derive(Debug, Default)]
+struct Schedule {
+    /// Every name queued: the modules of `plan` and names that resolved to nothing.
     attempted: HashSet<String>,
+    /// Every module queued, in a valid sequential load order: each queued module's
+    /// [`ModuleIndex::load_order`] appended, each module once. A module waits only for
+    /// modules before it here ([`ModuleIndex::prerequisites`]), so a softdep cycle cannot
+    /// deadlock, and a module queued earlier never waits for one queued later.
+    plan: Vec<String>,
+    /// Per plan item: its prerequisites that have not finished yet.
+    waiting_on: Vec<usize>,
+    /// Per plan item: the later items waiting for it.
+    dependents: Vec<Vec<usize>>,
+    /// Per plan item: its insertion finished (whatever the result).
+    done: Vec<bool>,
+    /// Items whose prerequisites have all finished, not started yet; the earliest goes first.
+    ready: BTreeSet<usize>,
+    running: usize,
+    /// Insertions finished so far.
+    finished: usize,
+    last_finished: Option<Instant>,
+    /// The run is ending: workers leave once everything queued has finished.
+    closed: bool,
     /// Modules inserted (or found already present), in the order their insertion finished.
-    pub loaded_order: Vec<String>,
-    pub failures: Vec<(String, String)>,
+    loaded: Vec<String>,
+    failures: Vec<(String, String)>,
+}
+
+impl Schedule {
+    /// Every module queued has finished. (Nothing ready and nothing running means the same:
+    /// the earliest unfinished module waits for nothing, so it is ready or running.)
+    fn idle(&self) -> bool {
+        self.finished == self.plan.len()
+    }
+
+    fn finish(&mut self, i: usize, result: Result<(), String>) {
+        self.running -= 1;
+        self.done[i] = true;
+        self.finished += 1;
+        self.last_finished = Some(Instant::now());
+        match result {
+            Ok(()) => self.loaded.push(self.plan[i].clone()),
+            Err(why) => self.failures.push((self.plan[i].clone(), why)),
+        }
+        for d in std::mem::take(&mut self.dependents[i]) {
+            self.waiting_on[d] -= 1;
+            if self.waiting_on[d] == 0 {
+                self.ready.insert(d);
+            }
+        }
+    }
+}
+
+/// Where the insertions stand ([`ModuleLoader::progress`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// Insertions finished so far.
+    pub finished: usize,
+    /// Every module queued has finished.
+    pub idle: bool,
 }
 
 impl<I: InsertModule> ModuleLoader<I> {
@@ -297,10 +366,14 @@ impl<I: InsertModule> ModuleLoader<I> {
             index,
             params,
             inserter,
-            attempted: HashSet::new(),
-            loaded_order: Vec::new(),
-            failures: Vec::new(),
+            schedule: Mutex::new(Schedule::default()),
+            changed: Condvar::new(),
         }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Schedule> {
+        // A worker that panicked left the schedule as consistent as any other state.
+        self.schedule.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The module names every modalias in `modaliases` matches, in order, each once.
@@ -320,45 +393,36 @@ impl<I: InsertModule> ModuleLoader<I> {
     }
 
     /// Whether a driver for a device with `modalias` is there or coming: a module claims it
-    /// that is built in, or was not tried yet, or loaded. False when none claims it or every
-    /// one that does failed to load: then the device will not get a driver from us.
+    /// that is built in, or has not failed (not tried yet, queued, loading or loaded). False
+    /// when none claims it or every one that does failed to load: then the device will not
+    /// get a driver from us.
     pub fn driver_expected(&self, modalias: &str) -> bool {
-        self.index.modules_for_alias(modalias).iter().any(|m| {
-            self.index.is_builtin(m) || !self.attempted.contains(m) || self.loaded_order.contains(m)
-        })
+        let s = self.lock();
+        self.index
+            .modules_for_alias(modalias)
+            .iter()
+            .any(|m| self.index.is_builtin(m) || !s.failures.iter().any(|(failed, _)| failed == m))
     }
 
-    /// Loads a module (by name or alias) and what it needs. Returns false if it, or a hard
-    /// dependency of it, could not be loaded.
-    #[cfg(test)]
-    pub fn load(&mut self, name: &str) -> bool {
-        self.load_all(&[name]);
-        let modules = self.index.resolve(name);
-        !modules.is_empty()
-            && modules
-                .iter()
-                .all(|m| self.index.is_builtin(m) || self.loaded_order.contains(m))
-    }
-
-    /// Loads every module in `names` (names or aliases) with what each needs, in parallel on
-    /// [`LOAD_THREADS`] threads: a module is inserted only after every module it needs (hard
-    /// dependencies, soft pre-dependencies) was attempted, a soft post-dependency only after
-    /// its module; modules that do not need each other load at the same time. Returns when
-    /// every insertion has finished.
-    pub fn load_all<S: AsRef<str>>(&mut self, names: &[S]) {
-        // The sequential order (each module's [`ModuleIndex::load_order`], concatenated, each
-        // module once): a valid order by construction. The parallel schedule only keeps the
-        // constraints that agree with it, so a softdep cycle cannot deadlock.
-        let mut plan: Vec<String> = Vec::new();
+    /// Queues every module in `names` (names or aliases) with what each needs, each module
+    /// once over the loader's life, and returns how many modules it queued. They are inserted
+    /// while [`ModuleLoader::run`] runs (at once if it does): a module only after every module
+    /// it needs (hard dependencies, soft pre-dependencies) has finished, a soft
+    /// post-dependency only after its module, whether those were queued now or earlier;
+    /// modules that do not need each other load at the same time. A module whose dependency
+    /// failed is still tried (it then fails itself).
+    pub fn queue<S: AsRef<str>>(&self, names: &[S]) -> usize {
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        let from = s.plan.len();
         for name in names {
             let name = name.as_ref();
             let modules = self.index.resolve(name);
             if modules.is_empty() {
-                if self.attempted.insert(normalize(name)) {
-                    self.failures.push((
-                        normalize(name),
-                        "not in modules.dep or modules.alias".into(),
-                    ));
+                let name = normalize(name);
+                if s.attempted.insert(name.clone()) {
+                    s.failures
+                        .push((name, "not in modules.dep or modules.alias".into()));
                 }
                 continue;
             }
@@ -367,35 +431,141 @@ impl<I: InsertModule> ModuleLoader<I> {
                     continue;
                 }
                 for m in self.index.load_order(&module) {
-                    if !self.attempted.contains(&m) && !plan.contains(&m) {
-                        plan.push(m);
+                    if s.attempted.insert(m.clone()) {
+                        s.plan.push(m);
                     }
                 }
             }
         }
-        self.attempted.extend(plan.iter().cloned());
-        let prereqs = self.index.prerequisites(&plan);
-        let results = run_parallel(&plan, &prereqs, LOAD_THREADS, |module| {
-            let Some(path) = self.index.path(module) else {
-                return Err("not in modules.dep".to_string());
-            };
-            let params = self
-                .params
-                .get(module)
-                .map(|p| p.join(" "))
-                .unwrap_or_default();
-            match self.inserter.insert(&path, &params) {
-                // Already there: loaded earlier by someone else (or built in after all).
-                Err(e) if e.raw_os_error() != Some(nix::libc::EEXIST) => Err(e.to_string()),
-                _ => Ok(()),
+        let prereqs = self.index.prerequisites(&s.plan);
+        for (i, pre) in prereqs.iter().enumerate().skip(from) {
+            let unfinished: Vec<usize> = pre.iter().copied().filter(|&p| !s.done[p]).collect();
+            for &p in &unfinished {
+                s.dependents[p].push(i);
             }
-        });
-        for (i, result) in results {
-            match result {
-                Ok(()) => self.loaded_order.push(plan[i].clone()),
-                Err(why) => self.failures.push((plan[i].clone(), why)),
+            s.waiting_on.push(unfinished.len());
+            s.dependents.push(Vec::new());
+            s.done.push(false);
+            if unfinished.is_empty() {
+                s.ready.insert(i);
             }
         }
+        let queued = s.plan.len() - from;
+        if queued > 0 {
+            self.changed.notify_all();
+        }
+        queued
+    }
+
+    /// Runs `f` while [`LOAD_THREADS`] worker threads insert what is queued, before or during
+    /// `f`; returns `f`'s result once every module queued has finished.
+    pub fn run<R>(&self, f: impl FnOnce() -> R) -> R {
+        self.lock().closed = false;
+        std::thread::scope(|scope| {
+            let workers = (0..LOAD_THREADS)
+                .filter(|_| {
+                    std::thread::Builder::new()
+                        .name("insmod".into())
+                        .spawn_scoped(scope, || self.work())
+                        .is_ok()
+                })
+                .count();
+            let result = {
+                // Closes the run however `f` ends, so that the workers leave and the scope
+                // can join them.
+                let _close = CloseOnDrop(self);
+                f()
+            };
+            if workers == 0 {
+                // No thread could be started: insert everything here, one at a time.
+                self.work();
+            }
+            result
+        })
+    }
+
+    /// Where the insertions stand.
+    pub fn progress(&self) -> Progress {
+        let s = self.lock();
+        Progress {
+            finished: s.finished,
+            idle: s.idle(),
+        }
+    }
+
+    /// Waits until more than `finished` insertions have finished (a [`Progress::finished`]
+    /// seen before), or `timeout` passed.
+    pub fn wait_for_progress(&self, finished: usize, timeout: Duration) {
+        let s = self.lock();
+        let (_s, _timed_out) = self
+            .changed
+            .wait_timeout_while(s, timeout, |s| s.finished <= finished)
+            .unwrap_or_else(PoisonError::into_inner);
+    }
+
+    /// When the last insertion finished.
+    pub fn last_finished(&self) -> Option<Instant> {
+        self.lock().last_finished
+    }
+
+    /// Modules inserted (or found already present), in the order their insertion finished.
+    pub fn loaded(&self) -> Vec<String> {
+        self.lock().loaded.clone()
+    }
+
+    /// Modules that could not be loaded, with why, in the order they failed.
+    pub fn failures(&self) -> Vec<(String, String)> {
+        self.lock().failures.clone()
+    }
+
+    /// A worker: inserts ready modules until the run closes and everything queued finished.
+    fn work(&self) {
+        let mut s = self.lock();
+        loop {
+            if let Some(i) = s.ready.pop_first() {
+                s.running += 1;
+                let module = s.plan[i].clone();
+                drop(s);
+                let result = self.insert(&module);
+                s = self.lock();
+                s.finish(i, result);
+                self.changed.notify_all();
+            } else if s.closed && s.running == 0 {
+                return;
+            } else {
+                s = self.changed.wait(s).unwrap_or_else(PoisonError::into_inner);
+            }
+        }
+    }
+
+    fn insert(&self, module: &str) -> Result<(), String> {
+        let Some(path) = self.index.path(module) else {
+            return Err("not in modules.dep".to_string());
+        };
+        let params = self
+            .params
+            .get(module)
+            .map(|p| p.join(" "))
+            .unwrap_or_default();
+        match self.inserter.insert(&path, &params) {
+            // Already there: loaded earlier by someone else (or built in after all).
+            Err(e) if e.raw_os_error() != Some(nix::libc::EEXIST) => Err(e.to_string()),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Ends a [`ModuleLoader::run`]: the workers leave once everything queued has finished.
+struct CloseOnDrop<'a, I>(&'a ModuleLoader<I>);
+
+impl<I> Drop for CloseOnDrop<'_, I> {
+    fn drop(&mut self) {
+        self.0
+            .schedule
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .closed = true;
+        self.0.changed.notify_all();
     }
 }
 
@@ -441,86 +611,28 @@ impl ModuleIndex {
     }
 }
 
-/// Runs `job` on every item of `items` on up to `threads` threads, item `i` only after every
-/// item in `prereqs[i]` finished (whatever its result). Returns (index, result) in the order
-/// the jobs finished.
-fn run_parallel<T, F>(
-    items: &[String],
-    prereqs: &[Vec<usize>],
-    threads: usize,
-    job: F,
-) -> Vec<(usize, T)>
-where
-    T: Send,
-    F: Fn(&str) -> T + Sync,
-{
-    struct State<T> {
-        waiting_on: Vec<usize>,
-        ready: Vec<usize>,
-        running: usize,
-        finished: Vec<(usize, T)>,
-    }
-    let n = items.len();
-    let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); n];
-    for (i, pre) in prereqs.iter().enumerate() {
-        for &p in pre {
-            dependents[p].push(i);
-        }
-    }
-    let waiting_on: Vec<usize> = prereqs.iter().map(Vec::len).collect();
-    // Reversed so that `pop` hands out the earliest ready item first.
-    let ready: Vec<usize> = (0..n).rev().filter(|&i| waiting_on[i] == 0).collect();
-    let state = Mutex::new(State {
-        waiting_on,
-        ready,
-        running: 0,
-        finished: Vec::with_capacity(n),
-    });
-    let wake = Condvar::new();
-    let worker = || loop {
-        let mut s = state.lock().unwrap_or_else(PoisonError::into_inner);
-        let i = loop {
-            if let Some(i) = s.ready.pop() {
-                break i;
-            }
-            // Nothing ready and nothing running: every item is done (the edges only point
-            // backwards in `items`, so nothing can be stuck waiting).
-            if s.running == 0 {
-                wake.notify_all();
-                return;
-            }
-            s = wake.wait(s).unwrap_or_else(PoisonError::into_inner);
-        };
-        s.running += 1;
-        drop(s);
-        let result = job(&items[i]);
-        let mut s = state.lock().unwrap_or_else(PoisonError::into_inner);
-        s.running -= 1;
-        s.finished.push((i, result));
-        for &d in &dependents[i] {
-            s.waiting_on[d] -= 1;
-            if s.waiting_on[d] == 0 {
-                s.ready.push(d);
-            }
-        }
-        wake.notify_all();
-    };
-    std::thread::scope(|scope| {
-        for _ in 1..threads.clamp(1, n.max(1)) {
-            scope.spawn(worker);
-        }
-        worker();
-    });
-    state
-        .into_inner()
-        .unwrap_or_else(PoisonError::into_inner)
-        .finished
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// Queues `names` and runs the loader until every module queued has finished.
+    fn load_all<I: InsertModule, S: AsRef<str>>(loader: &ModuleLoader<I>, names: &[S]) {
+        loader.queue(names);
+        loader.run(|| ());
+    }
+
+    /// Loads a module (by name or alias) and what it needs; false if it, or a hard dependency
+    /// of it, could not be loaded.
+    fn load<I: InsertModule>(loader: &ModuleLoader<I>, name: &str) -> bool {
+        load_all(loader, &[name]);
+        let modules = loader.index.resolve(name);
+        let loaded = loader.loaded();
+        !modules.is_empty()
+            && modules
+                .iter()
+                .all(|m| loader.index.is_builtin(m) || loaded.contains(m))
+    }
 
     fn write(path: &Path, text: &str) {
         fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -588,6 +700,8 @@ mod tests {
         rendezvous: Option<(&'static str, &'static str)>,
         started: Mutex<Vec<String>>,
         met: std::sync::atomic::AtomicBool,
+        /// Inserting this module takes this long (a slow controller's driver).
+        hold: Option<(&'static str, Duration)>,
     }
 
     impl Recorder {
@@ -630,6 +744,11 @@ mod tests {
             }
             // Long enough that a loader ignoring dependencies would be caught overlapping.
             std::thread::sleep(std::time::Duration::from_millis(10));
+            if let Some((slow, time)) = self.hold {
+                if name == slow {
+                    std::thread::sleep(time);
+                }
+            }
             if self.refuse.contains(&name.as_str()) {
                 return Err(io::Error::from_raw_os_error(nix::libc::ENODEV));
             }
@@ -679,19 +798,19 @@ mod tests {
             "quiet usb-storage.quirks=0bc2:3312:u imprint.esp=x",
         ));
         {
-            let mut loader = ModuleLoader::new(index.clone(), params, &rec);
+            let loader = ModuleLoader::new(index.clone(), params, &rec);
             let mods = loader.modules_for_aliases(&[
                 "pci:v00001B36d0000000Dsv00001AF4sd00001100bc0Csc03i30".to_string(),
                 "usb:v46F4p0001d0000dc00dsc00dp00ic08isc06ip50in00".to_string(),
             ]);
             assert_eq!(mods, ["xhci_pci", "usb_storage"]);
-            loader.load_all(&mods);
-            assert!(loader.load("ext4"));
-            assert!(loader.load("atkbd"));
-            assert!(!loader.load("no_such_module"));
-            assert!(loader.load("usb_storage"));
+            load_all(&loader, &mods);
+            assert!(load(&loader, "ext4"));
+            assert!(load(&loader, "atkbd"));
+            assert!(!load(&loader, "no_such_module"));
+            assert!(load(&loader, "usb_storage"));
             assert_eq!(
-                loader.failures,
+                loader.failures(),
                 [
                     (
                         "crc32c_intel".to_string(),
@@ -735,9 +854,12 @@ mod tests {
             rendezvous: Some(("jbd2", "usbcore")),
             ..Default::default()
         };
-        let mut loader = ModuleLoader::new(index.clone(), HashMap::new(), &rec);
-        loader.load_all(&["nvme", "ext4", "usb_storage", "xhci_pci", "sd_mod"]);
-        assert!(loader.failures.is_empty(), "{:?}", loader.failures);
+        let loader = ModuleLoader::new(index.clone(), HashMap::new(), &rec);
+        load_all(
+            &loader,
+            &["nvme", "ext4", "usb_storage", "xhci_pci", "sd_mod"],
+        );
+        assert!(loader.failures().is_empty(), "{:?}", loader.failures());
         assert!(
             rec.met.load(std::sync::atomic::Ordering::SeqCst),
             "jbd2 and usbcore never loaded at the same time"
@@ -752,7 +874,111 @@ mod tests {
         assert!(before("crc32c_generic", "ext4") && before("crc32c_intel", "ext4"));
         assert!(before("nvme_core", "nvme") && before("t10_pi", "nvme_core"));
         assert!(before("usbcore", "xhci_hcd") && before("xhci_hcd", "xhci_pci"));
-        assert_eq!(loader.loaded_order.len(), 16);
+        assert_eq!(loader.loaded().len(), 16);
+    }
+
+    /// Waits (at most 5 s) until `module` has finished loading, as coldplug waits for
+    /// progress between passes.
+    fn wait_until_loaded<I: InsertModule>(loader: &ModuleLoader<I>, module: &str) {
+        let t = Instant::now();
+        while !loader.loaded().iter().any(|m| m == module) && t.elapsed() < Duration::from_secs(5) {
+            let p = loader.progress();
+            loader.wait_for_progress(p.finished, Duration::from_millis(50));
+        }
+    }
+
+    #[test]
+    fn a_module_queued_later_starts_while_an_earlier_one_is_still_loading() {
+        // Coldplug's case: ext4 (the first pass) loads slowly; usb_storage is found only once
+        // xhci_pci has loaded and the USB disk appeared. It must not wait for ext4: ext4's
+        // insertion waits until usb_storage has started, which only then happens.
+        let dir = fake_modules();
+        let index = ModuleIndex::load(dir.path()).unwrap();
+        let rec = Recorder {
+            rendezvous: Some(("ext4", "usb_storage")),
+            ..Default::default()
+        };
+        let loader = ModuleLoader::new(index.clone(), HashMap::new(), &rec);
+        assert_eq!(loader.queue(&["ext4", "xhci_pci"]), 7);
+        loader.run(|| {
+            wait_until_loaded(&loader, "xhci_pci");
+            assert!(!loader.progress().idle, "ext4 should still be loading");
+            assert_eq!(loader.queue(&["usb_storage", "xhci_pci"]), 1);
+        });
+        assert!(
+            rec.met.load(std::sync::atomic::Ordering::SeqCst),
+            "usb_storage waited for ext4"
+        );
+        assert!(rec.span("usb_storage").0 < rec.span("ext4").1);
+        assert_deps_finished_first(&index, &rec);
+        assert!(loader.progress().idle && loader.failures().is_empty());
+        assert_eq!(loader.loaded().len(), 8);
+    }
+
+    #[test]
+    fn a_module_queued_later_waits_for_its_dependency_still_loading() {
+        // usbcore (queued with xhci_pci) is slow; usb_storage, queued while it loads, needs it.
+        let dir = fake_modules();
+        let index = ModuleIndex::load(dir.path()).unwrap();
+        let rec = Recorder {
+            hold: Some(("usbcore", Duration::from_millis(300))),
+            ..Default::default()
+        };
+        let loader = ModuleLoader::new(index.clone(), HashMap::new(), &rec);
+        loader.queue(&["xhci_pci"]);
+        loader.run(|| {
+            let t = Instant::now();
+            while !rec.started.lock().unwrap().iter().any(|m| m == "usbcore")
+                && t.elapsed() < Duration::from_secs(5)
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            assert_eq!(loader.queue(&["usb_storage"]), 1);
+        });
+        assert!(rec.span("usbcore").1 < rec.span("usb_storage").0);
+        assert_deps_finished_first(&index, &rec);
+        assert_eq!(rec.names().len(), 4);
+    }
+
+    #[test]
+    fn a_soft_post_dependency_loads_after_its_module() {
+        // a post: p — queuing a brings p along, to start once a has finished.
+        let dir = fake_modules();
+        fs::write(
+            dir.path().join("modules.dep"),
+            "kernel/a.ko:\nkernel/p.ko:\n",
+        )
+        .unwrap();
+        fs::write(dir.path().join("modules.softdep"), "softdep a post: p\n").unwrap();
+        let index = ModuleIndex::load(dir.path()).unwrap();
+        let rec = Recorder {
+            hold: Some(("a", Duration::from_millis(100))),
+            ..Default::default()
+        };
+        let loader = ModuleLoader::new(index, HashMap::new(), &rec);
+        assert_eq!(loader.queue(&["a"]), 2);
+        loader.run(|| assert_eq!(loader.queue(&["p"]), 0));
+        assert_eq!(rec.names(), ["a", "p"]);
+        assert!(rec.span("a").1 < rec.span("p").0);
+    }
+
+    #[test]
+    fn driver_expected_until_every_claiming_module_failed() {
+        let dir = fake_modules();
+        let index = ModuleIndex::load(dir.path()).unwrap();
+        let rec = Recorder {
+            refuse: vec!["xhci_pci"],
+            ..Default::default()
+        };
+        let loader = ModuleLoader::new(index, HashMap::new(), &rec);
+        let xhci = "pci:v00001B36d0000000Dsv00001AF4sd00001100bc0Csc03i30";
+        // Not tried yet, then queued: coming.
+        assert!(loader.driver_expected(xhci));
+        loader.queue(&["xhci_pci"]);
+        assert!(loader.driver_expected(xhci));
+        loader.run(|| ());
+        assert!(!loader.driver_expected(xhci));
+        assert!(!loader.driver_expected("pci:v00008086bcFF"));
     }
 
     #[test]
@@ -774,8 +1000,8 @@ mod tests {
         assert_eq!(plan, ["b", "a"]);
         assert_eq!(index.prerequisites(&plan), [vec![], vec![0]]);
         let rec = Recorder::default();
-        let mut loader = ModuleLoader::new(index, HashMap::new(), &rec);
-        assert!(loader.load("a"));
+        let loader = ModuleLoader::new(index, HashMap::new(), &rec);
+        assert!(load(&loader, "a"));
         assert_eq!(rec.names(), ["b", "a"]);
     }
 

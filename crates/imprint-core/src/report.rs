@@ -57,6 +57,34 @@ pub struct BootInfo {
     /// Storage controllers still appearing when early boot stopped waiting (only when it
     /// gave up: `settled` is false).
     pub pending: Vec<String>,
+    /// Where early boot's wait for devices went (reports before it existed lack it).
+    pub coldplug: Option<Coldplug>,
+}
+
+/// How early boot's coldplug and settle loop spent its time (docs/live-image.md, "Early
+/// boot"). Instants are seconds after PID 1's start.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Coldplug {
+    /// Passes of the loop: new devices looked for, their modules queued, the disks checked.
+    pub passes: u32,
+    /// Full walks of `/sys/devices` for `modalias` files: the first pass's, then only when
+    /// kernel uevents were lost or cannot be read.
+    pub walks: u32,
+    /// Their total time, and the longest one's.
+    pub walk_seconds: f64,
+    pub longest_walk_seconds: f64,
+    /// Kernel uevents read (the devices that appeared after the first walk).
+    pub uevents: u32,
+    /// Checks of the disks (storage controllers, the stick's ESP) and their total time; run
+    /// only in passes where no module was loading and no device appeared.
+    pub checks: u32,
+    pub check_seconds: f64,
+    /// The last new device (`modalias`), the last change of the block devices and of the USB
+    /// devices: the settle rule waits for quiet after each.
+    pub last_device_at: f64,
+    pub last_block_change_at: f64,
+    pub last_usb_change_at: f64,
 }
 
 /// Where the time from power-on to the first byte on the target went, in seconds, each phase

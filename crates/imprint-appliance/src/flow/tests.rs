@@ -151,6 +151,7 @@ impl Machine {
             started: std::time::Instant::now(),
             kernel_uptime: None,
             modules_done: Duration::ZERO,
+            coldplug: Default::default(),
             elapsed: Duration::ZERO,
         }
     }
