@@ -64,13 +64,15 @@ pub enum NetbootCommand {
     /// written whole into --reports). Shows one row per machine — MAC, hostname, phase,
     /// progress, rate, result — from the progress events and reports machines send; off a
     /// terminal one line per event on standard output (--json: one JSON object per line).
-    /// Needs root (dnsmasq's DHCP ports). Ctrl-C or SIGTERM stops it. See docs/netboot.md.
+    /// Every other request is logged on standard error (client, method, path, range, status,
+    /// length; --json: on standard output). Needs root (dnsmasq's DHCP ports). Ctrl-C or
+    /// SIGTERM stops it. See docs/netboot.md.
     Serve(serve::ServeArgs),
 }
 
-/// Arguments of `imprint netboot render` (`serve` fills them in for its own tree).
-#[derive(Debug, clap::Args)]
-pub struct RenderArgs {
+/// What a tree is made of: the same for `render` and `serve`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TreeInputs {
     /// The imprint image (.img.zst) machines install.
     #[arg(long)]
     pub image: PathBuf,
@@ -84,6 +86,13 @@ pub struct RenderArgs {
     /// (image-build/build fetches it from Debian 13).
     #[arg(long, value_name = "DIR")]
     pub boot: Option<PathBuf>,
+}
+
+/// Arguments of `imprint netboot render` (`serve` fills them in for its own tree).
+#[derive(Debug, clap::Args)]
+pub struct RenderArgs {
+    #[command(flatten)]
+    pub inputs: TreeInputs,
     /// Where the tree will be served: http://HOST[:PORT]/ — the server's root (plain HTTP:
     /// GRUB and the appliance have no TLS; a sub-path is refused, shim mishandles it).
     #[arg(long)]
@@ -103,7 +112,7 @@ pub struct RenderArgs {
 pub fn run(cmd: NetbootCommand) -> Result<()> {
     match cmd {
         NetbootCommand::Render(args) => {
-            let boot = crate::bootfiles::locate(args.boot.clone())?;
+            let boot = crate::bootfiles::locate(args.inputs.boot.clone())?;
             render(&args, &boot)
         }
         NetbootCommand::Serve(args) => serve::serve(&args),
@@ -293,11 +302,11 @@ pub fn render(args: &RenderArgs, boot: &Path) -> Result<()> {
     }
 
     // Inputs, checked as `imprint build` checks them.
-    let (config, require_signature) = crate::stick::config_bytes(args.config.as_deref())?;
-    seed::check_seed_dir_for_build(&args.seed)?;
+    let (config, require_signature) = crate::stick::config_bytes(args.inputs.config.as_deref())?;
+    seed::check_seed_dir_for_build(&args.inputs.seed)?;
     let mut seed_files = Vec::new();
     for name in [USER_DATA, META_DATA, NETWORK_CONFIG] {
-        let path = args.seed.join(name);
+        let path = args.inputs.seed.join(name);
         if path.symlink_metadata().is_ok() {
             let data = imprint_core::input::read_bounded_no_symlink(
                 &path,
@@ -314,10 +323,10 @@ pub fn render(args: &RenderArgs, boot: &Path) -> Result<()> {
     } else {
         None
     };
-    let image = Image::open(&args.image)?;
+    let image = Image::open(&args.inputs.image)?;
     if require_signature && image.signature().is_none() {
         return Err(imprint_core::signature::SignatureError::Unsigned {
-            path: args.image.clone(),
+            path: args.inputs.image.clone(),
         }
         .into());
     }
@@ -384,7 +393,7 @@ pub fn render(args: &RenderArgs, boot: &Path) -> Result<()> {
     }
     fs::create_dir_all(dir.join("seed")).context("creating seed/")?;
     fs::create_dir_all(dir.join("reports")).context("creating reports/")?;
-    copy(&args.image, IMAGE_NAME)?;
+    copy(&args.inputs.image, IMAGE_NAME)?;
     for (rel, data) in presigned.iter().flat_map(|p| &p.files) {
         write(rel, data)?;
     }

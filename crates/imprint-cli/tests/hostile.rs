@@ -10,29 +10,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{imprint, run, sha, stderr, stdout};
+use common::{imprint, noise, require_root, run, sha, stderr, stdout, Loop};
 
 const MIB: usize = 1 << 20;
-
-fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "the loop-device tests need root (run scripts/test as root, as CI does)"
-    );
-}
-
-/// Deterministic pseudo-random bytes.
-fn noise(len: usize, seed: u32) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
-}
 
 /// A 4 MiB raw disk image (no partition table) and its prepared `.img.zst`.
 fn image(dir: &Path, seed: u32) -> (PathBuf, PathBuf) {
@@ -47,27 +27,6 @@ fn image(dir: &Path, seed: u32) -> (PathBuf, PathBuf) {
         .args(["--level", "1"]));
     assert!(o.status.success(), "prepare: {}", stderr(&o));
     (raw, img)
-}
-
-/// A loop device over a file, detached on drop.
-struct Loop {
-    dev: PathBuf,
-}
-
-impl Loop {
-    fn new(file: &Path) -> Loop {
-        let out = run(Command::new("losetup").args(["--find", "--show"]).arg(file));
-        assert!(out.status.success(), "losetup: {}", stderr(&out));
-        Loop {
-            dev: PathBuf::from(stdout(&out).trim()),
-        }
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
-    }
 }
 
 /// Unmounts on drop.

@@ -7,9 +7,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 mod common;
-use common::{imprint, run, sha, stderr};
+use common::{imprint, noise, require_root, run, sha, stderr, Loop};
 
 const MIB: u64 = 1 << 20;
+
+/// A direct-I/O loop device with `sector_size`-byte sectors over `file`.
+fn direct_loop(file: &Path, sector_size: u32) -> Loop {
+    Loop::with(
+        file,
+        &["--direct-io=on", "--sector-size", &sector_size.to_string()],
+    )
+}
 
 fn check(cmd: &mut Command) {
     let out = run(cmd);
@@ -20,54 +28,6 @@ fn check(cmd: &mut Command) {
     );
 }
 
-fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "the loop-device tests need root (run scripts/test as root, as CI does)"
-    );
-}
-
-/// A loop device over a file, detached on drop.
-struct Loop {
-    dev: PathBuf,
-}
-
-impl Loop {
-    fn new(file: &Path, sector_size: u32) -> Loop {
-        let out = run(Command::new("losetup")
-            .args(["--find", "--show", "--direct-io=on", "--sector-size"])
-            .arg(sector_size.to_string())
-            .arg(file));
-        assert!(
-            out.status.success(),
-            "losetup: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Loop {
-            dev: PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()),
-        }
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
-    }
-}
-
-/// Deterministic pseudo-random bytes.
-fn noise(len: usize, seed: u32) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
-}
-
 /// A real GPT disk image: an ESP and a data partition made by sgdisk, data in a few places,
 /// long zero runs in between.
 fn make_raw(dir: &Path, size: u64, ss: u32) -> PathBuf {
@@ -76,7 +36,7 @@ fn make_raw(dir: &Path, size: u64, ss: u32) -> PathBuf {
     f.set_len(size).unwrap();
     drop(f);
     // sgdisk has no sector-size switch for files; a loop device with that sector size does it.
-    let lo = Loop::new(&raw, ss);
+    let lo = direct_loop(&raw, ss);
     check(
         Command::new("sgdisk")
             .args([
@@ -139,7 +99,7 @@ fn round_trip_moves_backup_gpt_and_verifies() {
     let img = prepare(&raw);
     let disk = t.path().join("disk");
     fill(&disk, 100 * MIB, 0xAA);
-    let lo = Loop::new(&disk, 512);
+    let lo = direct_loop(&disk, 512);
     let o = write(&img, &lo.dev);
     assert!(o.status.success(), "{}", stderr(&o));
     let o = run(imprint().arg("verify").arg(&img).arg(&lo.dev));
@@ -177,7 +137,7 @@ fn corrupt_payload_leaves_no_partition_table() {
     std::fs::write(&img, &bytes).unwrap();
     let disk = t.path().join("disk");
     fill(&disk, 80 * MIB, 0xAA);
-    let lo = Loop::new(&disk, 512);
+    let lo = direct_loop(&disk, 512);
     let o = write(&img, &lo.dev);
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
     let msg = stderr(&o);
@@ -197,7 +157,7 @@ fn truncated_image_is_refused_before_writing() {
     let disk = t.path().join("disk");
     fill(&disk, 80 * MIB, 0xAA);
     let before = sha(&disk);
-    let lo = Loop::new(&disk, 512);
+    let lo = direct_loop(&disk, 512);
     let o = write(&img, &lo.dev);
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
     assert!(stderr(&o).contains("truncated"), "{}", stderr(&o));
@@ -214,7 +174,7 @@ fn too_small_target_is_refused_untouched() {
     let disk = t.path().join("disk");
     fill(&disk, 48 * MIB, 0x55);
     let before = sha(&disk);
-    let lo = Loop::new(&disk, 512);
+    let lo = direct_loop(&disk, 512);
     let o = write(&img, &lo.dev);
     assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
     assert!(stderr(&o).contains("too small"), "{}", stderr(&o));
@@ -230,7 +190,7 @@ fn mounted_target_is_refused_untouched() {
     let img = prepare(&raw);
     let disk = t.path().join("disk");
     fill(&disk, 80 * MIB, 0);
-    let lo = Loop::new(&disk, 512);
+    let lo = direct_loop(&disk, 512);
     check(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&lo.dev));
     let mnt = t.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
@@ -252,7 +212,7 @@ fn sector_size_mismatch_is_refused_and_matching_4k_image_installs() {
     let disk = t.path().join("disk4k");
     fill(&disk, 96 * MIB, 0x33);
     let before = sha(&disk);
-    let lo = Loop::new(&disk, 4096);
+    let lo = direct_loop(&disk, 4096);
     let o = write(&img512, &lo.dev);
     assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
     assert!(
@@ -268,14 +228,14 @@ fn sector_size_mismatch_is_refused_and_matching_4k_image_installs() {
     let o = run(imprint().args(["inspect", "--json"]).arg(&img4k));
     let m: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(m["sector_size"], 4096);
-    let lo = Loop::new(&disk, 4096);
+    let lo = direct_loop(&disk, 4096);
     let o = write(&img4k, &lo.dev);
     assert!(o.status.success(), "{}", stderr(&o));
     check(Command::new("sgdisk").arg("-v").arg(&lo.dev));
     let on_disk = gpt_as_sgdisk_reads_it(&lo.dev);
     drop(lo);
     // The partition table read back off the 4Kn disk is the image's, read the same way.
-    let src = Loop::new(&raw4k, 4096);
+    let src = direct_loop(&raw4k, 4096);
     let in_image = gpt_as_sgdisk_reads_it(&src.dev);
     drop(src);
     assert!(
@@ -348,7 +308,7 @@ fn zero_runs_read_back_as_zeros_over_old_data() {
     let img = prepare(&raw);
     let disk = t.path().join("disk");
     fill(&disk, 64 * MIB, 0xFF);
-    let lo = Loop::new(&disk, 512);
+    let lo = direct_loop(&disk, 512);
     let o = run(imprint()
         .arg("write")
         .arg(&img)
@@ -378,13 +338,13 @@ fn verify_names_the_damaged_chunk() {
     let img = prepare(&raw);
     let disk = t.path().join("disk");
     fill(&disk, 64 * MIB, 0);
-    let lo = Loop::new(&disk, 512);
+    let lo = direct_loop(&disk, 512);
     assert!(write(&img, &lo.dev).status.success());
     drop(lo);
     let mut bytes = std::fs::read(&disk).unwrap();
     bytes[(20 * MIB + 100) as usize] ^= 1;
     std::fs::write(&disk, &bytes).unwrap();
-    let lo = Loop::new(&disk, 512);
+    let lo = direct_loop(&disk, 512);
     let o = run(imprint().arg("verify").arg(&img).arg(&lo.dev));
     // 6: the disk does not hold the image (not an I/O failure).
     assert_eq!(o.status.code(), Some(6), "{}", stderr(&o));
@@ -404,7 +364,7 @@ fn refuses_without_confirmation_off_a_terminal() {
     let disk = t.path().join("disk");
     fill(&disk, 64 * MIB, 0x11);
     let before = sha(&disk);
-    let lo = Loop::new(&disk, 512);
+    let lo = direct_loop(&disk, 512);
     let o = run(imprint()
         .arg("write")
         .arg(&img)
@@ -449,7 +409,7 @@ fn flash_writes_a_verified_stick_and_refuses_non_usb_without_force() {
     let disk = t.path().join("stick");
     fill(&disk, 256 * MIB, 0x77);
     let before = sha(&disk);
-    let lo = Loop::new(&disk, 512);
+    let lo = direct_loop(&disk, 512);
     // A loop device is not a USB disk: refused untouched without --force.
     let o = run(imprint()
         .args(["flash", "--yes", "--image"])
@@ -484,7 +444,7 @@ fn flash_writes_a_verified_stick_and_refuses_non_usb_without_force() {
     drop(lo);
     assert_eq!(sha(&disk), before);
 
-    let lo = Loop::new(&disk, 512);
+    let lo = direct_loop(&disk, 512);
     let o = run(imprint()
         .args(["flash", "--yes", "--force", "--json", "--image"])
         .arg(&img)

@@ -1,7 +1,8 @@
 //! Integration tests for `imprint netboot render` through the real binary: the tree is served by
-//! a real nginx (WebDAV PUT under reports/) and every file is fetched back over HTTP with
-//! `Range`, byte for byte; the generated dnsmasq.conf is checked by the real dnsmasq
-//! (`dnsmasq --test`). Needs Debian's `nginx-light` and `dnsmasq-base` (scripts/deps).
+//! a real nginx (WebDAV PUT under reports/) and by a real caddy (docs/netboot.md's Caddyfile),
+//! and every file is fetched back over HTTP with `Range`, byte for byte; the generated
+//! dnsmasq.conf is checked by the real dnsmasq (`dnsmasq --test`). Needs Debian's `nginx-light`,
+//! `caddy` and `dnsmasq-base` (scripts/deps).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -23,14 +24,37 @@ fn seed(dir: &Path) -> PathBuf {
     s
 }
 
-/// Real nginx serving `root` on 127.0.0.1:`port`, PUT allowed under /reports/.
-struct Nginx {
+/// A real web server (a child with its own config folder), killed on drop.
+struct Server {
     child: Child,
     _dir: tempfile::TempDir,
 }
 
-impl Nginx {
-    fn start(root: &Path, port: u16) -> Nginx {
+impl Server {
+    /// Runs `cmd` (whose config lives in `dir`) and waits until 127.0.0.1:`port` answers.
+    fn run(mut cmd: Command, dir: tempfile::TempDir, port: u16, package: &str) -> Server {
+        let name = cmd.get_program().to_string_lossy().into_owned();
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("{name}: {e}; is it installed? run scripts/deps (Debian package {package})")
+            });
+        let t = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(child.try_wait().unwrap().is_none(), "{name} exited");
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "{name} not listening"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Server { child, _dir: dir }
+    }
+
+    /// Real nginx serving `root` on 127.0.0.1:`port`, PUT allowed under /reports/.
+    fn nginx(root: &Path, port: u16) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().display();
         let conf = dir.path().join("nginx.conf");
@@ -47,26 +71,41 @@ impl Nginx {
             ),
         )
         .unwrap();
-        let mut child = Command::new("nginx")
-            .arg("-c")
+        let mut cmd = Command::new("nginx");
+        cmd.arg("-c").arg(&conf).arg("-p").arg(dir.path());
+        Server::run(cmd, dir, port, "nginx-light")
+    }
+
+    /// Real caddy serving `root` on `port` with the Caddyfile docs/netboot.md gives (its site
+    /// block as printed there; the admin endpoint off so tests can run side by side).
+    fn caddy(root: &Path, port: u16) -> Server {
+        let doc = fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../docs/netboot.md"
+        ))
+        .unwrap();
+        let site = doc
+            .split("```")
+            .skip(1)
+            .step_by(2) // the fenced blocks
+            .find(|b| b.contains("file_server"))
+            .expect("docs/netboot.md's Caddyfile");
+        let site = site
+            .replace(":8080 {", &format!(":{port} {{"))
+            .replace("/srv/imprint", &root.display().to_string());
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("Caddyfile");
+        fs::write(&conf, format!("{{\n\tadmin off\n}}\n{site}")).unwrap();
+        let mut cmd = Command::new("caddy");
+        cmd.args(["run", "--adapter", "caddyfile", "--config"])
             .arg(&conf)
-            .arg("-p")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nginx is not installed: run scripts/deps (Debian package nginx-light)");
-        let t = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(child.try_wait().unwrap().is_none(), "nginx exited");
-            assert!(t.elapsed() < Duration::from_secs(10), "nginx not listening");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Nginx { child, _dir: dir }
+            .env("XDG_DATA_HOME", dir.path().join("data"))
+            .env("XDG_CONFIG_HOME", dir.path().join("config"));
+        Server::run(cmd, dir, port, "caddy")
     }
 }
 
-impl Drop for Nginx {
+impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -103,16 +142,69 @@ fn files(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-#[test]
-fn rendered_tree_is_served_by_nginx_byte_for_byte_with_ranges_and_accepts_report_puts() {
-    let t = tempfile::tempdir().unwrap();
-    let img = make_image(t.path());
-    let boot = fake_boot(t.path());
-    let seed = seed(t.path());
-    let config = t.path().join("fleet.json");
+/// Every file of the tree `out` from the server on `port`: whole, and three ranges each, byte
+/// for byte; and a missing file — what shim asks for first — answered 404 with a body (an empty
+/// one hangs shim under OVMF).
+fn serves_the_tree(out: &Path, port: u16) {
+    let mut all = Vec::new();
+    files(out, Path::new(""), &mut all);
+    assert_eq!(all.len(), 13, "{all:?}");
+    for rel in &all {
+        let want = fs::read(out.join(rel)).unwrap();
+        let path = format!("/{}", rel.display());
+        let (st, _, body) = http(port, "GET", &path, "", b"");
+        assert_eq!((st, body.len()), (200, want.len()), "{path}");
+        assert!(body == want, "{path}: whole body differs");
+        let n = want.len();
+        for (a, b) in [(0, 0), (1, n / 2), (n / 3, n - 1)] {
+            let (st, head, body) = http(
+                port,
+                "GET",
+                &path,
+                &format!("Range: bytes={a}-{b}\r\n"),
+                b"",
+            );
+            assert_eq!(st, 206, "{path} {a}-{b}: {head}");
+            assert!(
+                head.contains(&format!("Content-Range: bytes {a}-{b}/{n}")),
+                "{head}"
+            );
+            assert!(body == want[a..=b], "{path} {a}-{b}: bytes differ");
+        }
+    }
+    let (st, head, body) = http(port, "GET", "/revocations_sku.efi", "", b"");
+    assert_eq!(st, 404, "{head}");
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .unwrap_or_else(|| panic!("a Content-Length: {head}"))
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        length > 0 && length == body.len(),
+        "a 404 with a body: {head}"
+    );
+}
+
+/// A tree `render` made in `out` from these inputs.
+struct Rendered {
+    out: PathBuf,
+    img: PathBuf,
+    boot: PathBuf,
+    seed: PathBuf,
+    config: PathBuf,
+    stderr: String,
+}
+
+/// `render` into a new tree to be served at 127.0.0.1:`port`.
+fn render_tree(d: &Path, port: u16) -> Rendered {
+    let img = make_image(d);
+    let boot = fake_boot(d);
+    let seed = seed(d);
+    let config = d.join("fleet.json");
     fs::write(&config, "{\"after\": \"poweroff\"}\n").unwrap();
-    let port = free_port();
-    let out = t.path().join("tree");
+    let out = d.join("tree");
     let o = ok(imprint()
         .args(["netboot", "render", "--image"])
         .arg(&img)
@@ -126,7 +218,38 @@ fn rendered_tree_is_served_by_nginx_byte_for_byte_with_ranges_and_accepts_report
         .arg(&out)
         .output()
         .unwrap());
-    assert!(stderr(&o).contains("bootx64.efi"), "{}", stderr(&o));
+    Rendered {
+        out,
+        img,
+        boot,
+        seed,
+        config,
+        stderr: stderr(&o),
+    }
+}
+
+#[test]
+fn rendered_tree_is_served_by_caddy_as_documented_byte_for_byte_with_ranges() {
+    let t = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let out = render_tree(t.path(), port).out;
+    let _caddy = Server::caddy(&out, port);
+    serves_the_tree(&out, port);
+}
+
+#[test]
+fn rendered_tree_is_served_by_nginx_byte_for_byte_with_ranges_and_accepts_report_puts() {
+    let t = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let Rendered {
+        out,
+        img,
+        boot,
+        seed,
+        config,
+        stderr: said,
+    } = render_tree(t.path(), port);
+    assert!(said.contains("bootx64.efi"), "{said}");
 
     // What lands where.
     let same = |rel: &str, src: &Path| {
@@ -189,34 +312,9 @@ fn rendered_tree_is_served_by_nginx_byte_for_byte_with_ranges_and_accepts_report
         stderr(&check)
     );
 
-    // Every file over HTTP: whole, and three ranges each.
-    let _nginx = Nginx::start(&out, port);
-    let mut all = Vec::new();
-    files(&out, Path::new(""), &mut all);
-    assert_eq!(all.len(), 13, "{all:?}");
-    for rel in &all {
-        let want = fs::read(out.join(rel)).unwrap();
-        let path = format!("/{}", rel.display());
-        let (st, _, body) = http(port, "GET", &path, "", b"");
-        assert_eq!((st, body.len()), (200, want.len()), "{path}");
-        assert!(body == want, "{path}: whole body differs");
-        let n = want.len();
-        for (a, b) in [(0, 0), (1, n / 2), (n / 3, n - 1)] {
-            let (st, head, body) = http(
-                port,
-                "GET",
-                &path,
-                &format!("Range: bytes={a}-{b}\r\n"),
-                b"",
-            );
-            assert_eq!(st, 206, "{path} {a}-{b}: {head}");
-            assert!(
-                head.contains(&format!("Content-Range: bytes {a}-{b}/{n}")),
-                "{head}"
-            );
-            assert!(body == want[a..=b], "{path} {a}-{b}: bytes differ");
-        }
-    }
+    // Every file over HTTP: whole, and three ranges each; a 404 with a body.
+    let _nginx = Server::nginx(&out, port);
+    serves_the_tree(&out, port);
     // Reports go in by PUT under reports/ (and nowhere else).
     let (st, head, _) = http(
         port,

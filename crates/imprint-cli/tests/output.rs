@@ -12,7 +12,7 @@ use std::process::{Command, Output};
 use serde_json::Value;
 
 mod common;
-use common::{imprint, run, stderr, stdout};
+use common::{imprint, noise, run, stderr, stdout};
 
 const MIB: usize = 1 << 20;
 
@@ -42,18 +42,6 @@ fn json_error(o: &Output, code: i32) -> Value {
     assert_eq!(v["exit_code"], code);
     assert!(v["causes"].is_array(), "{v}");
     v
-}
-
-fn noise(len: usize, seed: u32) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
 }
 
 /// A 4 MiB GPT disk (sgdisk, one partition) with noise and 2 MiB of zeros, prepared with

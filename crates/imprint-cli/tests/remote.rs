@@ -15,24 +15,12 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{free_port, imprint, ok, stderr};
+use common::{free_port, imprint, noise, ok, stderr, Loop};
 
 const MIB: usize = 1 << 20;
 
 /// Deterministic pseudo-random bytes: they do not compress, so the compressed image is as
 /// large as the raw one and a cut lands mid-payload.
-fn noise(len: usize, seed: u32) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
-}
-
 /// A raw MBR-signed disk image of `mib` MiB and its imprint image in `dir/www/NAME`.
 fn make_image(dir: &Path, name: &str, mib: usize, seed: u32) -> (Vec<u8>, PathBuf) {
     let mut raw = noise(mib * MIB, seed);
@@ -268,31 +256,6 @@ fn assert_no_partition_table(target: &Path) {
         head.iter().all(|&b| b == 0),
         "a failed write must leave no partition table"
     );
-}
-
-/// A loop device over a file, detached on drop.
-struct Loop {
-    dev: PathBuf,
-}
-
-impl Loop {
-    fn new(file: &Path) -> Loop {
-        let out = Command::new("losetup")
-            .args(["--find", "--show"])
-            .arg(file)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "losetup: {}", stderr(&out));
-        Loop {
-            dev: PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()),
-        }
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
-    }
 }
 
 #[test]

@@ -270,6 +270,10 @@ fn serve_runs_dnsmasq_serves_ranges_takes_reports_and_stops_cleanly() {
         head.contains("\r\nContent-Length: ") && head.contains("\r\nAccept-Ranges: bytes"),
         "{head}"
     );
+    // A missing file: 404 with a body, as nginx answers (shim asks for revocations_sku.efi
+    // first and OVMF's HTTP stack never completes an answer with Content-Length 0).
+    let (code, body) = ns.curl(&[&url("revocations_sku.efi")]);
+    assert_eq!((code, body.as_slice()), (404, &b"404 Not Found\n"[..]));
     let (code, body) = ns.curl(&[&url("grub/grub.cfg")]);
     assert_eq!(code, 200);
     assert!(String::from_utf8(body)
@@ -363,6 +367,40 @@ fn serve_runs_dnsmasq_serves_ranges_takes_reports_and_stops_cleanly() {
     assert!(
         stderr.contains(&format!("stopped; dnsmasq (pid {dnsmasq}) ended")),
         "{stderr}"
+    );
+
+    // The access log on standard error: every request but the accepted PUTs, with the client,
+    // the Range asked for, the status and the length sent.
+    let access: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("imprint: 10.77.0."))
+        .collect();
+    for want in [
+        " GET /image.img.zst (bytes=1000-5095) -> 206, 4.0 KiB".to_string(),
+        " HEAD /grubx64.efi -> 200, ".to_string(),
+        " GET /grub/grub.cfg -> 200, ".to_string(),
+        " GET /revocations_sku.efi -> 404, ".to_string(),
+        format!(" GET /reports/{MAC}/20261201-1.json -> 200, "),
+        " PUT /image.img.zst -> 405".to_string(),
+        " PUT /reports/../image.img.zst -> 403".to_string(),
+        format!(" PUT /reports/{MAC}/x.txt -> 403"),
+        format!(" PUT /reports/{MAC}/big.json -> 413"),
+    ] {
+        assert!(
+            access.iter().any(|l| l.contains(&want)),
+            "{want:?} in the access log:\n{}",
+            access.join("\n")
+        );
+    }
+    // The accepted PUTs show as the report and events they carried, not as requests.
+    assert_eq!(
+        access
+            .iter()
+            .filter(|l| l.contains(" PUT ") && (l.contains("-> 201") || l.contains("-> 204")))
+            .count(),
+        0,
+        "{}",
+        access.join("\n")
     );
     assert!(
         !Path::new(&format!("/proc/{dnsmasq}")).exists(),

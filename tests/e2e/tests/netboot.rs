@@ -552,8 +552,6 @@ fn firmware_without_http_boot_gets_shim_and_grub_over_tftp_and_the_rest_over_htt
 /// netboots from it, installs, and its report and progress events reach serve, whose output
 /// shows the machine's row from `network` through `writing` (bytes > 0) to `done installed`.
 #[test]
-#[ignore = "not yet passing: under Secure Boot the firmware loads bootx64.efi from serve, then \
-            nothing more is fetched (seen once, 2026-12-01); run with --ignored while fixing"]
 fn a_nuc_netboots_from_imprint_netboot_serve_and_serve_shows_its_progress() {
     let t = tempfile::tempdir().unwrap();
     let d = t.path();
@@ -700,6 +698,28 @@ fn a_nuc_netboots_from_imprint_netboot_serve_and_serve_shows_its_progress() {
         err.contains("dnsmasq: ") && err.contains("HTTPClient"),
         "{err}"
     );
+    // serve's access log, from the machine's address: the firmware's GET of shim, shim's look
+    // for revocations (404, with a body: an empty 404 hangs it), GRUB, then the appliance's
+    // image in ranges.
+    let peer = log
+        .lines()
+        .filter(|l| l.contains(" from DHCP server "))
+        .find_map(|l| l.split("imprint: network: ").nth(1))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|a| a.split('/').next())
+        .unwrap_or_else(|| panic!("the NUC's address on its console:\n{log}"));
+    for want in [
+        "GET /bootx64.efi -> 200, ",
+        "GET /revocations_sku.efi -> 404, ",
+        "/grubx64.efi -> 200, ", // shim asks for `//grubx64.efi`
+        "GET /image.img.zst (bytes=",
+    ] {
+        assert!(
+            err.lines()
+                .any(|l| l.starts_with(&format!("imprint: {peer} ")) && l.contains(want)),
+            "{want:?} from {peer} in serve's access log:\n{err}"
+        );
+    }
 
     // SIGTERM: serve stops and takes dnsmasq with it.
     run(Command::new("kill").args(["-TERM", &serve_pid.to_string()])).unwrap();

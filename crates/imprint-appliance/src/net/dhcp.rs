@@ -528,6 +528,8 @@ mod tests {
         server_ns: String,
         client_ns: String,
         dnsmasq: Option<Child>,
+        /// dnsmasq's own log (`--log-dhcp`), shown when a test fails.
+        log: Option<std::path::PathBuf>,
     }
 
     impl Drop for Lab {
@@ -546,6 +548,7 @@ mod tests {
                 server_ns: format!("imp-{tag}s-{id}"),
                 client_ns: format!("imp-{tag}c-{id}"),
                 dnsmasq: None,
+                log: None,
             };
             let (s, c) = (&lab.server_ns, &lab.client_ns);
             ip(&["netns", "add", s]);
@@ -561,9 +564,13 @@ mod tests {
             lab
         }
 
-        /// Starts a real dnsmasq on `vsrv` with `args` added, its leases in `leases`.
+        /// Starts a real dnsmasq on `vsrv` with `args` added, its leases in `leases` and its log
+        /// beside them, and waits until it says it serves DHCP (a loaded machine can take
+        /// longer than any fixed sleep).
         fn start_dnsmasq(&mut self, leases: &std::path::Path, args: &[&str]) {
             self.stop_dnsmasq();
+            let log = leases.with_extension("log");
+            let out = std::fs::File::create(&log).unwrap();
             self.dnsmasq = Some(
                 Command::new("ip")
                     .args([
@@ -574,15 +581,37 @@ mod tests {
                         "--keep-in-foreground",
                     ])
                     .args(["--port=0", "--interface=vsrv", "--bind-interfaces"])
+                    // No pid file: two labs at once would race for /var/run/dnsmasq.pid and
+                    // the loser exits at once (seen in CI as a 20 s DHCP timeout).
+                    .args(["--pid-file=", "--log-facility=-", "--log-dhcp"])
                     .args(args)
                     .arg(format!("--dhcp-leasefile={}", leases.display()))
                     .arg("--conf-file=/dev/null")
                     .stdout(Stdio::null())
-                    .stderr(Stdio::null())
+                    .stderr(out)
                     .spawn()
                     .expect("dnsmasq (scripts/deps: dnsmasq-base)"),
             );
-            std::thread::sleep(Duration::from_millis(300));
+            self.log = Some(log);
+            let until = Instant::now() + Duration::from_secs(20);
+            while !self.dnsmasq_log().contains("DHCP, IP range") {
+                if let Some(Ok(Some(status))) = self.dnsmasq.as_mut().map(Child::try_wait) {
+                    panic!("dnsmasq exited ({status}):\n{}", self.dnsmasq_log());
+                }
+                assert!(
+                    Instant::now() < until,
+                    "dnsmasq did not start within 20 s:\n{}",
+                    self.dnsmasq_log()
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+
+        fn dnsmasq_log(&self) -> String {
+            self.log
+                .as_ref()
+                .and_then(|l| std::fs::read_to_string(l).ok())
+                .unwrap_or_default()
         }
 
         fn stop_dnsmasq(&mut self) {
@@ -592,7 +621,8 @@ mod tests {
             }
         }
 
-        /// Runs `f` on a thread moved into the client namespace.
+        /// Runs `f` on a thread moved into the client namespace; if it fails, the failure
+        /// comes with dnsmasq's log.
         fn in_client<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
             let ns_path = format!("/run/netns/{}", self.client_ns);
             std::thread::spawn(move || {
@@ -601,7 +631,7 @@ mod tests {
                 f()
             })
             .join()
-            .unwrap()
+            .unwrap_or_else(|_| panic!("the client failed; dnsmasq's log:\n{}", self.dnsmasq_log()))
         }
 
         /// The client's IPv4 addresses on `vcli`, as `ip` shows them (`10.77.0.51/24`).
@@ -806,6 +836,7 @@ mod tests {
             server_ns: ns.clone(),
             client_ns: format!("{ns}x"),
             dnsmasq: None,
+            log: None,
         };
         ip(&["netns", "add", &ns]);
         ip(&["netns", "add", &lab.client_ns]);

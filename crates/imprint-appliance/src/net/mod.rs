@@ -456,22 +456,18 @@ mod tests {
         }
     }
 
-    /// Config, seed and image come from the server, a missing seed file is no error, and the
-    /// report lands at reports/<mac>/<install-id>.json through nginx's WebDAV PUT.
-    #[test]
-    fn files_image_and_report_through_a_real_nginx() {
-        let t = tempfile::tempdir().unwrap();
-        let www = t.path().join("www");
-        std::fs::create_dir_all(www.join("seed")).unwrap();
-        std::fs::create_dir_all(www.join("reports")).unwrap();
-        std::fs::write(www.join("config.json"), "{\"after\": \"poweroff\"}\n").unwrap();
-        std::fs::write(www.join("seed/user-data"), "#cloud-config\n").unwrap();
+    /// What a server holds for the tests: `config.json` (power off after), `seed/user-data`
+    /// (no meta-data or network-config) and a 1 MiB image named "test-os".
+    pub(super) fn server_tree(dir: &Path) {
+        std::fs::create_dir_all(dir.join("seed")).unwrap();
+        std::fs::write(dir.join("config.json"), "{\"after\": \"poweroff\"}\n").unwrap();
+        std::fs::write(dir.join("seed/user-data"), "#cloud-config\n").unwrap();
         let mut raw = vec![7u8; 1 << 20];
         raw[510] = 0x55;
         raw[511] = 0xAA;
         imprint_core::manifest::pack(
             &mut &raw[..],
-            &www.join(IMAGE_NAME),
+            &dir.join(IMAGE_NAME),
             &imprint_core::manifest::PackOptions {
                 name: "test-os".into(),
                 level: 1,
@@ -481,6 +477,16 @@ mod tests {
             &mut |_| {},
         )
         .unwrap();
+    }
+
+    /// Config, seed and image come from the server, a missing seed file is no error, and the
+    /// report lands at reports/<mac>/<install-id>.json through nginx's WebDAV PUT.
+    #[test]
+    fn files_image_and_report_through_a_real_nginx() {
+        let t = tempfile::tempdir().unwrap();
+        let www = t.path().join("www");
+        server_tree(&www);
+        std::fs::create_dir_all(www.join("reports")).unwrap();
         let nginx = Nginx::start(&www);
         let net = network(
             format!("http://127.0.0.1:{}/", nginx.port),

@@ -93,7 +93,7 @@ mod tests {
     use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
 
     use super::*;
-    use crate::net::{Network, IMAGE_NAME};
+    use crate::net::Network;
 
     const MACHINE: &str = "52-54-00-ab-cd-01";
 
@@ -141,25 +141,8 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let root = t.path().join("s3");
         let tree = root.join("fleet");
-        std::fs::create_dir_all(tree.join("seed")).unwrap();
+        super::super::tests::server_tree(&tree);
         std::fs::create_dir_all(tree.join("presigned")).unwrap();
-        std::fs::write(tree.join("config.json"), "{\"after\": \"poweroff\"}\n").unwrap();
-        std::fs::write(tree.join("seed/user-data"), "#cloud-config\n").unwrap();
-        let mut raw = vec![7u8; 1 << 20];
-        raw[510] = 0x55;
-        raw[511] = 0xAA;
-        imprint_core::manifest::pack(
-            &mut &raw[..],
-            &tree.join(IMAGE_NAME),
-            &imprint_core::manifest::PackOptions {
-                name: "test-os".into(),
-                level: 1,
-                threads: 0,
-                chunk_size: 1 << 20,
-            },
-            &mut |_| {},
-        )
-        .unwrap();
         let s3 = S3Server::start(&root);
         let now = jiff::Timestamp::now();
         let up = uploads(&s3.endpoint, now, Duration::from_secs(600));

@@ -6,6 +6,9 @@
 //!
 //! The table is indicatif's `MultiProgress` on a terminal (one bar per machine); off a terminal
 //! each event is one plain line on standard output, or with `--json` one JSON object per line.
+//! Every request but a machine's accepted `PUT` (shown as its event or report) is logged as
+//! nginx's access log would: client address, method, path, status and length — on standard
+//! error above the table or as plain lines, as a `request` object with `--json`.
 //! dnsmasq's log goes to standard error off a terminal, and is shown (its last lines) if it
 //! exits on its own, which stops serve. dnsmasq dies with serve: killed on Ctrl-C and SIGTERM,
 //! and by the kernel (`PR_SET_PDEATHSIG`) should serve itself be killed.
@@ -21,8 +24,10 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path as UrlPath, State};
-use axum::http::StatusCode;
+use axum::extract::connect_info::ConnectInfo;
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, Request, State};
+use axum::http::{header, Method, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::put;
 use axum::Router;
@@ -32,7 +37,7 @@ use serde::Serialize;
 use tokio::io::AsyncBufReadExt;
 use tower_http::services::ServeDir;
 
-use super::RenderArgs;
+use super::{RenderArgs, TreeInputs};
 use crate::commands::untrusted;
 use crate::output::note;
 use crate::units;
@@ -45,18 +50,8 @@ const DNSMASQ_TAIL: usize = 40;
 /// Arguments of `imprint netboot serve`.
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
-    /// The imprint image (.img.zst) machines install.
-    #[arg(long)]
-    pub image: PathBuf,
-    /// Folder of cloud-init NoCloud templates (user-data, meta-data, network-config).
-    #[arg(long)]
-    pub seed: PathBuf,
-    /// Appliance configuration (JSON) [default: the built-in defaults].
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// The live image's boot files [default: as for `imprint build`].
-    #[arg(long, value_name = "DIR")]
-    pub boot: Option<PathBuf>,
+    #[command(flatten)]
+    pub inputs: TreeInputs,
     /// The network interface facing the machines; its IPv4 address and prefix make the URL
     /// (http://ADDRESS:PORT/) and the proxy-DHCP subnet.
     #[arg(long, value_name = "IF")]
@@ -88,10 +83,47 @@ enum Update {
         status: Option<String>,
         hostname: Option<String>,
     },
+    /// A request answered (the access log).
+    Request(Access),
     /// A line for the operator (standard error).
     Note(String),
     /// A line of dnsmasq's log.
     Dnsmasq(String),
+}
+
+/// One answered request, as an access log line tells it.
+#[derive(Debug, Serialize)]
+struct Access {
+    peer: std::net::IpAddr,
+    method: String,
+    /// The path as the client sent it (untrusted: escaped when shown).
+    path: String,
+    /// The `Range` header, when the client sent one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    range: Option<String>,
+    status: u16,
+    /// The body's length (`Content-Length`), when the answer has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bytes: Option<u64>,
+}
+
+impl Access {
+    fn line(&self) -> String {
+        let mut l = format!(
+            "imprint: {} {} {}",
+            self.peer,
+            untrusted(&self.method),
+            untrusted(&self.path)
+        );
+        if let Some(r) = &self.range {
+            l.push_str(&format!(" ({})", untrusted(r)));
+        }
+        l.push_str(&format!(" -> {}", self.status));
+        if let Some(b) = self.bytes {
+            l.push_str(&format!(", {}", units::size(b)));
+        }
+        l
+    }
 }
 
 /// Runs `imprint netboot serve` until Ctrl-C, SIGTERM, or dnsmasq's exit.
@@ -101,7 +133,7 @@ pub fn serve(args: &ServeArgs) -> Result<()> {
         "imprint netboot serve runs dnsmasq for proxy-DHCP, which needs root for its ports (DHCP 67, PXE 4011, TFTP 69): run it as root"
     );
     let (addr, prefix) = interface_ipv4(&args.interface)?;
-    let boot = crate::bootfiles::locate(args.boot.clone())?;
+    let boot = crate::bootfiles::locate(args.inputs.boot.clone())?;
     let mut _temp = None;
     let tree = match &args.dir {
         Some(d) => d.clone(),
@@ -124,10 +156,7 @@ pub fn serve(args: &ServeArgs) -> Result<()> {
     let url = format!("http://{addr}:{}/", args.port);
     super::render(
         &RenderArgs {
-            image: args.image.clone(),
-            seed: args.seed.clone(),
-            config: args.config.clone(),
-            boot: args.boot.clone(),
+            inputs: args.inputs.clone(),
             url: url.clone(),
             subnet: Some(format!("{addr}/{prefix}")),
             output: tree.clone(),
@@ -208,11 +237,14 @@ async fn http_server(
 ) -> std::io::Result<()> {
     let mut stop = std::pin::pin!(stop);
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => accepted?,
             () = &mut stop => return Ok(()),
         };
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        // The access log names the client: its address rides on each request of the connection.
+        let service = hyper_util::service::TowerToHyperService::new(
+            app.clone().layer(axum::Extension(ConnectInfo(peer))),
+        );
         tokio::spawn(async move {
             let _ = hyper::server::conn::http1::Builder::new()
                 .title_case_headers(true)
@@ -236,7 +268,78 @@ fn router(tree: &Path, reports: &Path, tx: mpsc::Sender<Update>) -> Router {
                 .fallback_service(files.clone()),
         )
         .fallback_service(files)
+        .layer(axum::middleware::from_fn(error_bodies))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            access_log,
+        ))
         .with_state(state)
+}
+
+/// Gives an error answer without a body (`ServeDir`'s 404, axum's 405) a short text body, as
+/// nginx's error pages have. UEFI HTTP clients need it: shim asks for `revocations_sku.efi`
+/// first, and OVMF's HTTP stack never completes a response whose `Content-Length` is 0, so
+/// shim waits forever on an empty 404 (seen with Debian's shim 16.1 under OVMF; nginx's 404
+/// has a body and shim goes on to `grubx64.efi`).
+async fn error_bodies(req: Request, next: Next) -> Response {
+    let head = req.method() == Method::HEAD;
+    let response = next.run(req).await;
+    let status = response.status();
+    if head
+        || !(status.is_client_error() || status.is_server_error())
+        || axum::body::HttpBody::size_hint(response.body()).exact() != Some(0)
+    {
+        return response;
+    }
+    let (mut parts, _) = response.into_parts();
+    let text = format!(
+        "{} {}\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("error")
+    );
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    Response::from_parts(parts, axum::body::Body::from(text))
+}
+
+/// Logs every answered request except a machine's accepted `PUT` under reports/ (that one is
+/// shown as the event or report it carries).
+async fn access_log(
+    State(st): State<Arc<AppState>>,
+    peer: Option<axum::Extension<ConnectInfo<SocketAddr>>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let range = req
+        .headers()
+        .get(header::RANGE)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let response = next.run(req).await;
+    let status = response.status();
+    if method == Method::PUT && path.starts_with("/reports/") && status.is_success() {
+        return response;
+    }
+    let bytes = response
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .or_else(|| axum::body::HttpBody::size_hint(response.body()).exact());
+    let peer = peer.map_or(std::net::IpAddr::V4(Ipv4Addr::UNSPECIFIED), |p| p.0 .0.ip());
+    let _ = st.tx.send(Update::Request(Access {
+        peer,
+        method: method.to_string(),
+        path,
+        range,
+        status: status.as_u16(),
+        bytes,
+    }));
+    response
 }
 
 async fn run(s: Serve<'_>) -> Result<()> {
@@ -519,6 +622,7 @@ impl Row {
 #[serde(tag = "event", rename_all = "kebab-case")]
 enum JsonLine<'a> {
     MachineProgress(&'a Event),
+    Request(&'a Access),
     MachineReport {
         machine: &'a str,
         name: &'a str,
@@ -542,6 +646,19 @@ fn display(rx: &mpsc::Receiver<Update>, mode: Mode) {
                     let _ = multi.println(n);
                 }
                 _ => note!("{n}"),
+            },
+            Update::Request(a) => match mode {
+                Mode::Table => {
+                    let _ = multi.println(a.line());
+                }
+                Mode::Lines => note!("{}", a.line()),
+                Mode::Json => {
+                    let _ = writeln!(
+                        out,
+                        "{}",
+                        serde_json::to_string(&JsonLine::Request(&a)).unwrap_or_default()
+                    );
+                }
             },
             Update::Dnsmasq(l) => {
                 if mode != Mode::Table {

@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use std::net::TcpListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use sha2::{Digest, Sha256};
@@ -97,4 +97,54 @@ pub fn fake_boot(dir: &Path) -> std::path::PathBuf {
         std::fs::write(p, body.repeat(1000)).expect("writing a boot file");
     }
     boot
+}
+
+/// Deterministic pseudo-random bytes (xorshift32): the same `seed` gives the same bytes.
+pub fn noise(len: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+/// Fails the test at once, saying why, unless it runs as root.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the loop-device tests need root (run scripts/test as root, as CI does)"
+    );
+}
+
+/// A loop device over a file, detached on drop.
+pub struct Loop {
+    pub dev: PathBuf,
+}
+
+impl Loop {
+    pub fn new(file: &Path) -> Loop {
+        Loop::with(file, &[])
+    }
+
+    /// With more `losetup` options, e.g. `["--direct-io=on", "--sector-size", "4096"]`.
+    pub fn with(file: &Path, options: &[&str]) -> Loop {
+        let out = run(Command::new("losetup")
+            .args(["--find", "--show"])
+            .args(options)
+            .arg(file));
+        assert!(out.status.success(), "losetup: {}", stderr(&out));
+        Loop {
+            dev: PathBuf::from(stdout(&out).trim()),
+        }
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+    }
 }
