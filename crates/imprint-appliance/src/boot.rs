@@ -24,8 +24,8 @@ use nix::mount::{mount, MsFlags};
 use crate::console::{error_chain, Consoles};
 use crate::esp::{find_esp, EspPartition};
 use crate::modules::{
-    modaliases, module_params, InsertModule, KernelInsert, ModuleIndex, ModuleLoader, Progress,
-    ALWAYS_LOAD,
+    is_storage_path, modaliases, module_params, InsertModule, KernelInsert, ModuleIndex,
+    ModuleLoader, Progress, ALWAYS_LOAD,
 };
 use crate::settle;
 use crate::uevent::Uevents;
@@ -387,13 +387,19 @@ fn coldplug_and_settle<I: InsertModule>(
             .collect();
         let mut queued = 0;
         if let Some(loader) = loader {
-            let mut wanted = loader.modules_for_aliases(&new);
-            // After the first walk's drivers: queued first goes first when threads are scarce,
-            // and the disks wait for their controllers' drivers, not for these.
+            // What the disks and the stick wait for (storage and USB controllers, USB disks,
+            // SCSI disks) goes before everything else: there are only as many insertions at
+            // once as CPUs, and the first byte waits for these, not for sound or graphics.
+            let (storage, other): (Vec<String>, Vec<String>) =
+                new.iter().cloned().partition(|a| is_storage_path(a));
+            let mut first = loader.modules_for_aliases(&storage);
+            let mut wanted = loader.modules_for_aliases(&other);
             if stats.passes == 0 {
+                // sd_mod before its disks appear: USB sticks and SATA disks are SCSI disks.
+                first.push("sd_mod".into());
                 wanted.extend(ALWAYS_LOAD.iter().map(|m| (*m).to_string()));
             }
-            queued = loader.queue(&wanted);
+            queued = loader.queue_first(&first) + loader.queue(&wanted);
         }
         stats.passes += 1;
         let now = Instant::now();

@@ -275,10 +275,37 @@ impl InsertModule for KernelInsert {
     }
 }
 
-/// How many modules are inserted at once. Module init mostly waits (for firmware, for a
-/// controller to answer), so more threads than CPUs still help; the kernel serialises what
-/// must be serialised itself.
-pub const LOAD_THREADS: usize = 8;
+/// How many modules are inserted at once: one per CPU, at least two (so that one driver
+/// waiting for its controller does not hold up the rest) and at most eight. More than one per
+/// CPU was measured to slow the boot (`scripts/bench-boot`: eight insertions on two vCPUs
+/// started the USB controller's driver 2 s later): module init is mostly CPU work, and what
+/// the disks wait for then waits for unrelated drivers.
+pub fn load_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8))
+}
+
+/// Whether a device with `modalias` is one the install waits for — a storage controller
+/// (PCI class 01), a USB host controller (PCI class 0c03), a USB mass-storage interface
+/// (interface class 08) or a SCSI disk — so that its driver goes before everything else
+/// ([`ModuleLoader::queue_first`]).
+pub fn is_storage_path(modalias: &str) -> bool {
+    let field = |prefix: &str, key: &str| -> Option<String> {
+        let rest = modalias.strip_prefix(prefix)?;
+        let at = rest.find(key)? + key.len();
+        rest.get(at..at + 2).map(str::to_ascii_lowercase)
+    };
+    if modalias.starts_with("pci:") {
+        return match field("pci:", "bc").as_deref() {
+            Some("01") => true,
+            Some("0c") => field("pci:", "sc").as_deref() == Some("03"),
+            _ => false,
+        };
+    }
+    if modalias.starts_with("usb:") {
+        return field("usb:", "ic").as_deref() == Some("08");
+    }
+    modalias == "scsi:t-0x00"
+}
 
 /// Loads modules with their dependencies, each at most once, remembering what failed.
 ///
@@ -295,6 +322,8 @@ pub struct ModuleLoader<I> {
     /// Signalled when a module is queued or becomes ready, an insertion finishes, or a run
     /// closes.
     changed: Condvar,
+    /// Worker threads per [`ModuleLoader::run`] ([`load_threads`] unless set).
+    threads: usize,
 }
 
 /// Every module queued so far and where each stands: the workers' shared state.
@@ -313,8 +342,13 @@ struct Schedule {
     dependents: Vec<Vec<usize>>,
     /// Per plan item: its insertion finished (whatever the result).
     done: Vec<bool>,
-    /// Items whose prerequisites have all finished, not started yet; the earliest goes first.
-    ready: BTreeSet<usize>,
+    /// Items whose prerequisites have all finished, not started yet, keyed by
+    /// ([`Schedule::rank`], position): the storage path's first, then the earliest.
+    ready: BTreeSet<(u8, usize)>,
+    /// Per plan item: it is on the storage path ([`ModuleLoader::queue_first`]).
+    first: Vec<bool>,
+    /// Plan position of each module queued.
+    position: HashMap<String, usize>,
     running: usize,
     /// Insertions finished so far.
     finished: usize,
@@ -327,6 +361,11 @@ struct Schedule {
 }
 
 impl Schedule {
+    /// The order key of plan item `i` among ready items: 0 for the storage path, 1 after.
+    fn rank(&self, i: usize) -> u8 {
+        u8::from(!self.first[i])
+    }
+
     /// Every module queued has finished. (Nothing ready and nothing running means the same:
     /// the earliest unfinished module waits for nothing, so it is ready or running.)
     fn idle(&self) -> bool {
@@ -345,7 +384,7 @@ impl Schedule {
         for d in std::mem::take(&mut self.dependents[i]) {
             self.waiting_on[d] -= 1;
             if self.waiting_on[d] == 0 {
-                self.ready.insert(d);
+                self.ready.insert((self.rank(d), d));
             }
         }
     }
@@ -368,7 +407,15 @@ impl<I: InsertModule> ModuleLoader<I> {
             inserter,
             schedule: Mutex::new(Schedule::default()),
             changed: Condvar::new(),
+            threads: load_threads(),
         }
+    }
+
+    /// The same loader inserting at most `threads` modules at once.
+    #[cfg(test)]
+    pub fn with_threads(mut self, threads: usize) -> Self {
+        self.threads = threads.max(1);
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, Schedule> {
@@ -412,6 +459,17 @@ impl<I: InsertModule> ModuleLoader<I> {
     /// modules that do not need each other load at the same time. A module whose dependency
     /// failed is still tried (it then fails itself).
     pub fn queue<S: AsRef<str>>(&self, names: &[S]) -> usize {
+        self.queue_ranked(names, false)
+    }
+
+    /// Like [`ModuleLoader::queue`], for what the disks wait for: these modules and what they
+    /// need go before every module queued with [`ModuleLoader::queue`] that has not started,
+    /// whenever that was queued (a dependency both share is moved up too).
+    pub fn queue_first<S: AsRef<str>>(&self, names: &[S]) -> usize {
+        self.queue_ranked(names, true)
+    }
+
+    fn queue_ranked<S: AsRef<str>>(&self, names: &[S], first: bool) -> usize {
         let mut guard = self.lock();
         let s = &mut *guard;
         let from = s.plan.len();
@@ -432,7 +490,17 @@ impl<I: InsertModule> ModuleLoader<I> {
                 }
                 for m in self.index.load_order(&module) {
                     if s.attempted.insert(m.clone()) {
+                        s.position.insert(m.clone(), s.plan.len());
                         s.plan.push(m);
+                        s.first.push(first);
+                    } else if let Some(&i) = s.position.get(&m).filter(|_| first) {
+                        // Queued before, not for the disks: it is now.
+                        if !s.first[i] {
+                            s.first[i] = true;
+                            if s.ready.remove(&(1, i)) {
+                                s.ready.insert((0, i));
+                            }
+                        }
                     }
                 }
             }
@@ -447,7 +515,8 @@ impl<I: InsertModule> ModuleLoader<I> {
             s.dependents.push(Vec::new());
             s.done.push(false);
             if unfinished.is_empty() {
-                s.ready.insert(i);
+                let rank = s.rank(i);
+                s.ready.insert((rank, i));
             }
         }
         let queued = s.plan.len() - from;
@@ -457,12 +526,12 @@ impl<I: InsertModule> ModuleLoader<I> {
         queued
     }
 
-    /// Runs `f` while [`LOAD_THREADS`] worker threads insert what is queued, before or during
-    /// `f`; returns `f`'s result once every module queued has finished.
+    /// Runs `f` while [`ModuleLoader::threads`] worker threads insert what is queued, before
+    /// or during `f`; returns `f`'s result once every module queued has finished.
     pub fn run<R>(&self, f: impl FnOnce() -> R) -> R {
         self.lock().closed = false;
         std::thread::scope(|scope| {
-            let workers = (0..LOAD_THREADS)
+            let workers = (0..self.threads)
                 .filter(|_| {
                     std::thread::Builder::new()
                         .name("insmod".into())
@@ -522,7 +591,7 @@ impl<I: InsertModule> ModuleLoader<I> {
     fn work(&self) {
         let mut s = self.lock();
         loop {
-            if let Some(i) = s.ready.pop_first() {
+            if let Some((_, i)) = s.ready.pop_first() {
                 s.running += 1;
                 let module = s.plan[i].clone();
                 drop(s);
@@ -938,6 +1007,80 @@ mod tests {
         assert!(rec.span("usbcore").1 < rec.span("usb_storage").0);
         assert_deps_finished_first(&index, &rec);
         assert_eq!(rec.names().len(), 4);
+    }
+
+    #[test]
+    fn the_storage_path_goes_first_and_moves_a_shared_dependency_up() {
+        // One insertion at a time (the scarce case): ext4 and usb_storage were queued first,
+        // then the USB controller's driver for the disks. It goes before them, and usbcore —
+        // queued earlier for usb_storage — moves up with it.
+        let dir = fake_modules();
+        let index = ModuleIndex::load(dir.path()).unwrap();
+        let rec = Recorder::default();
+        let loader = ModuleLoader::new(index.clone(), HashMap::new(), &rec).with_threads(1);
+        assert_eq!(loader.queue(&["ext4", "usb_storage"]), 6);
+        assert_eq!(
+            loader.queue_first(&["pci:v00001B36d0000000Dsv00001AF4sd00001100bc0Csc03i30"]),
+            2
+        );
+        loader.run(|| ());
+        let names = rec.names();
+        assert_eq!(names[..3], ["usbcore", "xhci_hcd", "xhci_pci"], "{names:?}");
+        // The rest in the order it was queued, each after what it needs.
+        assert_eq!(
+            names[3..],
+            [
+                "crc32c_generic",
+                "crc32c_intel",
+                "jbd2",
+                "ext4",
+                "usb_storage"
+            ],
+            "{names:?}"
+        );
+        assert_deps_finished_first(&index, &rec);
+    }
+
+    #[test]
+    fn storage_and_usb_controllers_usb_disks_and_scsi_disks_are_the_storage_path() {
+        for (alias, storage) in [
+            (
+                "pci:v00001B36d00000010sv00001AF4sd00001100bc01sc08i02",
+                true,
+            ), // NVMe
+            (
+                "pci:v00008086d00002922sv00001AF4sd00001100bc01sc06i01",
+                true,
+            ), // AHCI
+            (
+                "pci:v00001B36d0000000Dsv00001AF4sd00001100bc0Csc03i30",
+                true,
+            ), // xHCI
+            (
+                "pci:v00008086d000024CDsv00001AF4sd00001100bc0Csc03i20",
+                true,
+            ), // EHCI
+            (
+                "pci:v00008086d00008C22sv00001AF4sd00001100bc0Csc05i00",
+                false,
+            ), // SMBus
+            (
+                "pci:v00001234d00001111sv00001AF4sd00001100bc03sc00i00",
+                false,
+            ), // VGA
+            (
+                "pci:v00008086d000010D3sv00008086sd0000A01Fbc02sc00i00",
+                false,
+            ), // NIC
+            ("usb:v46F4p0001d0000dc00dsc00dp00ic08isc06ip50in00", true), // USB disk
+            ("usb:v0627p0001d0000dc00dsc00dp00ic03isc01ip01in00", false), // keyboard
+            ("scsi:t-0x00", true),
+            ("scsi:t-0x05", false),
+            ("acpi:PNP0303:", false),
+            ("pci:", false),
+        ] {
+            assert_eq!(is_storage_path(alias), storage, "{alias}");
+        }
     }
 
     #[test]
