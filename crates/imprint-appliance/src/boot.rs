@@ -2,9 +2,9 @@
 //!
 //! [`init`] mounts the API filesystems, reads the kernel command line, loads the kernel modules
 //! the hardware asks for (coldplug: every device's `modalias` matched against `modules.alias`,
-//! with dependencies and soft dependencies in order, repeated while new devices appear, as udev
-//! would; see [`crate::modules`]) and waits, bounded, until the block devices settle and the
-//! stick's ESP ([`crate::esp`]) appeared.
+//! with dependencies and soft dependencies in order, and again for every device that appears
+//! later, as udev would; see [`crate::modules`] and [`crate::uevent`]) and waits, bounded,
+//! until the block devices settle and the stick's ESP ([`crate::esp`]) appeared.
 //!
 //! The pieces that decide something ([`Cmdline`], the module index, the ESP search) take their
 //! roots (`/proc`, `/sys`, `/dev`, the module directory, in [`Roots`]) as parameters, so the unit
@@ -13,23 +13,36 @@
 use std::collections::BTreeSet;
 use std::fs;
 use std::io;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use imprint_core::report::Coldplug;
 use imprint_core::stick::CMDLINE_ESP_PARAM;
 use nix::mount::{mount, MsFlags};
 
 use crate::console::{error_chain, Consoles};
 use crate::esp::{find_esp, EspPartition};
 use crate::modules::{
-    modaliases, module_params, InsertModule, KernelInsert, ModuleIndex, ModuleLoader, ALWAYS_LOAD,
+    is_storage_path, modaliases, module_params, InsertModule, KernelInsert, ModuleIndex,
+    ModuleLoader, Progress, ALWAYS_LOAD,
 };
+use crate::settle;
+use crate::uevent::Uevents;
 
 /// How long [`init`] waits at most for devices (the USB stick enumerates last) to appear.
 pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(15);
-/// The device set counts as settled once nothing new appeared for this long.
-const SETTLE_QUIET: Duration = Duration::from_millis(1500);
-const POLL: Duration = Duration::from_millis(100);
+/// With a storage controller whose progress [`crate::settle`] cannot read, the device set
+/// counts as settled once nothing new appeared for this long.
+pub const SETTLE_QUIET: Duration = Duration::from_millis(1500);
+/// Otherwise the block devices must stay unchanged this long (partitions, a namespace scan
+/// that registers several namespaces one after the other).
+pub const STABLE: Duration = Duration::from_millis(300);
+/// USB devices must stay unchanged this long: a hub enumerates its ports one after the other
+/// and shows no sign of the ones still to come (USB disks are never targets; this keeps the
+/// boot screen's table complete).
+pub const USB_QUIET: Duration = Duration::from_millis(1000);
+const POLL: Duration = Duration::from_millis(50);
 
 /// Errors of early boot; each names the step and the object.
 #[derive(Debug, thiserror::Error)]
@@ -97,16 +110,37 @@ pub struct BootEnv {
     pub esp: Option<EspPartition>,
     /// The system roots the flow reads (`/proc`, `/sys`, `/dev`).
     pub roots: Roots,
-    /// True when the device set settled before [`SETTLE_TIMEOUT`].
+    /// True when the disks settled by the rule in [`crate::settle`] before [`SETTLE_TIMEOUT`].
     pub settled: bool,
+    /// Storage controllers still appearing when the wait gave up (empty when settled).
+    pub pending: Vec<String>,
+    /// When PID 1 started (`main`'s first instant).
+    pub started: Instant,
+    /// The kernel's uptime (`CLOCK_BOOTTIME`) when PID 1 started: kernel start to PID 1.
+    pub kernel_uptime: Option<Duration>,
+    /// From PID 1's start to the last module inserted.
+    pub modules_done: Duration,
+    /// Where the wait for devices went.
+    pub coldplug: Coldplug,
     /// Time from PID 1 start to the end of [`init`].
     pub elapsed: Duration,
 }
 
+/// The kernel's uptime including suspend (`CLOCK_BOOTTIME`), the clock of `/proc/uptime`.
+pub fn boottime() -> Option<Duration> {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .ok()
+        .map(Duration::from)
+}
+
 /// Early boot for PID 1: mounts, command line, modules, settle. Messages go to `consoles`.
 /// Only a failing mount of `/proc`, `/sys` or `/dev` is an error: without them nothing works.
-pub fn init(consoles: &mut Consoles) -> Result<BootEnv, BootError> {
-    let start = Instant::now();
+/// `start` is when PID 1's `main` began and `kernel_uptime` the kernel's uptime then.
+pub fn init(
+    consoles: &mut Consoles,
+    start: Instant,
+    kernel_uptime: Option<Duration>,
+) -> Result<BootEnv, BootError> {
     mount_api_filesystems()?;
     // The consoles opened before /dev was a devtmpfs only had /dev/console from the archive.
     let roots = Roots::system();
@@ -122,7 +156,7 @@ pub fn init(consoles: &mut Consoles) -> Result<BootEnv, BootError> {
         "imprint: kernel {kernel_release}, loading drivers"
     ));
 
-    let mut loader = match ModuleIndex::load(&roots.modules) {
+    let loader = match ModuleIndex::load(&roots.modules) {
         Ok(index) => Some(ModuleLoader::new(
             index,
             module_params(&cmdline),
@@ -133,31 +167,71 @@ pub fn init(consoles: &mut Consoles) -> Result<BootEnv, BootError> {
             None
         }
     };
-    if let Some(loader) = loader.as_mut() {
-        for module in ALWAYS_LOAD {
-            loader.load(module);
-        }
-    }
-    let efivars = mount_efivarfs(&roots.sys, consoles);
     let esp_partuuid = cmdline.get(CMDLINE_ESP_PARAM).map(str::to_owned);
-    let (settled, esp) =
-        coldplug_and_settle(&roots, loader.as_mut(), esp_partuuid.as_deref(), consoles);
-    let (modules_loaded, module_failures) = match loader {
-        Some(l) => (l.loaded_order, l.failures),
-        None => (Vec::new(), Vec::new()),
+    // Subscribed before coldplug's first walk, so that no device falls between the two.
+    let uevents = match Uevents::open() {
+        Ok(u) => Some(u),
+        Err(e) => {
+            consoles.log_line(&format!(
+                "imprint: no kernel uevents ({e}): walking /sys/devices on every pass"
+            ));
+            None
+        }
+    };
+    let wait_for_disks = |consoles: &mut Consoles| {
+        coldplug_and_settle(
+            &roots,
+            loader.as_ref(),
+            uevents,
+            esp_partuuid.as_deref(),
+            start,
+            consoles,
+        )
+    };
+    // The loader's run ends when every module queued has finished, also after a timeout.
+    let settled = match &loader {
+        Some(l) => l.run(|| wait_for_disks(consoles)),
+        None => wait_for_disks(consoles),
+    };
+    // efivarfs is one of ALWAYS_LOAD, loaded in coldplug's first pass.
+    let efivars = mount_efivarfs(&roots.sys, consoles);
+    let (modules_loaded, module_failures, last_module) = match &loader {
+        Some(l) => (l.loaded(), l.failures(), l.last_finished()),
+        None => (Vec::new(), Vec::new(), None),
     };
     for (module, reason) in &module_failures {
         consoles.line(&format!("imprint: module {module} not loaded: {reason}"));
     }
+    let c = &settled.coldplug;
+    consoles.log_line(&format!(
+        "imprint: coldplug: {} passes; {} walks of /sys/devices in {:.2}s (longest {:.2}s), \
+         {} uevents; {} disk checks in {:.2}s; last new device {:.2}s, block change {:.2}s, \
+         USB change {:.2}s after PID 1 started",
+        c.passes,
+        c.walks,
+        c.walk_seconds,
+        c.longest_walk_seconds,
+        c.uevents,
+        c.checks,
+        c.check_seconds,
+        c.last_device_at,
+        c.last_block_change_at,
+        c.last_usb_change_at,
+    ));
     Ok(BootEnv {
         cmdline,
         kernel_release,
         modules_loaded,
         module_failures,
         efivars,
-        esp,
+        esp: settled.esp,
         roots,
-        settled,
+        settled: settled.settled,
+        pending: settled.pending,
+        started: start,
+        kernel_uptime,
+        modules_done: last_module.map_or(Duration::ZERO, |t| t.saturating_duration_since(start)),
+        coldplug: settled.coldplug,
         elapsed: start.elapsed(),
     })
 }
@@ -237,49 +311,117 @@ fn mount_efivarfs(sys: &Path, consoles: &mut Consoles) -> bool {
     }
 }
 
-/// Loads drivers for every device (repeating while loading drivers makes new devices appear:
-/// xhci first, then the USB disks behind it) until nothing changed for [`SETTLE_QUIET`] and,
-/// when the command line names the stick's ESP, that partition has appeared.
+/// What [`coldplug_and_settle`] found and where its time went.
+struct Settled {
+    /// The rule in [`crate::settle`] held (and the stick appeared) before [`SETTLE_TIMEOUT`].
+    settled: bool,
+    esp: Option<EspPartition>,
+    /// Controllers still appearing when the wait ended (empty when settled).
+    pending: Vec<String>,
+    coldplug: Coldplug,
+}
+
+/// Loads drivers for every device as it appears and waits until the stick's ESP (when the
+/// command line names it) is there and every storage controller is done by the rule in
+/// [`crate::settle`]: no module loading and no new device in the last pass, no controller
+/// pending, and the block devices unchanged for [`STABLE`] ([`SETTLE_QUIET`] when a controller
+/// of a kind the rule cannot read is present; USB devices for [`USB_QUIET`]).
+///
+/// Devices are found by one walk of `/sys/devices`, then by the kernel's `uevents`
+/// ([`crate::uevent`], subscribed before; a walk again only if events were lost, on every pass
+/// without them). Their modules are queued to `loader`, whose run loads them in the background: a pass
+/// follows as soon as an insertion finishes (its driver may have made devices appear, as xhci
+/// makes the USB disks appear), or after [`POLL`].
 fn coldplug_and_settle<I: InsertModule>(
     roots: &Roots,
-    mut loader: Option<&mut ModuleLoader<I>>,
+    loader: Option<&ModuleLoader<I>>,
+    mut uevents: Option<Uevents>,
     esp_partuuid: Option<&str>,
+    pid1_start: Instant,
     consoles: &mut Consoles,
-) -> (bool, Option<EspPartition>) {
+) -> Settled {
     let start = Instant::now();
+    let at = |t: Instant| t.saturating_duration_since(pid1_start).as_secs_f64();
+    let devices = roots.sys.join("devices");
+    let mut stats = Coldplug::default();
+    let mut walk = true;
     let mut seen_aliases = BTreeSet::new();
     let mut seen_blocks = BTreeSet::new();
-    let mut last_change = Instant::now();
+    let mut seen_usb = BTreeSet::new();
+    let mut last_change = start;
+    let mut last_usb = start;
+    let mut last_device = start;
+    let mut esp = None;
     let mut announced = false;
+    let mut last_pending: Vec<String> = Vec::new();
+    // The kernel log says which ATA ports have no link (libata leaves their slots `unknown`).
+    let mut kmsg_file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open(roots.dev.join("kmsg"))
+        .ok();
+    let mut kmsg: Vec<String> = Vec::new();
     loop {
-        let aliases = modaliases(&roots.sys.join("devices"));
-        let new: Vec<String> = aliases.difference(&seen_aliases).cloned().collect();
-        if let Some(loader) = loader.as_deref_mut() {
-            for alias in &new {
-                loader.load_for_alias(alias);
-            }
+        // Where the insertions stood before this pass looked: only if none was running then
+        // has the pass seen every device they made.
+        let progress = loader.map(ModuleLoader::progress);
+        let mut found = Vec::new();
+        if let Some(u) = uevents.as_mut() {
+            let added = u.read();
+            stats.uevents += u32::try_from(added.events).unwrap_or(u32::MAX);
+            walk |= added.lost;
+            found = added.modaliases;
         }
+        if walk || uevents.is_none() {
+            let t = Instant::now();
+            found.extend(modaliases(&devices));
+            let took = t.elapsed().as_secs_f64();
+            stats.walks += 1;
+            stats.walk_seconds += took;
+            stats.longest_walk_seconds = stats.longest_walk_seconds.max(took);
+            walk = false;
+        }
+        let new: Vec<String> = found
+            .into_iter()
+            .filter(|a| seen_aliases.insert(a.clone()))
+            .collect();
+        let mut queued = 0;
+        if let Some(loader) = loader {
+            // What the disks and the stick wait for (storage and USB controllers, USB disks,
+            // SCSI disks) goes before everything else: there are only as many insertions at
+            // once as CPUs, and the first byte waits for these, not for sound or graphics.
+            let (storage, other): (Vec<String>, Vec<String>) =
+                new.iter().cloned().partition(|a| is_storage_path(a));
+            let mut first = loader.modules_for_aliases(&storage);
+            let mut wanted = loader.modules_for_aliases(&other);
+            if stats.passes == 0 {
+                // sd_mod before its disks appear: USB sticks and SATA disks are SCSI disks.
+                first.push("sd_mod".into());
+                wanted.extend(ALWAYS_LOAD.iter().map(|m| (*m).to_string()));
+            }
+            queued = loader.queue_first(&first) + loader.queue(&wanted);
+        }
+        stats.passes += 1;
+        let now = Instant::now();
         let blocks: BTreeSet<String> = list_dir(&roots.sys.join("class/block"));
+        if !new.is_empty() {
+            last_device = now;
+        }
         if !new.is_empty() || blocks != seen_blocks {
-            last_change = Instant::now();
+            last_change = now;
         }
-        seen_aliases.extend(new);
+        if blocks != seen_blocks {
+            stats.last_block_change_at = at(now);
+        }
+        let usb: BTreeSet<String> = list_dir(&roots.sys.join("bus/usb/devices"));
+        if usb != seen_usb {
+            last_usb = now;
+        }
         seen_blocks = blocks;
-        let esp = esp_partuuid.and_then(|uuid| find_esp(&roots.sys, &roots.dev, uuid));
-        let esp_ok = esp_partuuid.is_none() || esp.is_some();
-        if esp_ok && last_change.elapsed() >= SETTLE_QUIET {
-            return (true, esp);
-        }
-        if start.elapsed() >= SETTLE_TIMEOUT {
-            if !esp_ok {
-                consoles.line(&format!(
-                    "imprint: the stick's partition {} did not appear within {}s",
-                    esp_partuuid.unwrap_or_default(),
-                    SETTLE_TIMEOUT.as_secs()
-                ));
-            }
-            return (false, esp);
-        }
+        seen_usb = usb;
+        kmsg.extend(read_kmsg(kmsg_file.as_mut()));
+        let quiet_pass = new.is_empty() && queued == 0 && progress.is_none_or(|p| p.idle);
+        let timed_out = start.elapsed() >= SETTLE_TIMEOUT;
         if !announced && start.elapsed() >= Duration::from_secs(2) {
             consoles.line(&format!(
                 "imprint: waiting for disks to settle (up to {}s)",
@@ -287,8 +429,113 @@ fn coldplug_and_settle<I: InsertModule>(
             ));
             announced = true;
         }
-        std::thread::sleep(POLL);
+        // The disks cannot be done while a driver is loading or a device just appeared, and
+        // checking them is the costly part of a pass: only a quiet pass (or the last) does.
+        if !quiet_pass && !timed_out {
+            wait(loader, progress);
+            continue;
+        }
+        let t = Instant::now();
+        // The stick's partition does not go away once it is there.
+        if esp.is_none() {
+            esp = esp_partuuid.and_then(|uuid| find_esp(&roots.sys, &roots.dev, uuid));
+        }
+        let esp_ok = esp_partuuid.is_none() || esp.is_some();
+        let has_driver = |alias: &str| loader.is_some_and(|l| l.driver_expected(alias));
+        let storage = settle::storage(
+            &roots.sys,
+            &has_driver,
+            start.elapsed() >= settle::NVME_EMPTY_GRACE,
+            &settle::ata_links_down(kmsg.iter().map(String::as_str)),
+        );
+        stats.checks += 1;
+        stats.check_seconds += t.elapsed().as_secs_f64();
+        if storage.pending != last_pending {
+            for p in &storage.pending {
+                consoles.log_line(&format!(
+                    "imprint: waiting at {:.2}s: {p}",
+                    start.elapsed().as_secs_f64()
+                ));
+            }
+            last_pending = storage.pending.clone();
+        }
+        let quiet = if storage.unknown.is_empty() {
+            STABLE
+        } else {
+            SETTLE_QUIET
+        };
+        let done = |settled: bool, esp, pending, mut stats: Coldplug| {
+            stats.last_device_at = at(last_device);
+            stats.last_usb_change_at = at(last_usb);
+            Settled {
+                settled,
+                esp,
+                pending,
+                coldplug: stats,
+            }
+        };
+        if esp_ok
+            && quiet_pass
+            && storage.ready()
+            && last_change.elapsed() >= quiet
+            && last_usb.elapsed() >= USB_QUIET
+        {
+            for why in storage.unknown.iter().chain(&storage.ignored) {
+                consoles.log_line(&format!("imprint: storage: {why}"));
+            }
+            return done(true, esp, Vec::new(), stats);
+        }
+        if timed_out {
+            if !esp_ok {
+                consoles.line(&format!(
+                    "imprint: the stick's partition {} did not appear within {}s",
+                    esp_partuuid.unwrap_or_default(),
+                    SETTLE_TIMEOUT.as_secs()
+                ));
+            }
+            for p in &storage.pending {
+                consoles.line(&format!(
+                    "imprint: still appearing after {}s: {p}",
+                    SETTLE_TIMEOUT.as_secs()
+                ));
+            }
+            return done(false, esp, storage.pending, stats);
+        }
+        wait(loader, progress);
     }
+}
+
+/// Until the next pass: an insertion finishing after `progress` (its driver may have made
+/// devices appear) or [`POLL`], whichever comes first.
+fn wait<I: InsertModule>(loader: Option<&ModuleLoader<I>>, progress: Option<Progress>) {
+    match (loader, progress) {
+        (Some(l), Some(p)) => l.wait_for_progress(p.finished, POLL),
+        _ => std::thread::sleep(POLL),
+    }
+}
+
+/// The kernel log records not read yet from `/dev/kmsg` (opened non-blocking), the ATA link
+/// lines only (all the settle rule needs).
+fn read_kmsg(file: Option<&mut fs::File>) -> Vec<String> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    let Some(f) = file else { return out };
+    let mut buf = vec![0u8; 8192];
+    // One record per read; EAGAIN at the end, EPIPE when a record was overwritten (go on).
+    for _ in 0..100_000 {
+        match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                let rec = String::from_utf8_lossy(&buf[..n]);
+                if rec.contains(": SATA link ") {
+                    out.push(rec.lines().next().unwrap_or_default().to_owned());
+                }
+            }
+            Err(e) if e.raw_os_error() == Some(nix::libc::EPIPE) => {}
+            Err(_) => break,
+        }
+    }
+    out
 }
 
 pub(crate) fn list_dir(dir: &Path) -> BTreeSet<String> {
@@ -362,7 +609,129 @@ impl Cmdline {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
     use super::*;
+    use crate::settle::fake::write;
+
+    /// A kernel for coldplug: inserting `xhci_pci` makes a USB disk's interface appear (as the
+    /// controller's driver enumerates its ports); inserting `ext4` is slow, and only ends
+    /// early once `usb_storage` has started.
+    struct FakeKernel {
+        sys: PathBuf,
+        /// (module, started, finished), in the order insertions finished.
+        log: Mutex<Vec<(String, Instant, Instant)>>,
+        started: Mutex<Vec<String>>,
+    }
+
+    impl InsertModule for &FakeKernel {
+        fn insert(&self, path: &Path, _params: &str) -> io::Result<()> {
+            let name = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().replace('-', "_"))
+                .unwrap_or_default();
+            let start = Instant::now();
+            self.started.lock().unwrap().push(name.clone());
+            match name.as_str() {
+                "xhci_pci" => write(
+                    &self
+                        .sys
+                        .join("devices/pci0000:00/0000:00:02.0/usb1/1-1/1-1:1.0/modalias"),
+                    "usb:v46F4p0001d0000dc00dsc00dp00ic08isc06ip50in00\n",
+                ),
+                "ext4" => {
+                    while start.elapsed() < Duration::from_secs(5)
+                        && !self
+                            .started
+                            .lock()
+                            .unwrap()
+                            .iter()
+                            .any(|m| m == "usb_storage")
+                    {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
+                _ => {}
+            }
+            std::thread::sleep(Duration::from_millis(10));
+            self.log.lock().unwrap().push((name, start, Instant::now()));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn coldplug_loads_what_a_driver_made_appear_without_waiting_for_slow_modules() {
+        let t = tempfile::tempdir().unwrap();
+        let roots = Roots {
+            proc: t.path().join("proc"),
+            sys: t.path().join("sys"),
+            dev: t.path().join("dev"),
+            modules: t.path().join("modules"),
+        };
+        write(
+            &roots.modules.join("modules.dep"),
+            "kernel/usbcore.ko:\n\
+             kernel/xhci-hcd.ko: kernel/usbcore.ko\n\
+             kernel/xhci-pci.ko: kernel/xhci-hcd.ko kernel/usbcore.ko\n\
+             kernel/usb-storage.ko: kernel/usbcore.ko\n\
+             kernel/jbd2.ko:\n\
+             kernel/ext4.ko: kernel/jbd2.ko\n",
+        );
+        write(
+            &roots.modules.join("modules.alias"),
+            "alias pci:v*d*sv*sd*bc0Csc03i30* xhci_pci\n\
+             alias usb:v*p*d*dc*dsc*dp*ic08isc06ip50in* usb_storage\n",
+        );
+        // The USB controller; the disk behind it appears only once its driver is loaded.
+        write(
+            &roots.sys.join("devices/pci0000:00/0000:00:02.0/modalias"),
+            "pci:v00001B36d0000000Dsv00001AF4sd00001100bc0Csc03i30\n",
+        );
+        let kernel = FakeKernel {
+            sys: roots.sys.clone(),
+            log: Mutex::default(),
+            started: Mutex::default(),
+        };
+        let index = ModuleIndex::load(&roots.modules).unwrap();
+        let loader = ModuleLoader::new(index, HashMap::new(), &kernel);
+        let start = Instant::now();
+        let settled = loader.run(|| {
+            coldplug_and_settle(
+                &roots,
+                Some(&loader),
+                None,
+                None,
+                start,
+                &mut Consoles::default(),
+            )
+        });
+        assert!(settled.settled);
+        let log = kernel.log.lock().unwrap().clone();
+        let span = |m: &str| {
+            let (_, s, e) = log.iter().find(|(n, _, _)| n == m).unwrap();
+            (*s, *e)
+        };
+        // usb_storage, found by a later pass, started while ext4 (the first pass) still
+        // loaded; with one batch per pass it would have waited for ext4's 5 s.
+        assert!(span("usb_storage").0 < span("ext4").1, "{log:?}");
+        assert!(span("ext4").1 < start + Duration::from_secs(4), "{log:?}");
+        // Dependencies still come first.
+        assert!(span("usbcore").1 <= span("usb_storage").0);
+        assert!(span("xhci_hcd").1 <= span("xhci_pci").0);
+        assert!(span("jbd2").1 <= span("ext4").0);
+        let loaded = loader.loaded();
+        assert!(loaded.contains(&"usb_storage".to_string()), "{loaded:?}");
+        // Without uevents, every pass walked sysfs; the ALWAYS_LOAD modules this tree lacks
+        // failed, and only those.
+        let c = &settled.coldplug;
+        assert!(c.walks == c.passes && c.passes >= 3, "{c:?}");
+        assert!(c.checks >= 1 && c.last_device_at > 0.0, "{c:?}");
+        assert!(loader
+            .failures()
+            .iter()
+            .all(|(m, _)| ALWAYS_LOAD.contains(&m.as_str()) && m != "ext4"));
+    }
 
     #[test]
     fn cmdline_parses_quotes_and_last_value_wins() {

@@ -44,8 +44,8 @@ use crate::prompt::{ask_choice, confirm};
 use crate::rootfs::seed_into_root;
 use crate::screen::banner;
 use imprint_core::report::{
-    self, BootInfo, Hardware, ImageInfo, NextBoot, Rejected, Report, SeedInfo, SelectionInfo,
-    Status,
+    self, BootInfo, Hardware, ImageInfo, NextBoot, Phases, Rejected, Report, SeedInfo,
+    SelectionInfo, Status,
 };
 
 /// GPT type of an EFI System Partition.
@@ -74,6 +74,14 @@ pub fn run(env: &BootEnv, consoles: &mut Consoles) -> ! {
         efi: env.efivars,
         settled: env.settled,
         seconds: env.elapsed.as_secs_f64(),
+        pending: env.pending.clone(),
+        coldplug: Some(env.coldplug.clone()),
+    });
+    rep.phases = Some(Phases {
+        kernel_seconds: env.kernel_uptime.map(|d| d.as_secs_f64()),
+        modules_seconds: Some(env.modules_done.as_secs_f64()),
+        settle_seconds: Some(env.elapsed.saturating_sub(env.modules_done).as_secs_f64()),
+        ..Default::default()
     });
     consoles.line(&format!("imprint: install {install_id}"));
     let stick = match Medium::open(env, consoles) {
@@ -254,6 +262,9 @@ fn install(
     let templates = seed::validate_seed_dir(&stick.join(SEED_DIR)).context("checking the seed")?;
 
     let image = medium.image(env)?;
+    if env.cmdline.has(crate::bench::PARAM) && medium.is_stick() {
+        bench_stick_read(env, consoles, &image, rep);
+    }
     let m = image.manifest().clone();
     rep.image = Some(ImageInfo {
         name: m.name.clone(),
@@ -271,6 +282,7 @@ fn install(
     ));
     // Before any disk is touched (docs/signing.md).
     let signature_verified = check_signature(consoles, &image, config, rep)?;
+    let medium_done = env.started.elapsed();
 
     let sys = &env.roots.sys;
     let identity = MachineIdentity::read(sys).context("reading the machine's identity")?;
@@ -291,6 +303,15 @@ fn install(
     medium.events().phase(EventPhase::Target);
     let disks = discover::scan(sys).context("scanning the disks")?;
     rep.disks = Some(disks.clone());
+    // Early boot gave up waiting while a controller was still starting: a disk may be missing
+    // from the scan, and choosing among the others would be a guess.
+    if !env.pending.is_empty() {
+        bail!(
+            "not choosing a disk: storage still appearing after {} s ({}); nothing was written",
+            crate::boot::SETTLE_TIMEOUT.as_secs(),
+            env.pending.join("; ")
+        );
+    }
     // main.rs printed the disk table already (IMPRINT-BOOT-OK); the decision follows it.
 
     let selection = select::choose(
@@ -407,6 +428,7 @@ fn install(
         return Ok(Ending::Stopped);
     }
 
+    let chosen_at = env.started.elapsed();
     // One transaction (docs/write-engine.md): the exclusive target stays open from the plan
     // to the commit; the image, the seed partition and the final partition table are all
     // written and read back before the single commit.
@@ -451,8 +473,9 @@ fn install(
         // A verified signature covers the manifest, and the manifest the payload's digest:
         // check that digest before the first write, so no unauthenticated byte reaches the disk.
         precheck_payload: signature_verified,
-        // The first byte counts from the plan (PID 1's own start is in the report's timings).
-        started: None,
+        // The first byte counts from PID 1's start (power-on to first byte, with the kernel's
+        // uptime then: report.phases).
+        started: Some(env.started),
     };
     // Root-filesystem placement: the seed goes into the image's root filesystem on the disk,
     // through a loop device over the partition's range, before the commit.
@@ -486,6 +509,25 @@ fn install(
         m.raw_size as f64 / wrep.write_seconds.max(1e-3) / 1048576.0,
         wrep.verify_seconds,
     ));
+    {
+        let p = rep.phases.get_or_insert_with(Phases::default);
+        let chosen = chosen_at;
+        p.medium_seconds = Some(medium_done.saturating_sub(env.elapsed).as_secs_f64());
+        p.choose_seconds = Some(chosen.saturating_sub(medium_done).as_secs_f64());
+        p.first_write_seconds = Some((wrep.first_byte_seconds - chosen.as_secs_f64()).max(0.0));
+        p.first_byte_uptime_seconds = p.kernel_seconds.map(|k| k + wrep.first_byte_seconds);
+        consoles.log_line(&format!(
+            "imprint: first byte {:.2}s after PID 1 started (kernel uptime {}): modules {:.2}s, settle {:.2}s, stick and image {:.2}s, choosing {:.2}s, to the first write {:.2}s",
+            wrep.first_byte_seconds,
+            p.first_byte_uptime_seconds
+                .map_or("unknown".to_string(), |u| format!("{u:.2}s")),
+            p.modules_seconds.unwrap_or_default(),
+            p.settle_seconds.unwrap_or_default(),
+            p.medium_seconds.unwrap_or_default(),
+            p.choose_seconds.unwrap_or_default(),
+            p.first_write_seconds.unwrap_or_default(),
+        ));
+    }
     rep.write = Some(wrep);
     rep.timing("write_and_verify", t.elapsed().as_secs_f64());
     drop(target);
@@ -537,6 +579,28 @@ fn install(
     }
     rep.timing("total", t0.elapsed().as_secs_f64());
     Ok(Ending::Provisioned)
+}
+
+/// Bench mode: the stick's read rates, on the consoles and in the report. A failure costs
+/// only the figures.
+fn bench_stick_read(env: &BootEnv, consoles: &mut Consoles, image: &Image, rep: &mut Report) {
+    consoles.line("imprint: bench: reading the stick's payload partition twice");
+    match crate::bench::stick_read(&env.roots.proc, image) {
+        Ok(r) => {
+            consoles.line(&format!(
+                "imprint: bench: image reader {:.1} MiB/s ({} in {:.2}s), plain O_DIRECT 4 MiB reads {:.1} MiB/s ({} in {:.2}s) on {}",
+                r.payload_mib_s(),
+                discover::human_bytes(r.payload_bytes),
+                r.payload_seconds,
+                r.direct_mib_s(),
+                discover::human_bytes(r.direct_bytes),
+                r.direct_seconds,
+                r.partition
+            ));
+            rep.stick_read = Some(r);
+        }
+        Err(e) => consoles.line(&format!("imprint: bench: {e:#}")),
+    }
 }
 
 /// Applies the signature policy (`require_signature`, trusted keys from the config and the live

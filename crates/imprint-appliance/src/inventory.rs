@@ -157,6 +157,11 @@ mod tests {
             esp: None,
             roots: Roots::system(),
             settled: true,
+            pending: Vec::new(),
+            started: std::time::Instant::now(),
+            kernel_uptime: None,
+            modules_done: Duration::ZERO,
+            coldplug: Default::default(),
             elapsed: Duration::ZERO,
         }
     }

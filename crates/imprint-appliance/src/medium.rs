@@ -86,6 +86,12 @@ impl Medium {
                     .as_ref()
                     .ok_or_else(|| anyhow!("the stick's ESP is unknown"))?;
                 let payload = crate::stick::payload_partition(&env.roots, &esp.disk)?;
+                // Not fatal: only slower without it.
+                let _ = crate::stick::raise_read_ahead(
+                    &env.roots,
+                    &esp.disk,
+                    crate::stick::STICK_READ_AHEAD_KB,
+                );
                 Image::open(&payload).with_context(|| {
                     format!("opening the image on the stick ({})", payload.display())
                 })

@@ -54,6 +54,88 @@ pub struct BootInfo {
     pub settled: bool,
     /// Seconds from PID 1's start to the end of early boot.
     pub seconds: f64,
+    /// Storage controllers still appearing when early boot stopped waiting (only when it
+    /// gave up: `settled` is false).
+    pub pending: Vec<String>,
+    /// Where early boot's wait for devices went (reports before it existed lack it).
+    pub coldplug: Option<Coldplug>,
+}
+
+/// How early boot's coldplug and settle loop spent its time (docs/live-image.md, "Early
+/// boot"). Instants are seconds after PID 1's start.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Coldplug {
+    /// Passes of the loop: new devices looked for, their modules queued, the disks checked.
+    pub passes: u32,
+    /// Full walks of `/sys/devices` for `modalias` files: the first pass's, then only when
+    /// kernel uevents were lost or cannot be read.
+    pub walks: u32,
+    /// Their total time, and the longest one's.
+    pub walk_seconds: f64,
+    pub longest_walk_seconds: f64,
+    /// Kernel uevents read (the devices that appeared after the first walk).
+    pub uevents: u32,
+    /// Checks of the disks (storage controllers, the stick's ESP) and their total time; run
+    /// only in passes where no module was loading and no device appeared.
+    pub checks: u32,
+    pub check_seconds: f64,
+    /// The last new device (`modalias`), the last change of the block devices and of the USB
+    /// devices: the settle rule waits for quiet after each.
+    pub last_device_at: f64,
+    pub last_block_change_at: f64,
+    pub last_usb_change_at: f64,
+}
+
+/// Where the time from power-on to the first byte on the target went, in seconds, each phase
+/// from the end of the one before (docs/benchmarks.md, "Time to first byte"). Firmware, shim
+/// and GRUB are before the kernel's clock starts: only the host sees them (`scripts/bench-boot`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Phases {
+    /// Kernel start to PID 1's `main` (the kernel's uptime then).
+    pub kernel_seconds: Option<f64>,
+    /// PID 1's start to the last kernel module inserted.
+    pub modules_seconds: Option<f64>,
+    /// Then until the disks and the stick were there (see `boot.settled`).
+    pub settle_seconds: Option<f64>,
+    /// Then: stick mounted, config and seed read, image opened, signature checked.
+    pub medium_seconds: Option<f64>,
+    /// Then: identity, disk scan, target policy, confirmation.
+    pub choose_seconds: Option<f64>,
+    /// Then until the first payload byte was written: target opened, plan, wipe, decode.
+    pub first_write_seconds: Option<f64>,
+    /// The kernel's uptime (`CLOCK_BOOTTIME`) at the first payload byte: all of the above.
+    pub first_byte_uptime_seconds: Option<f64>,
+}
+
+/// The stick's read rate in bench mode (`imprint.bench` on the kernel command line): the
+/// image's payload read the way the write engine reads it, against a plain sequential
+/// `O_DIRECT` read of the whole payload partition (what `dd bs=4M iflag=direct` does), in the
+/// same boot, the page cache dropped before each.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StickRead {
+    /// The payload partition.
+    pub partition: String,
+    /// Bytes of compressed payload read through the image reader.
+    pub payload_bytes: u64,
+    pub payload_seconds: f64,
+    /// Bytes of the partition read with `O_DIRECT`, 4 MiB at a time.
+    pub direct_bytes: u64,
+    pub direct_seconds: f64,
+}
+
+impl StickRead {
+    /// MiB/s of the image reader.
+    pub fn payload_mib_s(&self) -> f64 {
+        self.payload_bytes as f64 / self.payload_seconds.max(1e-9) / 1048576.0
+    }
+
+    /// MiB/s of the plain `O_DIRECT` read.
+    pub fn direct_mib_s(&self) -> f64 {
+        self.direct_bytes as f64 / self.direct_seconds.max(1e-9) / 1048576.0
+    }
 }
 
 /// CPU and memory.
@@ -198,6 +280,12 @@ pub struct Report {
     /// Seconds per phase of the whole flow.
     #[serde(default)]
     pub timings: BTreeMap<String, f64>,
+    /// Power-on to first byte, by phase.
+    #[serde(default)]
+    pub phases: Option<Phases>,
+    /// Bench mode's stick read rates.
+    #[serde(default)]
+    pub stick_read: Option<StickRead>,
     /// The error, when the run failed.
     #[serde(default)]
     pub error: Option<String>,
@@ -254,6 +342,8 @@ impl Report {
             seed: None,
             next_boot: None,
             timings: BTreeMap::new(),
+            phases: None,
+            stick_read: None,
             error: None,
         }
     }

@@ -43,6 +43,8 @@ struct Machine {
     sys: FakeSys,
     stick: tempfile::TempDir,
     image: PathBuf,
+    /// What early boot reported as still appearing when it gave up waiting.
+    pending: Vec<String>,
 }
 
 impl Machine {
@@ -52,6 +54,7 @@ impl Machine {
             sys,
             stick: tempfile::tempdir().unwrap(),
             image: PathBuf::new(),
+            pending: Vec::new(),
         };
         for d in ["proc", "dev"] {
             fs::create_dir_all(m.sys.dir.path().join(d)).unwrap();
@@ -143,7 +146,12 @@ impl Machine {
                 disk: "sdb".into(),
             }),
             roots: self.root(),
-            settled: true,
+            settled: self.pending.is_empty(),
+            pending: self.pending.clone(),
+            started: std::time::Instant::now(),
+            kernel_uptime: None,
+            modules_done: Duration::ZERO,
+            coldplug: Default::default(),
             elapsed: Duration::ZERO,
         }
     }
@@ -383,6 +391,20 @@ fn installs_on_the_internal_disk_and_never_on_the_stick_or_a_usb_disk() {
     assert_eq!(v["seed"]["placement"]["placement"], "cidata-partition");
     assert_eq!(v["write"]["verified"], true);
     assert_eq!(saved.write.as_ref().unwrap().raw_size, IMAGE);
+    // Time to first byte, by phase: counted from PID 1's start (here: the test's BootEnv).
+    let phases = saved.phases.as_ref().unwrap();
+    let first_byte = saved.write.as_ref().unwrap().first_byte_seconds;
+    let (medium, choose, first_write) = (
+        phases.medium_seconds.unwrap(),
+        phases.choose_seconds.unwrap(),
+        phases.first_write_seconds.unwrap(),
+    );
+    assert!(first_byte > 0.0 && first_write > 0.0, "{phases:?}");
+    assert!(
+        (medium + choose + first_write - first_byte).abs() < 0.01,
+        "the phases add up to the first byte: {phases:?}, {first_byte}"
+    );
+    assert!(said.contains("imprint: first byte "), "{said}");
     assert_eq!(sha(&m.dev("sdc")), usb, "the USB disk is untouched");
     assert_eq!(sha(&m.dev("sdb")), stick, "the stick's disk is untouched");
     // The stick records the install for its GRUB: the seed volume and the installed ESP.
@@ -527,4 +549,25 @@ fn a_disk_too_small_for_the_image_is_refused_untouched() {
     assert!(err.starts_with("no target disk:"), "{err}");
     assert!(said.contains("not nvme0n1: "), "{said}");
     assert_eq!(fs::read(&small).unwrap(), vec![0xA5; (8 * MIB) as usize]);
+}
+
+#[test]
+fn a_controller_still_appearing_when_boot_gave_up_stops_before_choosing() {
+    // Early boot waited its 15 s and a second NVMe controller never finished: the one disk
+    // that did appear must not be chosen for being alone.
+    let mut m = Machine::new()
+        .with_stick("local-hostname: flow-13\n")
+        .with_nvme(0, "NVME-FLOW-1");
+    m.pending = vec!["PCI 0000:00:05.0 (storage 010802): nvme1 is \"connecting\"".into()];
+    let nvme = sha(&m.dev("nvme0n1"));
+    let (ending, rep, said) = m.run("20261201-000001-aaaa", UNATTENDED);
+    let err = ending.expect_err("no choice");
+    assert!(
+        err.contains("not choosing a disk: storage still appearing"),
+        "{err}"
+    );
+    assert!(err.contains("nvme1 is \"connecting\""), "{err}");
+    assert!(rep.selection.is_none(), "{:?}", rep.selection);
+    assert!(!said.contains("imprint: target "), "{said}");
+    assert_eq!(sha(&m.dev("nvme0n1")), nvme, "nothing was written");
 }
