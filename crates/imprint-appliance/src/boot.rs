@@ -91,6 +91,17 @@ impl Roots {
             modules: Path::new("/lib/modules").join(release),
         }
     }
+
+    /// Fake roots under `dir` (`proc`, `sys`, `dev`, `modules`), for tests.
+    #[cfg(test)]
+    pub(crate) fn under(dir: &Path) -> Self {
+        Roots {
+            proc: dir.join("proc"),
+            sys: dir.join("sys"),
+            dev: dir.join("dev"),
+            modules: dir.join("modules"),
+        }
+    }
 }
 
 /// What early boot found; the install flow starts from here.
@@ -663,12 +674,7 @@ mod tests {
     #[test]
     fn coldplug_loads_what_a_driver_made_appear_without_waiting_for_slow_modules() {
         let t = tempfile::tempdir().unwrap();
-        let roots = Roots {
-            proc: t.path().join("proc"),
-            sys: t.path().join("sys"),
-            dev: t.path().join("dev"),
-            modules: t.path().join("modules"),
-        };
+        let roots = Roots::under(t.path());
         write(
             &roots.modules.join("modules.dep"),
             "kernel/usbcore.ko:\n\

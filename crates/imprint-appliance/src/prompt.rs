@@ -377,19 +377,10 @@ mod tests {
         assert!(!keyboard_present(&t.path().join("missing")));
     }
 
-    fn roots(dir: &Path) -> Roots {
-        Roots {
-            proc: dir.join("proc"),
-            sys: dir.join("sys"),
-            dev: dir.join("dev"),
-            modules: dir.join("modules"),
-        }
-    }
-
     #[test]
     fn prompts_go_to_serial_always_and_to_the_screen_when_a_keyboard_is_there() {
         let t = tempfile::tempdir().unwrap();
-        let r = roots(t.path());
+        let r = Roots::under(t.path());
         // The live image's command line: console=tty0 console=ttyS0,115200.
         write(&r.sys.join("class/tty/console/active"), "tty0 ttyS0\n");
         write(&r.proc.join("bus/input/devices"), BUTTON);

@@ -113,12 +113,7 @@ mod tests {
     #[test]
     fn the_sticks_read_ahead_is_raised_never_lowered() {
         let d = tempfile::tempdir().unwrap();
-        let roots = Roots {
-            proc: d.path().join("proc"),
-            sys: d.path().join("sys"),
-            dev: d.path().join("dev"),
-            modules: d.path().join("modules"),
-        };
+        let roots = Roots::under(d.path());
         let ra = |disk: &str| {
             roots
                 .sys

@@ -80,10 +80,8 @@ impl Machine {
     fn root(&self) -> Roots {
         let d = self.sys.dir.path();
         Roots {
-            proc: d.join("proc"),
             sys: self.sys.root(),
-            dev: d.join("dev"),
-            modules: d.join("modules"),
+            ..Roots::under(d)
         }
     }
 
