@@ -1364,12 +1364,14 @@ fn stream(
             verify_seconds = t.elapsed().as_secs_f64();
             progress.end(Phase::Verify, raw, verify_seconds);
         }
-        ((decoded, routed, written, hashed, verified), first_byte)
+        (
+            (decoded, routed, written, hashed, verified, streamed),
+            first_byte,
+        )
     });
-    let (decoded, routed, written, hashed, verified) = results;
+    let (decoded, routed, written, hashed, verified, streamed) = results;
     // Every stage that stopped because another failed returned Ok (or, the read-back,
     // `Interrupted`): of the real failures, the lowest offset wins.
-    let decoded_whole = decoded.is_ok() && routed.is_ok();
     let mut errors: Vec<WriteError> = [decoded.err(), routed.err()]
         .into_iter()
         .flatten()
@@ -1378,7 +1380,7 @@ fn stream(
         Err(e) => errors.push(e),
         // Every chunk was dealt once the whole stream was written: each must have been
         // checked (a guard; the hashers either check a chunk or report why not).
-        Ok(n) if hash && decoded_whole && written.is_ok() && n != m.chunk_count() => {
+        Ok(n) if hash && streamed && n != m.chunk_count() => {
             errors.push(WriteError::Decode {
                 offset: 0,
                 chunk: 0,
@@ -1903,6 +1905,20 @@ mod tests {
         }
     }
 
+    /// Writes to `out` the image at `good` (whose manifest is `m`) with the manifest's digests
+    /// of `chunks` replaced by zeros: a manifest that disagrees with its intact payload.
+    fn with_wrong_chunk_digests(good: &Path, m: &Manifest, chunks: &[u64], out: &Path) {
+        let bytes = std::fs::read(good).unwrap();
+        let payload = &bytes[bytes.len() - m.compressed_size as usize..];
+        let mut damaged = m.clone();
+        for &i in chunks {
+            damaged.chunks[i as usize] = "0".repeat(64);
+        }
+        let mut image = damaged.to_frame();
+        image.extend_from_slice(payload);
+        std::fs::write(out, image).unwrap();
+    }
+
     /// An image whose manifest disagrees with its (intact) payload in chunk 2: with and without
     /// read-back, the error blames the image and names the chunk; no partition table is left.
     #[test]
@@ -1910,14 +1926,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let raw = fake_gpt_raw(6 << 20, 512);
         let good = dir.path().join("good.img.zst");
-        let mut m = pack_bytes(&raw, &good);
-        let bytes = std::fs::read(&good).unwrap();
-        let payload = &bytes[bytes.len() - m.compressed_size as usize..];
-        m.chunks[2] = "0".repeat(64);
+        let m = pack_bytes(&raw, &good);
         let bad = dir.path().join("bad.img.zst");
-        let mut out = m.to_frame();
-        out.extend_from_slice(payload);
-        std::fs::write(&bad, out).unwrap();
+        with_wrong_chunk_digests(&good, &m, &[2], &bad);
         let img = Image::open(&bad).unwrap();
         for verify in [true, false] {
             let disk = dir.path().join(format!("disk-{verify}"));
@@ -1959,18 +1970,9 @@ mod tests {
             };
             let m = crate::manifest::pack(&mut &raw[..], &good, &opts, &mut |_| {}).unwrap();
             let n = m.chunk_count();
-            let bytes = std::fs::read(&good).unwrap();
-            let payload = &bytes[bytes.len() - m.compressed_size as usize..];
-            let mut damaged = m.clone();
             // Three bad chunks (with 8 MiB chunks, two), the lowest dealt to the second hasher.
-            let bad = [n - 1, 1, n / 2];
-            for &i in &bad {
-                damaged.chunks[i as usize] = "0".repeat(64);
-            }
             let bad_path = dir.path().join(format!("bad-{chunk_size}.img.zst"));
-            let mut out = damaged.to_frame();
-            out.extend_from_slice(payload);
-            std::fs::write(&bad_path, out).unwrap();
+            with_wrong_chunk_digests(&good, &m, &[n - 1, 1, n / 2], &bad_path);
             let opts = WriteOptions {
                 verify: false,
                 ..Default::default()
