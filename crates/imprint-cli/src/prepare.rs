@@ -253,6 +253,7 @@ pub fn prepare(
         level: args.level,
         threads,
         chunk_size: manifest::DEFAULT_CHUNK_SIZE,
+        frame_size: Some(manifest::DEFAULT_FRAME_SIZE),
     };
     let mut sign = |json: &[u8]| -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
         match &signer {

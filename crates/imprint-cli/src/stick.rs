@@ -470,6 +470,7 @@ mod tests {
             level: 1,
             threads: 0,
             chunk_size: MIB,
+            frame_size: Some(MIB),
         };
         pack(&mut raw.as_slice(), &out, &opts, &mut |_| {}).unwrap();
         out

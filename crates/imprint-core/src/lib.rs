@@ -8,6 +8,8 @@
 //! - [`write`]: the verified write engine: zero the ends, stream, read back, commit the first MiB
 //!   last, move the backup GPT.
 //! - [`verify`]: reading a target back and proving it holds an image.
+//! - [`ordered`]: work on several threads with its results used in order (an image's frames
+//!   compressed by `prepare`, decoded by the write).
 //! - [`gpt_table`]: the one GPT reader and layout (guarded, entries kept verbatim).
 //! - [`durable`]: replacing a small file so it is whole on the medium (FAT included).
 //! - [`input`]: opening user-given files: non-regular files refused, small files size-capped.
@@ -33,6 +35,7 @@ pub mod input;
 pub mod loopdev;
 pub mod machine;
 pub mod manifest;
+pub mod ordered;
 pub mod presigned;
 pub mod progress;
 #[cfg(feature = "remote")]

@@ -45,8 +45,16 @@ pub const ZSTD_FRAME_MAGIC: u32 = 0xFD2F_B528;
 pub const MANIFEST_TAG: &[u8; 8] = b"IMPRINT\0";
 /// The format name in the manifest.
 pub const FORMAT_NAME: &str = "imprint-image";
-/// The manifest version this code writes and the newest it reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The manifest version this code writes and the newest it reads. Version 2 adds the frame
+/// table (`frame_size`, `frames`); version 1 (a payload of one stream, no table) is still read,
+/// and is what [`Image::from_raw_file`] describes.
+pub const FORMAT_VERSION: u32 = 2;
+/// Raw bytes per payload frame `imprint prepare` writes: one write buffer of the engine, so each
+/// frame decodes straight into the buffer that goes to the disk.
+pub const DEFAULT_FRAME_SIZE: u64 = 4 << 20;
+/// Largest frame (raw bytes) a manifest may declare: the write engine decodes a frame into one
+/// buffer of this size.
+pub const MAX_FRAME_SIZE: u64 = 4 << 20;
 /// Default chunk size for chunk digests: verification runs and reports per chunk.
 pub const DEFAULT_CHUNK_SIZE: u64 = 16 << 20;
 /// Largest manifest frame accepted (a 2 TiB image at 16 MiB chunks is ~9 MiB of JSON).
@@ -91,6 +99,14 @@ pub struct Manifest {
     pub compressed_size: u64,
     /// sha256 of the compressed payload.
     pub compressed_sha256: String,
+    /// Raw bytes each payload frame decodes to (version 2; the last frame may be shorter).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frame_size: Option<u64>,
+    /// Compressed size of each payload frame, in order (version 2): every frame is an
+    /// independent zstd frame, so frames decode on several threads, each straight into its
+    /// place.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frames: Option<Vec<u64>>,
     /// The tool and version that made the image.
     pub created_by: String,
 }
@@ -215,7 +231,65 @@ impl Manifest {
         if self.compressed_size == 0 {
             return Err("compressed_size is 0".into());
         }
+        self.validate_frames()
+    }
+
+    /// The frame table: present exactly in version 2, one entry per `frame_size` bytes of the
+    /// raw image, each within what zstd can make of a frame that size, adding up to the
+    /// payload. (A table that lies about where frames end is caught while decoding.)
+    fn validate_frames(&self) -> Result<(), String> {
+        let (fs, frames) = match (self.version, self.frame_size, &self.frames) {
+            (1, None, None) => return Ok(()),
+            (1, _, _) => return Err("a version 1 manifest has no frame table".into()),
+            (_, Some(fs), Some(frames)) => (fs, frames),
+            _ => return Err("frame_size and frames are missing".into()),
+        };
+        if fs == 0 || !fs.is_multiple_of(1 << 20) || fs > MAX_FRAME_SIZE {
+            return Err(format!(
+                "frame_size {fs} is not a multiple of 1 MiB up to {MAX_FRAME_SIZE}"
+            ));
+        }
+        let expect = self.raw_size.div_ceil(fs);
+        if frames.len() as u64 != expect {
+            return Err(format!(
+                "{} frames listed for {expect} frames of {fs} bytes",
+                frames.len()
+            ));
+        }
+        let bound = zstd::zstd_safe::compress_bound(fs as usize) as u64;
+        let mut total = 0u64;
+        for (k, &len) in frames.iter().enumerate() {
+            if len == 0 || len > bound {
+                return Err(format!(
+                    "frame {k} is {len} bytes, outside 1..={bound} for {fs} raw bytes"
+                ));
+            }
+            total += len;
+        }
+        if total != self.compressed_size {
+            return Err(format!(
+                "the frames add up to {total} bytes, compressed_size says {}",
+                self.compressed_size
+            ));
+        }
         Ok(())
+    }
+
+    /// The payload's frames as `(compressed length, raw range)`, in order; `None` for a
+    /// version 1 payload (one stream).
+    pub fn frame_table(&self) -> Option<impl Iterator<Item = (u64, (u64, u64))> + '_> {
+        let fs = self.frame_size?;
+        let raw = self.raw_size;
+        Some(
+            self.frames
+                .as_ref()?
+                .iter()
+                .enumerate()
+                .map(move |(k, &len)| {
+                    let start = k as u64 * fs;
+                    (len, (start, (start + fs).min(raw)))
+                }),
+        )
     }
 
     /// Number of chunks.
@@ -629,7 +703,7 @@ impl Image {
         let digest = hex(&total.finalize());
         let manifest = Manifest {
             format: FORMAT_NAME.into(),
-            version: FORMAT_VERSION,
+            version: 1,
             name: name.into(),
             raw_size,
             partition_table,
@@ -639,6 +713,8 @@ impl Image {
             chunks,
             compressed_size: raw_size,
             compressed_sha256: digest,
+            frame_size: None,
+            frames: None,
             created_by: concat!("imprint ", env!("CARGO_PKG_VERSION")).into(),
         };
         manifest
@@ -849,10 +925,14 @@ pub struct PackOptions {
     pub name: String,
     /// zstd level (1–22).
     pub level: i32,
-    /// Compression threads (0 = single-threaded in the caller's thread).
+    /// Compression threads (frames: 0 counts as 1; one stream: 0 = in the caller's thread).
     pub threads: u32,
     /// Chunk size of the chunk digests.
     pub chunk_size: u64,
+    /// Raw bytes per payload frame ([`DEFAULT_FRAME_SIZE`]; up to [`MAX_FRAME_SIZE`]): a
+    /// version 2 image whose frames decode in parallel. `None` writes a version 1 image, one
+    /// zstd stream (kept for tests of old images).
+    pub frame_size: Option<u64>,
 }
 
 /// Errors while packing an image.
@@ -900,6 +980,147 @@ impl<W: Write> Write for HashingWriter<W> {
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
     }
+}
+
+/// What packing learns from the raw bytes as they pass: the digests and the first sectors.
+struct Seen {
+    total: Sha256,
+    chunker: ChunkHasher,
+    chunks: Vec<String>,
+    raw_size: u64,
+    /// The first 8 KiB, for [`detect_partition_table`].
+    head: Vec<u8>,
+}
+
+impl Seen {
+    fn new(chunk_size: u64) -> Seen {
+        Seen {
+            total: Sha256::new(),
+            chunker: ChunkHasher::new(chunk_size),
+            chunks: Vec::new(),
+            raw_size: 0,
+            head: Vec::with_capacity(8192),
+        }
+    }
+
+    fn take(&mut self, data: &[u8]) {
+        if self.head.len() < 8192 {
+            let take = (8192 - self.head.len()).min(data.len());
+            self.head.extend_from_slice(&data[..take]);
+        }
+        self.total.update(data);
+        let chunks = &mut self.chunks;
+        let _ = self.chunker.update(data, &mut |_, d| {
+            chunks.push(d);
+            Ok::<(), ()>(())
+        });
+        self.raw_size += data.len() as u64;
+    }
+}
+
+/// A version 1 payload: one zstd stream (multithreaded zstd with `opts.threads`).
+fn compress_stream<W: Write>(
+    raw: &mut dyn Read,
+    (out, path): (W, &Path),
+    opts: &PackOptions,
+    seen: &mut Seen,
+    on_progress: &mut dyn FnMut(u64),
+) -> Result<(), PackError> {
+    let werr = |source| PackError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    let mut enc = zstd::stream::write::Encoder::new(out, opts.level).map_err(werr)?;
+    enc.include_checksum(true).map_err(werr)?;
+    if opts.threads > 0 {
+        enc.multithread(opts.threads).map_err(werr)?;
+    }
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = read_full(raw, &mut buf).map_err(PackError::Read)?;
+        if n == 0 {
+            break;
+        }
+        seen.take(&buf[..n]);
+        enc.write_all(&buf[..n]).map_err(werr)?;
+        on_progress(seen.raw_size);
+    }
+    enc.finish().map_err(werr)?;
+    Ok(())
+}
+
+/// A version 2 payload: one independent zstd frame (content size and checksum in it) per
+/// `frame_size` raw bytes, compressed on `opts.threads` threads (at least one) and written in
+/// order. Returns each frame's compressed size.
+fn compress_frames<W: Write + Send>(
+    raw: &mut dyn Read,
+    (out, path): (&mut W, &Path),
+    frame_size: u64,
+    opts: &PackOptions,
+    seen: &mut Seen,
+    on_progress: &mut dyn FnMut(u64),
+) -> Result<Vec<u64>, PackError> {
+    let werr = |source| PackError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    let threads = (opts.threads as usize).max(1);
+    let mut read_error = None;
+    let mut write_error = None;
+    let mut sizes = Vec::new();
+    let items = std::iter::from_fn(|| {
+        let mut buf = vec![0u8; frame_size as usize];
+        match read_full(raw, &mut buf) {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                seen.take(&buf);
+                on_progress(seen.raw_size);
+                Some(buf)
+            }
+            Err(e) => {
+                read_error = Some(e);
+                None
+            }
+        }
+    });
+    let level = opts.level;
+    crate::ordered::map_in_order(
+        items,
+        threads,
+        threads,
+        || -> io::Result<zstd::bulk::Compressor<'static>> {
+            let mut c = zstd::bulk::Compressor::new(level)?;
+            c.include_checksum(true)?;
+            c.include_contentsize(true)?;
+            Ok(c)
+        },
+        |c, data: Vec<u8>| match c {
+            Ok(c) => c.compress(&data),
+            Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+        },
+        |frame| match frame.and_then(|f| {
+            out.write_all(&f)?;
+            Ok(f.len() as u64)
+        }) {
+            Ok(n) => {
+                sizes.push(n);
+                true
+            }
+            Err(e) => {
+                write_error = Some(e);
+                false
+            }
+        },
+    );
+    if let Some(e) = read_error {
+        return Err(PackError::Read(e));
+    }
+    if let Some(e) = write_error {
+        return Err(werr(e));
+    }
+    out.flush().map_err(werr)?;
+    Ok(sizes)
 }
 
 /// Compresses a raw disk image into an imprint image at `out`, returning its manifest.
@@ -974,44 +1195,37 @@ fn pack_inner(
         let path = path.to_owned();
         move |source| PackError::Write { path, source }
     };
-    let hw = HashingWriter {
+    let mut hw = HashingWriter {
         inner: io::BufWriter::with_capacity(1 << 20, payload_file),
         hasher: Sha256::new(),
         count: 0,
     };
-    let mut enc = zstd::stream::write::Encoder::new(hw, opts.level).map_err(werr(payload_path))?;
-    enc.include_checksum(true).map_err(werr(payload_path))?;
-    if opts.threads > 0 {
-        enc.multithread(opts.threads).map_err(werr(payload_path))?;
-    }
-
-    let mut total = Sha256::new();
-    let mut chunker = ChunkHasher::new(opts.chunk_size);
-    let mut chunks = Vec::new();
-    let mut push = |_: u64, d: String| -> Result<(), PackError> {
-        chunks.push(d);
-        Ok(())
+    let mut seen = Seen::new(opts.chunk_size);
+    let frames = match opts.frame_size {
+        Some(fs) => Some(compress_frames(
+            raw,
+            (&mut hw, payload_path),
+            fs,
+            opts,
+            &mut seen,
+            on_progress,
+        )?),
+        None => {
+            compress_stream(raw, (&mut hw, payload_path), opts, &mut seen, on_progress)?;
+            None
+        }
     };
-    let mut raw_size = 0u64;
-    let mut head = Vec::with_capacity(8192);
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = read_full(raw, &mut buf).map_err(PackError::Read)?;
-        if n == 0 {
-            break;
-        }
-        let data = &buf[..n];
-        if head.len() < 8192 {
-            let take = (8192 - head.len()).min(n);
-            head.extend_from_slice(&data[..take]);
-        }
-        total.update(data);
-        chunker.update(data, &mut push)?;
-        enc.write_all(data).map_err(werr(payload_path))?;
-        raw_size += n as u64;
-        on_progress(raw_size);
-    }
-    chunker.finish(&mut push)?;
+    let Seen {
+        total,
+        chunker,
+        mut chunks,
+        raw_size,
+        head,
+    } = seen;
+    chunker.finish(&mut |_, d| {
+        chunks.push(d);
+        Ok::<(), PackError>(())
+    })?;
     if raw_size == 0 {
         return Err(PackError::Input("the input is empty".into()));
     }
@@ -1022,7 +1236,6 @@ fn pack_inner(
             "its size, {raw_size} bytes, is not a multiple of its {unit}-byte sector size: not a disk image, or truncated"
         )));
     }
-    let hw = enc.finish().map_err(werr(payload_path))?;
     let HashingWriter {
         inner,
         hasher,
@@ -1037,7 +1250,7 @@ fn pack_inner(
 
     let manifest = Manifest {
         format: FORMAT_NAME.into(),
-        version: FORMAT_VERSION,
+        version: if frames.is_some() { FORMAT_VERSION } else { 1 },
         name: opts.name.clone(),
         raw_size,
         partition_table,
@@ -1047,6 +1260,8 @@ fn pack_inner(
         chunks,
         compressed_size: count,
         compressed_sha256: hex(&hasher.finalize()),
+        frame_size: frames.as_ref().and(opts.frame_size),
+        frames,
         created_by: concat!("imprint ", env!("CARGO_PKG_VERSION")).into(),
     };
     manifest.validate().map_err(PackError::Input)?;
@@ -1108,12 +1323,20 @@ pub(crate) mod tests {
         })
     }
 
+    /// Packs `raw` as a version 2 image with 1 MiB frames.
     pub(crate) fn pack_bytes(raw: &[u8], out: &Path) -> Manifest {
+        pack_bytes_framed(raw, out, Some(1 << 20))
+    }
+
+    /// Packs `raw` with frames of `frame_size` (version 2), or as one stream (`None`,
+    /// version 1).
+    pub(crate) fn pack_bytes_framed(raw: &[u8], out: &Path, frame_size: Option<u64>) -> Manifest {
         let opts = PackOptions {
             name: "test".into(),
             level: 3,
-            threads: 0,
+            threads: 2,
             chunk_size: 1 << 20,
+            frame_size,
         };
         pack(&mut &raw[..], out, &opts, &mut |_| {}).unwrap()
     }
@@ -1137,6 +1360,123 @@ pub(crate) mod tests {
         let mut back = Vec::new();
         img.raw_reader().unwrap().read_to_end(&mut back).unwrap();
         assert_eq!(back, raw);
+    }
+
+    /// `prepare`'s payload is one independent zstd frame per `frame_size` raw bytes (the last
+    /// shorter), each with its content size, listed in the manifest; each decodes on its own
+    /// to its part of the image, plain zstd decodes them all as one, and the bytes do not
+    /// depend on how many threads compressed them.
+    #[test]
+    fn frames_decode_on_their_own_to_their_part_and_together_to_the_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = fake_gpt_raw((5 << 20) + (512 << 10), 512);
+        for (frame_size, count) in [(1u64 << 20, 6usize), (4 << 20, 2)] {
+            let mut files = Vec::new();
+            for threads in [1, 3] {
+                let out = dir.path().join(format!("f-{frame_size}-{threads}.img.zst"));
+                let opts = PackOptions {
+                    name: "frames".into(),
+                    level: 3,
+                    threads,
+                    chunk_size: 1 << 20,
+                    frame_size: Some(frame_size),
+                };
+                let m = pack(&mut &raw[..], &out, &opts, &mut |_| {}).unwrap();
+                assert_eq!(m.version, 2);
+                assert_eq!(m.frame_size, Some(frame_size));
+                let table: Vec<_> = m.frame_table().unwrap().collect();
+                assert_eq!(table.len(), count);
+                let bytes = std::fs::read(&out).unwrap();
+                let mut at = bytes.len() - m.compressed_size as usize;
+                for (k, (len, (start, end))) in table.into_iter().enumerate() {
+                    let frame = &bytes[at..at + len as usize];
+                    assert_eq!(
+                        zstd::zstd_safe::find_frame_compressed_size(frame),
+                        Ok(len as usize),
+                        "frame {k}"
+                    );
+                    assert_eq!(
+                        zstd::zstd_safe::get_frame_content_size(frame).ok(),
+                        Some(Some(end - start)),
+                        "frame {k}"
+                    );
+                    let alone = zstd::bulk::decompress(frame, (end - start) as usize).unwrap();
+                    assert!(alone == raw[start as usize..end as usize], "frame {k}");
+                    at += len as usize;
+                }
+                assert_eq!(at, bytes.len());
+                let decoded = zstd::stream::decode_all(&bytes[..]).unwrap();
+                assert!(decoded == raw);
+                files.push(bytes);
+            }
+            assert!(
+                files[0] == files[1],
+                "1 and 3 threads made different images"
+            );
+        }
+        // Without frames: version 1, one stream, no table.
+        let out = dir.path().join("v1.img.zst");
+        let m = pack_bytes_framed(&raw, &out, None);
+        assert_eq!((m.version, &m.frame_size, &m.frames), (1, &None, &None));
+        assert!(m.frame_table().is_none());
+        assert!(!String::from_utf8(m.to_json()).unwrap().contains("frame"));
+        assert!(zstd::stream::decode_all(File::open(&out).unwrap()).unwrap() == raw);
+    }
+
+    #[test]
+    fn frame_tables_that_cannot_describe_the_payload_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = fake_gpt_raw(5 << 20, 512);
+        let good = pack_bytes(&raw, &dir.path().join("a.img.zst"));
+        good.validate().unwrap();
+        let bound = zstd::zstd_safe::compress_bound(1 << 20) as u64;
+        type Change = Box<dyn Fn(&mut Manifest)>;
+        let cases: Vec<(&str, Change)> = vec![
+            (
+                "a version 1 manifest has no frame table",
+                Box::new(|m| m.version = 1),
+            ),
+            (
+                "frame_size and frames are missing",
+                Box::new(|m| m.frames = None),
+            ),
+            (
+                "frame_size and frames are missing",
+                Box::new(|m| m.frame_size = None),
+            ),
+            (
+                "frame_size 1572864 is not a multiple of 1 MiB",
+                Box::new(|m| m.frame_size = Some(3 << 19)),
+            ),
+            (
+                "frame_size 8388608 is not a multiple of 1 MiB up to 4194304",
+                Box::new(|m| m.frame_size = Some(8 << 20)),
+            ),
+            (
+                "4 frames listed for 5 frames",
+                Box::new(|m| {
+                    m.frames.as_mut().unwrap().pop();
+                }),
+            ),
+            (
+                "frame 0 is 0 bytes",
+                Box::new(|m| m.frames.as_mut().unwrap()[0] = 0),
+            ),
+            (
+                "outside 1..=",
+                Box::new(move |m| m.frames.as_mut().unwrap()[1] = bound + 1),
+            ),
+            (
+                "the frames add up to",
+                Box::new(|m| m.frames.as_mut().unwrap()[2] += 1),
+            ),
+        ];
+        for (want, change) in cases {
+            let mut m = good.clone();
+            change(&mut m);
+            let e = m.validate().unwrap_err();
+            assert!(e.contains(want), "{want:?}: {e}");
+        }
     }
 
     #[test]
@@ -1212,18 +1552,21 @@ pub(crate) mod tests {
     fn refuses_unaligned_raw() {
         let dir = tempfile::tempdir().unwrap();
         let raw = vec![1u8; 1000];
-        let opts = PackOptions {
-            name: "x".into(),
-            level: 1,
-            threads: 0,
-            chunk_size: 1 << 20,
-        };
-        let out = dir.path().join("f.img.zst");
-        let e = pack(&mut &raw[..], &out, &opts, &mut |_| {}).unwrap_err();
-        assert!(e.to_string().contains("multiple"), "{e}");
-        // Nothing left behind: no image, no temporary file.
-        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
-        assert!(left.is_empty(), "{left:?}");
+        for frame_size in [None, Some(1 << 20)] {
+            let opts = PackOptions {
+                name: "x".into(),
+                level: 1,
+                threads: 0,
+                chunk_size: 1 << 20,
+                frame_size,
+            };
+            let out = dir.path().join("f.img.zst");
+            let e = pack(&mut &raw[..], &out, &opts, &mut |_| {}).unwrap_err();
+            assert!(e.to_string().contains("multiple"), "{e}");
+            // Nothing left behind: no image, no temporary file.
+            let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+            assert!(left.is_empty(), "{left:?}");
+        }
     }
 }
 

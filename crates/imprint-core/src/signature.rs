@@ -439,6 +439,7 @@ pub(crate) mod tests {
             level: 3,
             threads: 0,
             chunk_size: 1 << 20,
+            frame_size: Some(1 << 20),
         };
         let mut sign = |json: &[u8]| -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
             let sk = sk.ok_or("no key")?;

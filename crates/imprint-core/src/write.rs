@@ -42,7 +42,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
-use crossbeam_channel::{bounded, unbounded, Sender};
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use serde::{Deserialize, Serialize};
 
 use sha2::{Digest, Sha256};
@@ -77,6 +77,8 @@ struct Tuning {
     trail_flush: u64,
     /// Threads hashing the written chunks without read-back ([`verify::hash_workers`]).
     hashers: usize,
+    /// Threads decoding a version 2 payload's frames ([`verify::hash_workers`]).
+    decoders: usize,
 }
 
 impl Tuning {
@@ -84,6 +86,7 @@ impl Tuning {
         Tuning {
             trail_flush: TRAIL_FLUSH,
             hashers: verify::hash_workers(),
+            decoders: verify::hash_workers(),
         }
     }
 }
@@ -537,8 +540,27 @@ pub struct Plan {
 struct PlannedStream {
     /// sha256 of the raw image it belongs to.
     image: String,
-    head: Vec<u8>,
-    rest: Box<dyn Read + Send>,
+    input: Input,
+}
+
+/// What the stream stage reads the raw image from.
+enum Input {
+    /// The decoded image from byte 0: a version 1 payload (one zstd stream) or a raw file.
+    Decoded(Box<dyn Read + Send>),
+    /// The compressed payload from its first byte: a version 2 payload, whose frames are
+    /// decoded on several threads, each straight into the buffer that is written.
+    Frames(Box<dyn Read + Send>),
+}
+
+impl Input {
+    /// The image's input from its start, opened afresh.
+    fn open(image: &Image) -> Result<Input, ImageError> {
+        Ok(if image.manifest().frame_table().is_some() {
+            Input::Frames(image.payload()?)
+        } else {
+            Input::Decoded(image.raw_reader()?)
+        })
+    }
 }
 
 impl std::fmt::Debug for Plan {
@@ -562,15 +584,15 @@ impl Plan {
         self.target_size
     }
 
-    /// The image's decoded stream from byte 0, continuing where the plan stopped decoding;
-    /// `None` when it was taken already or belongs to another image.
-    fn take_stream(&self, image: &Image) -> Option<Box<dyn Read + Send>> {
+    /// The image's input from its start, continuing where the plan stopped reading; `None`
+    /// when it was taken already or belongs to another image.
+    fn take_stream(&self, image: &Image) -> Option<Input> {
         let mut slot = self.stream.lock().ok()?;
         let s = slot.take()?;
         if s.image != image.manifest().sha256 {
             return None;
         }
-        Some(Box::new(std::io::Cursor::new(s.head).chain(s.rest)))
+        Some(s.input)
     }
 }
 
@@ -584,19 +606,7 @@ pub fn plan(image: &Image, target: &Target) -> Result<Plan, WriteError> {
     // The first MiB is decoded for every image: its GPT is checked here, and an image that
     // cannot be read fails now, with the target untouched. The stream goes on in the write.
     let head_len = m.raw_size.min(HOLD) as usize;
-    let mut head = vec![0u8; head_len];
-    let mut dec = image.raw_reader()?;
-    let n = read_full(&mut dec, &mut head).map_err(|source| WriteError::Decode {
-        offset: 0,
-        chunk: 0,
-        source,
-    })?;
-    if n < head_len {
-        return Err(WriteError::ShortStream {
-            got: n as u64,
-            expected: m.raw_size,
-        });
-    }
+    let (head, input) = read_head(image, head_len)?;
     let n = lba0.len();
     lba0.copy_from_slice(&head[..n]);
     let table = if m.partition_table == PartitionTable::Gpt {
@@ -635,10 +645,114 @@ pub fn plan(image: &Image, target: &Target) -> Result<Plan, WriteError> {
         started,
         stream: Mutex::new(Some(PlannedStream {
             image: m.sha256.clone(),
-            head,
-            rest: dec,
+            input,
         })),
     })
+}
+
+/// Decodes the image's first `head_len` bytes, and returns them with the image's input
+/// positioned to give the whole image again from byte 0: the decoded stream continuing after
+/// them (version 1), or the compressed payload with the first frame, which holds them, put
+/// back in front (version 2: the stream stage decodes that frame again, a few milliseconds).
+fn read_head(image: &Image, head_len: usize) -> Result<(Vec<u8>, Input), WriteError> {
+    let m = image.manifest();
+    let mut head = vec![0u8; head_len];
+    let decode_err = |source| WriteError::Decode {
+        offset: 0,
+        chunk: 0,
+        source,
+    };
+    match Input::open(image)? {
+        Input::Decoded(mut dec) => {
+            let n = read_full(&mut dec, &mut head).map_err(decode_err)?;
+            if n < head_len {
+                return Err(WriteError::ShortStream {
+                    got: n as u64,
+                    expected: m.raw_size,
+                });
+            }
+            let again = std::io::Cursor::new(head.clone()).chain(dec);
+            Ok((head, Input::Decoded(Box::new(again))))
+        }
+        Input::Frames(mut payload) => {
+            // Frames are at least 1 MiB (or the whole image): the first holds the head.
+            let (clen, (start, end)) = m
+                .frame_table()
+                .and_then(|mut t| t.next())
+                .ok_or_else(|| decode_err(std::io::Error::other("the frame table is empty")))?;
+            let frame = read_frame(&mut payload, m, clen, start)?;
+            let mut raw = vec![0u8; (end - start) as usize];
+            let mut d = zstd::bulk::Decompressor::new().map_err(decode_err)?;
+            decode_frame(&mut d, &frame, &mut raw, 0).map_err(decode_err)?;
+            head.copy_from_slice(&raw[..head_len]);
+            let again = std::io::Cursor::new(frame).chain(payload);
+            Ok((head, Input::Frames(Box::new(again))))
+        }
+    }
+}
+
+/// Reads frame `k`'s `clen` compressed bytes (its raw image starts at `start`).
+fn read_frame(
+    payload: &mut dyn Read,
+    m: &Manifest,
+    clen: u64,
+    start: u64,
+) -> Result<Vec<u8>, WriteError> {
+    let chunk = start / m.chunk_size;
+    let mut frame = vec![0u8; clen as usize];
+    let n = read_full(payload, &mut frame).map_err(|source| WriteError::Decode {
+        offset: start,
+        chunk,
+        source,
+    })?;
+    if n < frame.len() {
+        return Err(WriteError::Decode {
+            offset: start,
+            chunk,
+            source: std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("the payload ends {n} bytes into a frame of {clen}: truncated or cut off"),
+            ),
+        });
+    }
+    Ok(frame)
+}
+
+/// Decodes one frame, `src`, straight into `dst`, which it must fill exactly. `src` must be one
+/// zstd frame: a table that lies about where frames end is refused here, and zstd checks the
+/// frame's content checksum.
+fn decode_frame(
+    d: &mut zstd::bulk::Decompressor<'_>,
+    src: &[u8],
+    dst: &mut [u8],
+    k: usize,
+) -> std::io::Result<()> {
+    let bad = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
+    match zstd::zstd_safe::find_frame_compressed_size(src) {
+        Ok(n) if n == src.len() => {}
+        Ok(n) => {
+            return Err(bad(format!(
+                "frame {k} of the payload is {n} bytes of zstd, the frame table says {}",
+                src.len()
+            )))
+        }
+        Err(code) => {
+            return Err(bad(format!(
+                "frame {k} of the payload is not a zstd frame ({})",
+                zstd::zstd_safe::get_error_name(code)
+            )))
+        }
+    }
+    let n = d
+        .decompress_to_buffer(src, dst)
+        .map_err(|e| bad(format!("frame {k} of the payload: {e}")))?;
+    if n != dst.len() {
+        return Err(bad(format!(
+            "frame {k} of the payload decodes to {n} bytes, the frame table says {}",
+            dst.len()
+        )));
+    }
+    Ok(())
 }
 
 /// Writes `image` onto `target` with the guarantees described in the module documentation,
@@ -796,7 +910,7 @@ fn write_transaction(
     // untouched.
     let decoder = match plan.take_stream(image) {
         Some(d) => d,
-        None => image.raw_reader()?,
+        None => Input::open(image)?,
     };
 
     // --- Wipe, stream and (alongside) read-back: from the wipe on, the target has no
@@ -1054,7 +1168,7 @@ fn failed_at(e: &WriteError, raw: u64) -> u64 {
 /// waiting for a decode.
 fn stream(
     image: &Image,
-    mut decoder: Box<dyn Read + Send>,
+    decoder: Input,
     target: &Target,
     opts: &WriteOptions,
     progress: &dyn Progress,
@@ -1070,7 +1184,12 @@ fn stream(
 
     let hash = !opts.verify;
     let hashers = if hash { tune.hashers.max(1) } else { 0 };
-    let nbuf = buffer_count(hashers, m.chunk_size);
+    // Frames decoding on several threads hold a buffer each.
+    let decoding = match decoder {
+        Input::Frames(_) => tune.decoders.max(1),
+        Input::Decoded(_) => 0,
+    };
+    let nbuf = buffer_count(hashers, m.chunk_size) + decoding;
     let (free_tx, free_rx) = bounded::<AlignedBuf>(nbuf);
     let (full_tx, full_rx) = bounded::<Block>(NBUF);
     let (job_tx, job_rx) = bounded::<WriteJob>(NBUF);
@@ -1099,61 +1218,10 @@ fn stream(
         let (segments, hashed) = pool.start(s, stop);
         // Decoder: fills buffers in order; owns the clean-end checks.
         let decoder_thread = s.spawn(move || -> Result<(), WriteError> {
-            let mut offset = 0u64;
-            loop {
-                if stop.load(Ordering::Relaxed) {
-                    return Ok(());
-                }
-                let Ok(mut buf) = free_rx.recv() else {
-                    return Ok(());
-                };
-                let n = read_full(&mut decoder, buf.as_mut_slice()).map_err(|source| {
-                    WriteError::Decode {
-                        offset,
-                        chunk: offset / m.chunk_size,
-                        source,
-                    }
-                })?;
-                if n == 0 {
-                    break;
-                }
-                if offset + n as u64 > raw {
-                    return Err(WriteError::LongStream { expected: raw });
-                }
-                if full_tx
-                    .send(Block {
-                        offset,
-                        len: n,
-                        buf,
-                    })
-                    .is_err()
-                {
-                    return Ok(());
-                }
-                offset += n as u64;
-                if n < BUF {
-                    // A short read means the reader is at its end; confirm below.
-                    let mut probe = [0u8; 1];
-                    let more = read_full(&mut decoder, &mut probe).map_err(|source| {
-                        WriteError::Decode {
-                            offset,
-                            chunk: offset / m.chunk_size,
-                            source,
-                        }
-                    })?;
-                    if more != 0 {
-                        return Err(WriteError::LongStream { expected: raw });
-                    }
-                    break;
-                }
+            match decoder {
+                Input::Decoded(r) => decode_stream(r, m, &free_rx, &full_tx, stop),
+                Input::Frames(p) => decode_frames(p, m, &free_rx, &full_tx, stop, decoding),
             }
-            if offset != raw {
-                return Err(WriteError::ShortStream {
-                    got: offset,
-                    expected: raw,
-                });
-            }
-            Ok(())
         });
 
         // Writer: wipes both ends of the target, then puts each job on it, runs of zeros as
@@ -1424,6 +1492,165 @@ fn stream(
         write_seconds,
         verify_seconds,
     })
+}
+
+/// The stream stage for a decoded input (a version 1 payload, a raw file): fills the free
+/// buffers in order and checks the stream ends cleanly at `raw_size`.
+fn decode_stream(
+    mut decoder: Box<dyn Read + Send>,
+    m: &Manifest,
+    free_rx: &Receiver<AlignedBuf>,
+    full_tx: &Sender<Block>,
+    stop: &AtomicBool,
+) -> Result<(), WriteError> {
+    let raw = m.raw_size;
+    let mut offset = 0u64;
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let Ok(mut buf) = free_rx.recv() else {
+            return Ok(());
+        };
+        let n =
+            read_full(&mut decoder, buf.as_mut_slice()).map_err(|source| WriteError::Decode {
+                offset,
+                chunk: offset / m.chunk_size,
+                source,
+            })?;
+        if n == 0 {
+            break;
+        }
+        if offset + n as u64 > raw {
+            return Err(WriteError::LongStream { expected: raw });
+        }
+        if full_tx
+            .send(Block {
+                offset,
+                len: n,
+                buf,
+            })
+            .is_err()
+        {
+            return Ok(());
+        }
+        offset += n as u64;
+        if n < BUF {
+            // A short read means the reader is at its end; confirm below.
+            let mut probe = [0u8; 1];
+            let more =
+                read_full(&mut decoder, &mut probe).map_err(|source| WriteError::Decode {
+                    offset,
+                    chunk: offset / m.chunk_size,
+                    source,
+                })?;
+            if more != 0 {
+                return Err(WriteError::LongStream { expected: raw });
+            }
+            break;
+        }
+    }
+    if offset != raw {
+        return Err(WriteError::ShortStream {
+            got: offset,
+            expected: raw,
+        });
+    }
+    Ok(())
+}
+
+/// The stream stage for a version 2 payload: this thread reads the frames in order, each into
+/// its own memory, and takes a free buffer for each (in order, so the frame the router waits
+/// for always has one); `threads` decoders decode each frame straight into its buffer; the
+/// blocks go to the router in order. A frame's buffer holds exactly its raw bytes, so the
+/// blocks are the frames.
+fn decode_frames(
+    mut payload: Box<dyn Read + Send>,
+    m: &Manifest,
+    free_rx: &Receiver<AlignedBuf>,
+    full_tx: &Sender<Block>,
+    stop: &AtomicBool,
+    threads: usize,
+) -> Result<(), WriteError> {
+    let raw = m.raw_size;
+    let Some(table) = m.frame_table() else {
+        return decode_stream(payload, m, free_rx, full_tx, stop);
+    };
+    let mut failed: Option<WriteError> = None;
+    let mut read_failed: Option<WriteError> = None;
+    let mut sent = 0u64;
+    let payload_ref = &mut payload;
+    let frames = table.enumerate().map_while(|(k, (clen, (start, end)))| {
+        if stop.load(Ordering::Relaxed) {
+            return None;
+        }
+        let buf = free_rx.recv().ok()?;
+        match read_frame(payload_ref, m, clen, start) {
+            Ok(frame) => Some((k, frame, start, end, buf)),
+            Err(e) => {
+                read_failed = Some(e);
+                None
+            }
+        }
+    });
+    crate::ordered::map_in_order(
+        frames,
+        threads,
+        threads,
+        zstd::bulk::Decompressor::new,
+        |d, (k, frame, start, end, mut buf)| {
+            let len = (end - start) as usize;
+            let decoded = match d {
+                Ok(d) => decode_frame(d, &frame, &mut buf.as_mut_slice()[..len], k),
+                Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+            };
+            decoded
+                .map(|()| Block {
+                    offset: start,
+                    len,
+                    buf,
+                })
+                .map_err(|source| WriteError::Decode {
+                    offset: start,
+                    chunk: start / m.chunk_size,
+                    source,
+                })
+        },
+        |block| match block {
+            Ok(block) => {
+                let end = block.offset + block.len as u64;
+                let ok = full_tx.send(block).is_ok();
+                if ok {
+                    sent = end;
+                }
+                ok
+            }
+            Err(e) => {
+                failed = Some(e);
+                false
+            }
+        },
+    );
+    // The decoded frames are ahead of the read that failed: the lower offset wins.
+    if let Some(e) = failed.or(read_failed) {
+        return Err(e);
+    }
+    if sent != raw {
+        // Stopped early without a failure of its own: another stage stopped the stream, and
+        // says why.
+        return Ok(());
+    }
+    // The payload must end here (reading its end is also what checks `--sha256`).
+    let mut probe = [0u8; 1];
+    let more = read_full(&mut payload, &mut probe).map_err(|source| WriteError::Decode {
+        offset: raw,
+        chunk: raw / m.chunk_size,
+        source,
+    })?;
+    if more != 0 {
+        return Err(WriteError::LongStream { expected: raw });
+    }
+    Ok(())
 }
 
 /// Buffers between the stages: [`NBUF`] with read-back; without, enough for each of
@@ -1951,6 +2178,134 @@ mod tests {
         }
     }
 
+    /// Both payload layouts write the image byte for byte: one zstd stream (version 1, one
+    /// decoding thread) and frames of one buffer and of 1 MiB (version 2, decoded by 1, 2 and 3
+    /// threads straight into the buffers, the last frame shorter), with and without read-back.
+    #[test]
+    fn one_stream_and_frames_decoded_on_several_threads_write_the_same_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = fake_gpt_raw(21 << 20, 512);
+        for frame_size in [None, Some(4 << 20), Some(1 << 20)] {
+            let path = dir.path().join("i.img.zst");
+            let m = crate::manifest::tests::pack_bytes_framed(&raw, &path, frame_size);
+            assert_eq!(m.version, if frame_size.is_some() { 2 } else { 1 });
+            let img = Image::open(&path).unwrap();
+            for decoders in [1, 2, 3] {
+                for verify in [true, false] {
+                    let what =
+                        format!("frames {frame_size:?}, {decoders} decoders, verify {verify}");
+                    let disk = dir.path().join("disk");
+                    let tgt = file_target(&disk, raw.len() as u64, 512);
+                    let p = plan(&img, &tgt).unwrap();
+                    let opts = WriteOptions {
+                        verify,
+                        ..Default::default()
+                    };
+                    let tune = Tuning {
+                        trail_flush: TRAIL_FLUSH,
+                        hashers: 2,
+                        decoders,
+                    };
+                    write_transaction(&img, &tgt, &p, &[], None, &opts, &NoProgress, tune)
+                        .unwrap_or_else(|e| panic!("{what}: {e}"));
+                    let got = std::fs::read(&disk).unwrap();
+                    let pos = got.iter().zip(&raw).position(|(a, b)| a != b);
+                    assert_eq!((got.len(), pos), (raw.len(), None), "{what}");
+                }
+            }
+        }
+    }
+
+    /// `good`'s payload under a changed manifest (and payload) at `out`.
+    fn rewritten(good: &Path, out: &Path, change: impl FnOnce(&mut Manifest, &mut Vec<u8>)) {
+        let bytes = std::fs::read(good).unwrap();
+        let img = Image::open(good).unwrap();
+        let mut m = img.manifest().clone();
+        let mut payload = bytes[bytes.len() - m.compressed_size as usize..].to_vec();
+        change(&mut m, &mut payload);
+        m.compressed_size = payload.len() as u64;
+        m.compressed_sha256 = hex(&Sha256::digest(&payload));
+        let mut image = m.to_frame();
+        image.extend_from_slice(&payload);
+        std::fs::write(out, image).unwrap();
+    }
+
+    /// A damaged version 2 payload is refused as a corrupt image, naming the frame and where
+    /// its part of the image starts, and leaves no partition table: a flipped byte in frame 3
+    /// (decoded by one of several threads), a frame table whose entries are off by a byte (same
+    /// total), a frame that decodes to less than its part. Damage in frame 0 is found by the
+    /// plan, before the target is touched.
+    #[test]
+    fn a_damaged_frame_is_refused_by_number_and_no_partition_table_is_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = fake_gpt_raw(8 << 20, 512);
+        let good = dir.path().join("good.img.zst");
+        let m = pack_bytes(&raw, &good);
+        let lens: Vec<usize> = m
+            .frames
+            .clone()
+            .unwrap()
+            .iter()
+            .map(|&l| l as usize)
+            .collect();
+        let at = |k: usize| lens[..k].iter().sum::<usize>();
+        let flip = |k: usize| {
+            let pos = at(k) + lens[k] / 2;
+            move |_: &mut Manifest, p: &mut Vec<u8>| p[pos] ^= 0x10
+        };
+        let short_frame_1 = |m: &mut Manifest, p: &mut Vec<u8>| {
+            let half = zstd::bulk::compress(&raw[1 << 20..(1 << 20) + (512 << 10)], 3).unwrap();
+            let f = m.frames.as_mut().unwrap();
+            p.splice(at(1)..at(2), half.iter().copied());
+            f[1] = half.len() as u64;
+        };
+        let shifted = |m: &mut Manifest, _: &mut Vec<u8>| {
+            let f = m.frames.as_mut().unwrap();
+            f[1] += 1;
+            f[2] -= 1;
+        };
+        type Change<'a> = Box<dyn Fn(&mut Manifest, &mut Vec<u8>) + 'a>;
+        let cases: Vec<(Change, u64, &str)> = vec![
+            (Box::new(flip(3)), 3 << 20, "frame 3 of the payload"),
+            (Box::new(shifted), 1 << 20, "frame 1 of the payload is"),
+            (
+                Box::new(short_frame_1),
+                1 << 20,
+                "frame 1 of the payload decodes to 524288 bytes, the frame table says 1048576",
+            ),
+            (Box::new(flip(0)), 0, "frame 0 of the payload"),
+        ];
+        for (change, offset, want) in cases {
+            let bad = dir.path().join("bad.img.zst");
+            rewritten(&good, &bad, |m, p| change(m, p));
+            let img = Image::open(&bad).unwrap();
+            let disk = dir.path().join("disk");
+            let tgt = file_target(&disk, raw.len() as u64, 512);
+            let e = plan(&img, &tgt).and_then(|p| {
+                let tune = Tuning {
+                    decoders: 3,
+                    ..Tuning::new()
+                };
+                let opts = WriteOptions::default();
+                write_transaction(&img, &tgt, &p, &[], None, &opts, &NoProgress, tune)
+            });
+            let e = e.unwrap_err();
+            assert!(
+                matches!(e, WriteError::Decode { offset: o, chunk, .. } if o == offset && chunk == offset >> 20),
+                "{want}: {e:?}"
+            );
+            assert!(e.is_image_fault(), "{want}");
+            let shown = format!("{e}: {}", std::error::Error::source(&e).unwrap());
+            assert!(shown.contains(want), "{shown}");
+            let got = std::fs::read(&disk).unwrap();
+            let left = if offset == 0 { 0xEE } else { 0 };
+            assert!(
+                got[..1 << 20].iter().all(|&b| b == left),
+                "{want}: the first MiB must be untouched (frame 0) or wiped"
+            );
+        }
+    }
+
     /// Without read-back the written chunks are hashed on several threads: for chunks that
     /// straddle the 4 MiB buffers (3 MiB), fill several per buffer (1 MiB) or span several
     /// (8 MiB), and for 1, 2 and 5 hashers, a good image is written byte for byte, and a manifest
@@ -1960,13 +2315,22 @@ mod tests {
     fn without_read_back_chunks_are_hashed_on_several_threads_and_the_lowest_bad_one_is_named() {
         let dir = tempfile::tempdir().unwrap();
         let raw = fake_gpt_raw(18 << 20, 512);
-        for chunk_size in [1u64 << 20, 3 << 20, 8 << 20] {
+        // One stream, 4 MiB frames (a buffer each) and 1 MiB frames (blocks of a frame).
+        for (chunk_size, frame_size) in [
+            (1u64 << 20, None),
+            (3 << 20, None),
+            (8 << 20, None),
+            (1 << 20, Some(4 << 20)),
+            (3 << 20, Some(1 << 20)),
+            (8 << 20, Some(4 << 20)),
+        ] {
             let good = dir.path().join(format!("good-{chunk_size}.img.zst"));
             let opts = crate::manifest::PackOptions {
                 name: "hashers".into(),
                 level: 1,
                 threads: 0,
                 chunk_size,
+                frame_size,
             };
             let m = crate::manifest::pack(&mut &raw[..], &good, &opts, &mut |_| {}).unwrap();
             let n = m.chunk_count();
@@ -1981,8 +2345,10 @@ mod tests {
                 let tune = Tuning {
                     trail_flush: TRAIL_FLUSH,
                     hashers,
+                    decoders: hashers,
                 };
-                let what = format!("chunk size {chunk_size}, {hashers} hashers");
+                let what =
+                    format!("chunk size {chunk_size}, frames {frame_size:?}, {hashers} hashers");
                 let img = Image::open(&good).unwrap();
                 let disk = dir.path().join("disk-good");
                 let tgt = file_target(&disk, 24 << 20, 512);
@@ -2114,7 +2480,8 @@ mod tests {
     ) -> (WriteError, Vec<u8>, Option<bool>) {
         let raw = fake_gpt_raw(40 << 20, ss);
         let img_path = dir.join("i.img.zst");
-        pack_bytes(&raw, &img_path);
+        // Frames of one buffer, as `prepare` makes them: the writer reports 4 MiB at a time.
+        crate::manifest::tests::pack_bytes_framed(&raw, &img_path, Some(4 << 20));
         let img = Image::open(&img_path).unwrap();
         let disk = dir.join("disk");
         let tgt = file_target(&disk, 48 << 20, ss as u32);

@@ -102,6 +102,7 @@ impl Machine {
                 level: 3,
                 threads: 0,
                 chunk_size: MIB,
+                frame_size: Some(MIB),
             },
             &mut |_| {},
         )

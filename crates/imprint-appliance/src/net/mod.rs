@@ -473,6 +473,7 @@ mod tests {
                 level: 1,
                 threads: 0,
                 chunk_size: 1 << 20,
+                frame_size: Some(1 << 20),
             },
             &mut |_| {},
         )
