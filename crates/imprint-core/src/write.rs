@@ -680,7 +680,8 @@ fn read_head(image: &Image, head_len: usize) -> Result<(Vec<u8>, Input), WriteEr
                 .frame_table()
                 .and_then(|mut t| t.next())
                 .ok_or_else(|| decode_err(std::io::Error::other("the frame table is empty")))?;
-            let frame = read_frame(&mut payload, m, clen, start)?;
+            let mut frame = Vec::new();
+            read_frame(&mut payload, m, (clen, start), &mut frame)?;
             let mut raw = vec![0u8; (end - start) as usize];
             let mut d = zstd::bulk::Decompressor::new().map_err(decode_err)?;
             decode_frame(&mut d, &frame, &mut raw, 0).map_err(decode_err)?;
@@ -691,27 +692,35 @@ fn read_head(image: &Image, head_len: usize) -> Result<(Vec<u8>, Input), WriteEr
     }
 }
 
-/// Reads frame `k`'s `clen` compressed bytes (its raw image starts at `start`).
-fn read_frame(
+/// Reads the `clen` compressed bytes of the frame whose raw part starts at `start` into
+/// `into` (grown if need be, never shrunk: a reused buffer is not cleared each time), and
+/// returns them.
+fn read_frame<'b>(
     payload: &mut dyn Read,
     m: &Manifest,
-    clen: u64,
-    start: u64,
-) -> Result<Vec<u8>, WriteError> {
+    (clen, start): (u64, u64),
+    into: &'b mut Vec<u8>,
+) -> Result<&'b [u8], WriteError> {
     let chunk = start / m.chunk_size;
-    let mut frame = vec![0u8; clen as usize];
-    let n = read_full(payload, &mut frame).map_err(|source| WriteError::Decode {
+    let clen = clen as usize;
+    if into.len() < clen {
+        into.resize(clen, 0);
+    }
+    let frame = &mut into[..clen];
+    let n = read_full(payload, frame).map_err(|source| WriteError::Decode {
         offset: start,
         chunk,
         source,
     })?;
-    if n < frame.len() {
+    if n < clen {
         return Err(WriteError::Decode {
             offset: start,
             chunk,
             source: std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
-                format!("the payload ends {n} bytes into a frame of {clen}: truncated or cut off"),
+                format!(
+                    "the payload ends {n} bytes into a frame of {clen}: truncated or cut off"
+                ),
             ),
         });
     }
@@ -1184,12 +1193,13 @@ fn stream(
 
     let hash = !opts.verify;
     let hashers = if hash { tune.hashers.max(1) } else { 0 };
-    // Frames decoding on several threads hold a buffer each.
+    // Frames decoding on several threads hold a buffer each, with the router and the writer
+    // holding one more each.
     let decoding = match decoder {
         Input::Frames(_) => tune.decoders.max(1),
         Input::Decoded(_) => 0,
     };
-    let nbuf = buffer_count(hashers, m.chunk_size) + decoding;
+    let nbuf = buffer_count(hashers, m.chunk_size).max(decoding + 2);
     let (free_tx, free_rx) = bounded::<AlignedBuf>(nbuf);
     let (full_tx, full_rx) = bounded::<Block>(NBUF);
     let (job_tx, job_rx) = bounded::<WriteJob>(NBUF);
@@ -1580,13 +1590,20 @@ fn decode_frames(
     let mut read_failed: Option<WriteError> = None;
     let mut sent = 0u64;
     let payload_ref = &mut payload;
+    // The compressed frames' memory, reused: one frame read ahead of those decoding (a frame
+    // is never larger than zstd's bound for its raw size, about its raw size).
+    let (spare_tx, spare_rx) = bounded::<Vec<u8>>(threads + 1);
+    for _ in 0..=threads {
+        let _ = spare_tx.send(Vec::new());
+    }
     let frames = table.enumerate().map_while(|(k, (clen, (start, end)))| {
         if stop.load(Ordering::Relaxed) {
             return None;
         }
         let buf = free_rx.recv().ok()?;
-        match read_frame(payload_ref, m, clen, start) {
-            Ok(frame) => Some((k, frame, start, end, buf)),
+        let mut frame = spare_rx.recv().ok()?;
+        match read_frame(payload_ref, m, (clen, start), &mut frame) {
+            Ok(_) => Some((k, frame, clen as usize, start, end, buf)),
             Err(e) => {
                 read_failed = Some(e);
                 None
@@ -1598,12 +1615,14 @@ fn decode_frames(
         threads,
         threads,
         zstd::bulk::Decompressor::new,
-        |d, (k, frame, start, end, mut buf)| {
+        |d, (k, frame, clen, start, end, mut buf)| {
             let len = (end - start) as usize;
             let decoded = match d {
-                Ok(d) => decode_frame(d, &frame, &mut buf.as_mut_slice()[..len], k),
+                Ok(d) => decode_frame(d, &frame[..clen], &mut buf.as_mut_slice()[..len], k),
                 Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
             };
+            // Cannot block: there are no more of them than the channel holds.
+            let _ = spare_tx.send(frame);
             decoded
                 .map(|()| Block {
                     offset: start,
