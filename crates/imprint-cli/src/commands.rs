@@ -393,6 +393,14 @@ fn print_manifest(m: &Manifest, path: &Path) {
         m.chunks.len(),
         units::size(m.chunk_size)
     );
+    match (&m.frames, m.frame_size) {
+        (Some(frames), Some(fs)) => outln!(
+            "  frames:       {} of {} (decoded in parallel)",
+            frames.len(),
+            units::size(fs)
+        ),
+        _ => outln!("  frames:       one stream (decoded on one thread)"),
+    }
     outln!("  created by:   {}", untrusted(&m.created_by));
 }
 

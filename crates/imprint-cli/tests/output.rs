@@ -66,6 +66,13 @@ fn image(dir: &Path) -> PathBuf {
     assert_eq!(v["input_format"], "raw disk image");
     assert_eq!(v["manifest"]["raw_size"], 4 * MIB);
     assert_eq!(v["manifest"]["name"], "noise");
+    assert_eq!(v["manifest"]["version"], 2);
+    assert_eq!(v["manifest"]["frame_size"], 4 * MIB);
+    assert_eq!(
+        v["manifest"]["frames"].as_array().map(Vec::len),
+        Some(1),
+        "{v}"
+    );
     assert_eq!(v["signature"], Value::Null);
     assert!(img.is_file());
     img
@@ -320,6 +327,9 @@ fn inspect_text_uses_words_and_binary_units() {
     assert_eq!(field("partitions"), "GPT, 512-byte sectors");
     assert_eq!(field("raw size"), "4.0 MiB (4194304 bytes)");
     assert!(field("chunks").ends_with(" MiB"), "{out}");
+    // `prepare` writes a version 2 image: one frame per 4 MiB, this one's 4 MiB in one.
+    assert_eq!(field("format"), "imprint-image v2");
+    assert_eq!(field("frames"), "1 of 4.0 MiB (decoded in parallel)");
     assert_binary_units("inspect", &out);
 }
 

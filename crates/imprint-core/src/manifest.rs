@@ -1437,6 +1437,10 @@ pub(crate) mod tests {
                 Box::new(|m| m.version = 1),
             ),
             (
+                "format version 3 is not supported (this imprint reads up to 2); update imprint",
+                Box::new(|m| m.version = 3),
+            ),
+            (
                 "frame_size and frames are missing",
                 Box::new(|m| m.frames = None),
             ),
