@@ -502,3 +502,50 @@ fn json_errors_carry_the_documented_exit_codes() {
     );
     assert!(v["error"].as_str().unwrap().contains("127.0.0.1"), "{v}");
 }
+
+/// `prepare --one-stream` writes a version 1 image (one zstd stream, no frame table), the
+/// default a version 2 one; both hold the same raw disk and `write` puts the same bytes on a
+/// target from either.
+#[test]
+fn prepare_one_stream_makes_version_1_and_both_versions_write_the_same_disk() {
+    let t = tempfile::tempdir().unwrap();
+    let raw = t.path().join("disk.raw");
+    let mut data = noise(9 * MIB, 11);
+    data[2 * MIB..5 * MIB].fill(0);
+    std::fs::write(&raw, data).unwrap();
+    let o = run(Command::new("sgdisk")
+        .args(["-Z", "-n1:2048:0", "-t1:8300"])
+        .arg(&raw));
+    assert!(o.status.success(), "sgdisk: {}", stderr(&o));
+    let want = std::fs::read(&raw).unwrap();
+    for (flag, version, frames) in [(None, 2, Some(3)), (Some("--one-stream"), 1, None)] {
+        let img = t.path().join(format!("v{version}.img.zst"));
+        let mut cmd = imprint();
+        cmd.arg("prepare")
+            .arg(&raw)
+            .arg("-o")
+            .arg(&img)
+            .arg("--json");
+        cmd.args(flag);
+        let v = json_result(&run(&mut cmd));
+        assert_eq!(v["manifest"]["version"], version, "{v}");
+        assert_eq!(
+            v["manifest"]["frames"].as_array().map(Vec::len),
+            frames,
+            "{v}"
+        );
+        let disk = t.path().join(format!("disk-v{version}"));
+        std::fs::write(&disk, vec![0xA5u8; want.len()]).unwrap();
+        let o = run(imprint()
+            .arg("write")
+            .arg(&img)
+            .arg(&disk)
+            .args(["--to-file", "--yes"]));
+        assert!(o.status.success(), "v{version}: {}", stderr(&o));
+        let got = std::fs::read(&disk).unwrap();
+        assert!(
+            got == want,
+            "v{version}: the disk differs from the raw image"
+        );
+    }
+}

@@ -718,9 +718,7 @@ fn read_frame<'b>(
             chunk,
             source: std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
-                format!(
-                    "the payload ends {n} bytes into a frame of {clen}: truncated or cut off"
-                ),
+                format!("the payload ends {n} bytes into a frame of {clen}: truncated or cut off"),
             ),
         });
     }
