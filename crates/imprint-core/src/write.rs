@@ -1594,11 +1594,18 @@ fn decode_frames(
     for _ in 0..=threads {
         let _ = spare_tx.send(Vec::new());
     }
+    // Closed when the consumer below stops (a frame failed, the router stopped): frames in
+    // flight then take their buffers with them, and no buffer this stage is waiting for may
+    // ever come back.
+    let (halt_tx, halt_rx) = bounded::<()>(0);
     let frames = table.enumerate().map_while(|(k, (clen, (start, end)))| {
         if stop.load(Ordering::Relaxed) {
             return None;
         }
-        let buf = free_rx.recv().ok()?;
+        let buf = crossbeam_channel::select! {
+            recv(free_rx) -> buf => buf.ok()?,
+            recv(halt_rx) -> _ => return None,
+        };
         let mut frame = spare_rx.recv().ok()?;
         match read_frame(payload_ref, m, (clen, start), &mut frame) {
             Ok(_) => Some((k, frame, clen as usize, start, end, buf)),
@@ -1633,18 +1640,26 @@ fn decode_frames(
                     source,
                 })
         },
-        |block| match block {
-            Ok(block) => {
-                let end = block.offset + block.len as u64;
-                let ok = full_tx.send(block).is_ok();
-                if ok {
-                    sent = end;
+        {
+            let (failed, sent) = (&mut failed, &mut sent);
+            // Owned by the consumer: dropped when it stops.
+            let halt = halt_tx;
+            move |block: Result<Block, WriteError>| {
+                let _ = &halt;
+                match block {
+                    Ok(block) => {
+                        let end = block.offset + block.len as u64;
+                        let ok = full_tx.send(block).is_ok();
+                        if ok {
+                            *sent = end;
+                        }
+                        ok
+                    }
+                    Err(e) => {
+                        *failed = Some(e);
+                        false
+                    }
                 }
-                ok
-            }
-            Err(e) => {
-                failed = Some(e);
-                false
             }
         },
     );
@@ -2319,6 +2334,61 @@ mod tests {
             assert!(
                 got[..1 << 20].iter().all(|&b| b == left),
                 "{want}: the first MiB must be untouched (frame 0) or wiped"
+            );
+        }
+    }
+
+    /// With every frame from the third on damaged, the frames in flight all fail and take
+    /// their buffers with them: the write stops at the first of them, for 1, 2 and 4 decoders
+    /// (within 30 s: the stage reading frames stops waiting for buffers once the decoding has
+    /// stopped; with at least decoders + 2 buffers one also always comes back from the writer,
+    /// so removing either alone did not make it hang here).
+    #[test]
+    fn a_stream_of_damaged_frames_stops_at_the_first_with_every_number_of_decoders() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = fake_gpt_raw(40 << 20, 512);
+        let good = dir.path().join("good.img.zst");
+        let m = pack_bytes(&raw, &good);
+        let lens: Vec<usize> = m
+            .frames
+            .clone()
+            .unwrap()
+            .iter()
+            .map(|&l| l as usize)
+            .collect();
+        let bad = dir.path().join("bad.img.zst");
+        rewritten(&good, &bad, |_, p| {
+            let mut at = 0;
+            for (k, len) in lens.iter().enumerate() {
+                if k >= 2 {
+                    // The frame's first byte: its magic number.
+                    p[at] ^= 0xFF;
+                }
+                at += len;
+            }
+        });
+        for decoders in [1, 2, 4] {
+            let img = Image::open(&bad).unwrap();
+            let disk = dir.path().join(format!("disk-{decoders}"));
+            let tgt = file_target(&disk, raw.len() as u64, 512);
+            let p = plan(&img, &tgt).unwrap();
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let tune = Tuning {
+                    decoders,
+                    ..Tuning::new()
+                };
+                let opts = WriteOptions::default();
+                let r = write_transaction(&img, &tgt, &p, &[], None, &opts, &NoProgress, tune);
+                let _ = tx.send(r.map(|_| ()));
+            });
+            let r = rx
+                .recv_timeout(std::time::Duration::from_secs(30))
+                .unwrap_or_else(|_| panic!("{decoders} decoders: the write hung"));
+            let e = r.unwrap_err();
+            assert!(
+                matches!(e, WriteError::Decode { offset, .. } if offset == 2 << 20),
+                "{decoders} decoders: {e}"
             );
         }
     }
