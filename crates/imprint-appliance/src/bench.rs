@@ -35,8 +35,14 @@ pub fn stick_read(proc: &Path, image: &Image) -> Result<StickRead> {
     let mut r = image
         .payload()
         .with_context(|| format!("opening the payload on {}", partition.display()))?;
-    // The write engine's reader: the payload through a 1 MiB buffer (manifest::raw_reader).
-    let mut buf = vec![0u8; 1 << 20];
+    // The write engine's reads: a version 2 image frame by frame (up to 4 MiB each), a
+    // version 1 image through a 1 MiB buffer (manifest::raw_reader).
+    let piece = if image.manifest().frame_table().is_some() {
+        imprint_core::manifest::MAX_FRAME_SIZE as usize
+    } else {
+        1 << 20
+    };
+    let mut buf = vec![0u8; piece];
     let mut payload_bytes = 0u64;
     loop {
         match r.read(&mut buf) {

@@ -811,7 +811,18 @@ fn write_checks_the_signature_with_trust_before_touching_the_target() {
 #[test]
 fn a_failed_write_to_a_new_file_leaves_no_file() {
     let t = tempfile::tempdir().unwrap();
-    let (_, img) = image(t.path(), 24);
+    // 12 MiB: three 4 MiB frames, so damage at the end is found while writing, after the wipe
+    // (damage in the first frame is found by the plan, before the target is created).
+    let raw = t.path().join("os12.raw");
+    std::fs::write(&raw, noise(12 * MIB, 24)).unwrap();
+    let img = t.path().join("os12.img.zst");
+    let o = run(imprint()
+        .arg("prepare")
+        .arg(&raw)
+        .arg("-o")
+        .arg(&img)
+        .args(["--level", "1"]));
+    assert!(o.status.success(), "prepare: {}", stderr(&o));
     // Damage the payload's end: the manifest still opens, the stream fails while writing.
     let mut bytes = std::fs::read(&img).unwrap();
     let n = bytes.len();
@@ -827,7 +838,7 @@ fn a_failed_write_to_a_new_file_leaves_no_file() {
     assert!(!disk.exists(), "the half-written new file was left behind");
     // An existing file is not removed (it was the user's): it is left without a partition
     // table, as a disk would be.
-    std::fs::write(&disk, vec![0x77u8; 4 * MIB]).unwrap();
+    std::fs::write(&disk, vec![0x77u8; 12 * MIB]).unwrap();
     let o = run(imprint()
         .arg("write")
         .arg(&img)
@@ -835,7 +846,10 @@ fn a_failed_write_to_a_new_file_leaves_no_file() {
         .args(["--yes", "--to-file"]));
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
     assert!(disk.exists());
-    assert!(std::fs::read(&disk).unwrap()[..MIB].iter().all(|&b| b == 0));
+    let got = std::fs::read(&disk).unwrap();
+    assert!(got[..MIB].iter().all(|&b| b == 0), "no partition table");
+    // The first two frames were written before the third failed.
+    assert!(got[4 * MIB..8 * MIB] == std::fs::read(&raw).unwrap()[4 * MIB..8 * MIB]);
 }
 
 #[test]
