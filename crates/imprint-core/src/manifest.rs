@@ -931,7 +931,7 @@ pub struct PackOptions {
     pub chunk_size: u64,
     /// Raw bytes per payload frame ([`DEFAULT_FRAME_SIZE`]; up to [`MAX_FRAME_SIZE`]): a
     /// version 2 image whose frames decode in parallel. `None` writes a version 1 image, one
-    /// zstd stream (kept for tests of old images).
+    /// zstd stream (`imprint prepare --one-stream`: smaller, decoded on one thread).
     pub frame_size: Option<u64>,
 }
 
