@@ -16,8 +16,13 @@ const MIB: usize = 1 << 20;
 
 /// A 4 MiB raw disk image (no partition table) and its prepared `.img.zst`.
 fn image(dir: &Path, seed: u32) -> (PathBuf, PathBuf) {
+    image_of(dir, seed, 4)
+}
+
+/// [`image`] of `mib` MiB (frames of 4 MiB: more than 4 MiB is several frames).
+fn image_of(dir: &Path, seed: u32, mib: usize) -> (PathBuf, PathBuf) {
     let raw = dir.join(format!("os{seed}.raw"));
-    std::fs::write(&raw, noise(4 * MIB, seed)).unwrap();
+    std::fs::write(&raw, noise(mib * MIB, seed)).unwrap();
     let img = dir.join(format!("os{seed}.img.zst"));
     let o = run(imprint()
         .arg("prepare")
@@ -813,16 +818,7 @@ fn a_failed_write_to_a_new_file_leaves_no_file() {
     let t = tempfile::tempdir().unwrap();
     // 12 MiB: three 4 MiB frames, so damage at the end is found while writing, after the wipe
     // (damage in the first frame is found by the plan, before the target is created).
-    let raw = t.path().join("os12.raw");
-    std::fs::write(&raw, noise(12 * MIB, 24)).unwrap();
-    let img = t.path().join("os12.img.zst");
-    let o = run(imprint()
-        .arg("prepare")
-        .arg(&raw)
-        .arg("-o")
-        .arg(&img)
-        .args(["--level", "1"]));
-    assert!(o.status.success(), "prepare: {}", stderr(&o));
+    let (raw, img) = image_of(t.path(), 24, 12);
     // Damage the payload's end: the manifest still opens, the stream fails while writing.
     let mut bytes = std::fs::read(&img).unwrap();
     let n = bytes.len();

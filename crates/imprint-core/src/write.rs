@@ -2164,18 +2164,14 @@ mod tests {
         }
     }
 
-    /// Writes to `out` the image at `good` (whose manifest is `m`) with the manifest's digests
-    /// of `chunks` replaced by zeros: a manifest that disagrees with its intact payload.
-    fn with_wrong_chunk_digests(good: &Path, m: &Manifest, chunks: &[u64], out: &Path) {
-        let bytes = std::fs::read(good).unwrap();
-        let payload = &bytes[bytes.len() - m.compressed_size as usize..];
-        let mut damaged = m.clone();
-        for &i in chunks {
-            damaged.chunks[i as usize] = "0".repeat(64);
-        }
-        let mut image = damaged.to_frame();
-        image.extend_from_slice(payload);
-        std::fs::write(out, image).unwrap();
+    /// Writes to `out` the image at `good` with the manifest's digests of `chunks` replaced by
+    /// zeros: a manifest that disagrees with its intact payload.
+    fn with_wrong_chunk_digests(good: &Path, chunks: &[u64], out: &Path) {
+        rewritten(good, out, |m, _| {
+            for &i in chunks {
+                m.chunks[i as usize] = "0".repeat(64);
+            }
+        });
     }
 
     /// An image whose manifest disagrees with its (intact) payload in chunk 2: with and without
@@ -2185,9 +2181,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let raw = fake_gpt_raw(6 << 20, 512);
         let good = dir.path().join("good.img.zst");
-        let m = pack_bytes(&raw, &good);
+        pack_bytes(&raw, &good);
         let bad = dir.path().join("bad.img.zst");
-        with_wrong_chunk_digests(&good, &m, &[2], &bad);
+        with_wrong_chunk_digests(&good, &[2], &bad);
         let img = Image::open(&bad).unwrap();
         for verify in [true, false] {
             let disk = dir.path().join(format!("disk-{verify}"));
@@ -2423,7 +2419,7 @@ mod tests {
             let n = m.chunk_count();
             // Three bad chunks (with 8 MiB chunks, two), the lowest dealt to the second hasher.
             let bad_path = dir.path().join(format!("bad-{chunk_size}.img.zst"));
-            with_wrong_chunk_digests(&good, &m, &[n - 1, 1, n / 2], &bad_path);
+            with_wrong_chunk_digests(&good, &[n - 1, 1, n / 2], &bad_path);
             let opts = WriteOptions {
                 verify: false,
                 ..Default::default()
