@@ -2244,6 +2244,19 @@ mod tests {
         }
     }
 
+    /// Where each frame of `m`'s payload starts in the payload, and its length.
+    fn frame_spans(m: &Manifest) -> Vec<(usize, usize)> {
+        let mut at = 0;
+        let frames = m.frames.as_ref().unwrap();
+        frames
+            .iter()
+            .map(|&len| {
+                at += len as usize;
+                (at - len as usize, len as usize)
+            })
+            .collect()
+    }
+
     /// `good`'s payload under a changed manifest (and payload) at `out`.
     fn rewritten(good: &Path, out: &Path, change: impl FnOnce(&mut Manifest, &mut Vec<u8>)) {
         let bytes = std::fs::read(good).unwrap();
@@ -2268,17 +2281,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let raw = fake_gpt_raw(8 << 20, 512);
         let good = dir.path().join("good.img.zst");
-        let m = pack_bytes(&raw, &good);
-        let lens: Vec<usize> = m
-            .frames
-            .clone()
-            .unwrap()
-            .iter()
-            .map(|&l| l as usize)
-            .collect();
-        let at = |k: usize| lens[..k].iter().sum::<usize>();
+        let spans = frame_spans(&pack_bytes(&raw, &good));
+        let at = |k: usize| spans[k].0;
         let flip = |k: usize| {
-            let pos = at(k) + lens[k] / 2;
+            let pos = at(k) + spans[k].1 / 2;
             move |_: &mut Manifest, p: &mut Vec<u8>| p[pos] ^= 0x10
         };
         let short_frame_1 = |m: &mut Manifest, p: &mut Vec<u8>| {
@@ -2344,23 +2350,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let raw = fake_gpt_raw(40 << 20, 512);
         let good = dir.path().join("good.img.zst");
-        let m = pack_bytes(&raw, &good);
-        let lens: Vec<usize> = m
-            .frames
-            .clone()
-            .unwrap()
-            .iter()
-            .map(|&l| l as usize)
-            .collect();
+        let spans = frame_spans(&pack_bytes(&raw, &good));
         let bad = dir.path().join("bad.img.zst");
         rewritten(&good, &bad, |_, p| {
-            let mut at = 0;
-            for (k, len) in lens.iter().enumerate() {
-                if k >= 2 {
-                    // The frame's first byte: its magic number.
-                    p[at] ^= 0xFF;
-                }
-                at += len;
+            for &(at, _) in &spans[2..] {
+                // The frame's first byte: its magic number.
+                p[at] ^= 0xFF;
             }
         });
         for decoders in [1, 2, 4] {
