@@ -11,8 +11,10 @@
 //! |   "IMPRSIG\0" | minisign signature (text) of the |
 //! |   exact manifest JSON bytes above                |
 //! +--------------------------------------------------+  payload_offset
-//! | zstd frame(s) of the raw disk image, with        |
-//! | content checksums                                |
+//! | zstd frames of the raw disk image, with content  |
+//! | checksums: version 2, one independent frame per  |
+//! | 4 MiB, listed in the manifest; version 1, one    |
+//! | stream                                           |
 //! +--------------------------------------------------+  payload_offset + compressed_size
 //! ```
 //!

@@ -12,8 +12,10 @@
 //! 2. **Wipe**: the target's first and last MiB are zeroed and synced. From here on the target
 //!    carries no partition table: not the old one (a half-overwritten old OS cannot boot), not a
 //!    new one.
-//! 3. **Stream**: a decoder thread inflates the payload into aligned buffers (starting while the
-//!    wipe runs), the calling thread routes them, a writer thread writes them with `O_DIRECT`.
+//! 3. **Stream**: the payload is decoded into aligned buffers (starting while the wipe runs) —
+//!    a version 2 image's 4 MiB frames on one thread per core, each straight into its buffer
+//!    and handed on in order, a version 1 image's one stream on one thread —, the calling
+//!    thread routes them, a writer thread writes them with `O_DIRECT`.
 //!    The image's first and last MiB — which hold the primary and backup GPT — are *held back
 //!    in memory*. Runs of zeros are written with `BLKZEROOUT`. The stream must end exactly at
 //!    `raw_size`, cleanly.
