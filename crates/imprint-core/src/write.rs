@@ -1570,7 +1570,7 @@ fn decode_stream(
 }
 
 /// The stream stage for a version 2 payload: this thread reads the frames in order, each into
-/// its own memory, and takes a free buffer for each (in order, so the frame the router waits
+/// reused memory of its own, and takes a free buffer for each (in order, so the frame the router waits
 /// for always has one); `threads` decoders decode each frame straight into its buffer; the
 /// blocks go to the router in order. A frame's buffer holds exactly its raw bytes, so the
 /// blocks are the frames.
