@@ -659,11 +659,7 @@ pub fn plan(image: &Image, target: &Target) -> Result<Plan, WriteError> {
 fn read_head(image: &Image, head_len: usize) -> Result<(Vec<u8>, Input), WriteError> {
     let m = image.manifest();
     let mut head = vec![0u8; head_len];
-    let decode_err = |source| WriteError::Decode {
-        offset: 0,
-        chunk: 0,
-        source,
-    };
+    let decode_err = |source| decode_error(m, 0, source);
     match Input::open(image)? {
         Input::Decoded(mut dec) => {
             let n = read_full(&mut dec, &mut head).map_err(decode_err)?;
@@ -694,37 +690,49 @@ fn read_head(image: &Image, head_len: usize) -> Result<(Vec<u8>, Input), WriteEr
     }
 }
 
-/// Reads the `clen` compressed bytes of the frame whose raw part starts at `start` into
-/// `into` (grown if need be, never shrunk: a reused buffer is not cleared each time), and
-/// returns them.
-fn read_frame<'b>(
+/// The image could not be decoded at raw byte `offset`.
+fn decode_error(m: &Manifest, offset: u64, source: std::io::Error) -> WriteError {
+    WriteError::Decode {
+        offset,
+        chunk: offset / m.chunk_size,
+        source,
+    }
+}
+
+/// Checks that `input` is at its end after `offset` raw bytes (reading the end is also what
+/// checks a whole file's `--sha256`).
+fn expect_end(input: &mut dyn Read, m: &Manifest, offset: u64) -> Result<(), WriteError> {
+    let mut probe = [0u8; 1];
+    let more = read_full(input, &mut probe).map_err(|e| decode_error(m, offset, e))?;
+    if more != 0 {
+        return Err(WriteError::LongStream {
+            expected: m.raw_size,
+        });
+    }
+    Ok(())
+}
+
+/// Reads the `clen` compressed bytes of the frame whose raw part starts at `start` into the
+/// front of `into` (grown if need be, never shrunk: a reused buffer is not cleared each time).
+fn read_frame(
     payload: &mut dyn Read,
     m: &Manifest,
     (clen, start): (u64, u64),
-    into: &'b mut Vec<u8>,
-) -> Result<&'b [u8], WriteError> {
-    let chunk = start / m.chunk_size;
+    into: &mut Vec<u8>,
+) -> Result<(), WriteError> {
     let clen = clen as usize;
     if into.len() < clen {
         into.resize(clen, 0);
     }
-    let frame = &mut into[..clen];
-    let n = read_full(payload, frame).map_err(|source| WriteError::Decode {
-        offset: start,
-        chunk,
-        source,
-    })?;
+    let n = read_full(payload, &mut into[..clen]).map_err(|e| decode_error(m, start, e))?;
     if n < clen {
-        return Err(WriteError::Decode {
-            offset: start,
-            chunk,
-            source: std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                format!("the payload ends {n} bytes into a frame of {clen}: truncated or cut off"),
-            ),
-        });
+        let cut = std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("the payload ends {n} bytes into a frame of {clen}: truncated or cut off"),
+        );
+        return Err(decode_error(m, start, cut));
     }
-    Ok(frame)
+    Ok(())
 }
 
 /// Decodes one frame, `src`, straight into `dst`, which it must fill exactly. `src` must be one
@@ -1523,11 +1531,7 @@ fn decode_stream(
             return Ok(());
         };
         let n =
-            read_full(&mut decoder, buf.as_mut_slice()).map_err(|source| WriteError::Decode {
-                offset,
-                chunk: offset / m.chunk_size,
-                source,
-            })?;
+            read_full(&mut decoder, buf.as_mut_slice()).map_err(|e| decode_error(m, offset, e))?;
         if n == 0 {
             break;
         }
@@ -1546,17 +1550,8 @@ fn decode_stream(
         }
         offset += n as u64;
         if n < BUF {
-            // A short read means the reader is at its end; confirm below.
-            let mut probe = [0u8; 1];
-            let more =
-                read_full(&mut decoder, &mut probe).map_err(|source| WriteError::Decode {
-                    offset,
-                    chunk: offset / m.chunk_size,
-                    source,
-                })?;
-            if more != 0 {
-                return Err(WriteError::LongStream { expected: raw });
-            }
+            // A short read means the reader is at its end; confirm it.
+            expect_end(&mut decoder, m, offset)?;
             break;
         }
     }
@@ -1584,7 +1579,9 @@ fn decode_frames(
 ) -> Result<(), WriteError> {
     let raw = m.raw_size;
     let Some(table) = m.frame_table() else {
-        return decode_stream(payload, m, free_rx, full_tx, stop);
+        // `Input::open` gives a compressed payload only to images with a frame table.
+        let none = std::io::Error::other("the image has no frame table");
+        return Err(decode_error(m, 0, none));
     };
     let mut failed: Option<WriteError> = None;
     let mut read_failed: Option<WriteError> = None;
@@ -1610,7 +1607,7 @@ fn decode_frames(
         };
         let mut frame = spare_rx.recv().ok()?;
         match read_frame(payload_ref, m, (clen, start), &mut frame) {
-            Ok(_) => Some((k, frame, clen as usize, start, end, buf)),
+            Ok(()) => Some((k, frame, clen as usize, start, end, buf)),
             Err(e) => {
                 read_failed = Some(e);
                 None
@@ -1636,11 +1633,7 @@ fn decode_frames(
                     len,
                     buf,
                 })
-                .map_err(|source| WriteError::Decode {
-                    offset: start,
-                    chunk: start / m.chunk_size,
-                    source,
-                })
+                .map_err(|e| decode_error(m, start, e))
         },
         {
             let (failed, sent) = (&mut failed, &mut sent);
@@ -1674,17 +1667,8 @@ fn decode_frames(
         // says why.
         return Ok(());
     }
-    // The payload must end here (reading its end is also what checks `--sha256`).
-    let mut probe = [0u8; 1];
-    let more = read_full(&mut payload, &mut probe).map_err(|source| WriteError::Decode {
-        offset: raw,
-        chunk: raw / m.chunk_size,
-        source,
-    })?;
-    if more != 0 {
-        return Err(WriteError::LongStream { expected: raw });
-    }
-    Ok(())
+    // The payload must end here.
+    expect_end(&mut payload, m, raw)
 }
 
 /// Buffers between the stages: [`NBUF`] with read-back; without, enough for each of
