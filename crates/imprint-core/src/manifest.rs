@@ -677,32 +677,22 @@ impl Image {
             source,
         };
         let mut f = BufReader::with_capacity(1 << 20, File::open(path).map_err(io_err)?);
-        let mut total = Sha256::new();
-        let mut chunker = ChunkHasher::new(DEFAULT_CHUNK_SIZE);
-        let mut chunks = Vec::new();
-        let mut push = |_: u64, d: String| -> Result<(), ImageError> {
-            chunks.push(d);
-            Ok(())
-        };
-        let mut head = Vec::with_capacity(8192);
+        let mut seen = Seen::new(DEFAULT_CHUNK_SIZE);
         let mut buf = vec![0u8; 1 << 20];
-        let mut raw_size = 0u64;
         loop {
             let n = read_full(&mut f, &mut buf).map_err(io_err)?;
             if n == 0 {
                 break;
             }
-            if head.len() < 8192 {
-                let take = (8192 - head.len()).min(n);
-                head.extend_from_slice(&buf[..take]);
-            }
-            total.update(&buf[..n]);
-            chunker.update(&buf[..n], &mut push)?;
-            raw_size += n as u64;
+            seen.take(&buf[..n]);
         }
-        chunker.finish(&mut push)?;
+        let Digests {
+            sha256: digest,
+            chunks,
+            raw_size,
+            head,
+        } = seen.finish();
         let (partition_table, sector_size) = detect_partition_table(&head);
-        let digest = hex(&total.finalize());
         let manifest = Manifest {
             format: FORMAT_NAME.into(),
             version: 1,
@@ -984,7 +974,8 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
-/// What packing learns from the raw bytes as they pass: the digests and the first sectors.
+/// What reading a raw image learns from its bytes as they pass (packing it, or taking a raw
+/// file as an image): the digests and the first sectors.
 struct Seen {
     total: Sha256,
     chunker: ChunkHasher,
@@ -1018,6 +1009,38 @@ impl Seen {
         });
         self.raw_size += data.len() as u64;
     }
+
+    /// The digests once every byte went through [`Seen::take`].
+    fn finish(self) -> Digests {
+        let Seen {
+            total,
+            chunker,
+            mut chunks,
+            raw_size,
+            head,
+        } = self;
+        let _ = chunker.finish(&mut |_, d| {
+            chunks.push(d);
+            Ok::<(), ()>(())
+        });
+        Digests {
+            sha256: hex(&total.finalize()),
+            chunks,
+            raw_size,
+            head,
+        }
+    }
+}
+
+/// What [`Seen`] learnt from a whole raw image.
+struct Digests {
+    /// sha256 of the whole image, hex.
+    sha256: String,
+    /// sha256 of each chunk, hex.
+    chunks: Vec<String>,
+    raw_size: u64,
+    /// The first 8 KiB.
+    head: Vec<u8>,
 }
 
 /// A version 1 payload: one zstd stream (multithreaded zstd with `opts.threads`).
@@ -1217,17 +1240,12 @@ fn pack_inner(
             None
         }
     };
-    let Seen {
-        total,
-        chunker,
-        mut chunks,
+    let Digests {
+        sha256,
+        chunks,
         raw_size,
         head,
-    } = seen;
-    chunker.finish(&mut |_, d| {
-        chunks.push(d);
-        Ok::<(), PackError>(())
-    })?;
+    } = seen.finish();
     if raw_size == 0 {
         return Err(PackError::Input("the input is empty".into()));
     }
@@ -1257,7 +1275,7 @@ fn pack_inner(
         raw_size,
         partition_table,
         sector_size,
-        sha256: hex(&total.finalize()),
+        sha256,
         chunk_size: opts.chunk_size,
         chunks,
         compressed_size: count,
