@@ -44,17 +44,23 @@ fn json_error(o: &Output, code: i32) -> Value {
     v
 }
 
+/// A GPT disk of `len` bytes at `raw` (sgdisk, one partition): noise from `seed`, with zeros
+/// over `zeros`.
+fn gpt_raw(raw: &Path, len: usize, seed: u32, zeros: std::ops::Range<usize>) {
+    let mut data = noise(len, seed);
+    data[zeros].fill(0);
+    std::fs::write(raw, data).unwrap();
+    let o = run(Command::new("sgdisk")
+        .args(["-Z", "-n1:2048:0", "-t1:8300"])
+        .arg(raw));
+    assert!(o.status.success(), "sgdisk: {}", stderr(&o));
+}
+
 /// A 4 MiB GPT disk (sgdisk, one partition) with noise and 2 MiB of zeros, prepared with
 /// `--json`: the image's path.
 fn image(dir: &Path) -> PathBuf {
     let raw = dir.join("os.raw");
-    let mut data = noise(4 * MIB, 7);
-    data[MIB..3 * MIB].fill(0);
-    std::fs::write(&raw, data).unwrap();
-    let o = run(Command::new("sgdisk")
-        .args(["-Z", "-n1:2048:0", "-t1:8300"])
-        .arg(&raw));
-    assert!(o.status.success(), "sgdisk: {}", stderr(&o));
+    gpt_raw(&raw, 4 * MIB, 7, MIB..3 * MIB);
     let img = dir.join("os.img.zst");
     let v = json_result(&run(imprint()
         .arg("prepare")
@@ -510,13 +516,7 @@ fn json_errors_carry_the_documented_exit_codes() {
 fn prepare_one_stream_makes_version_1_and_both_versions_write_the_same_disk() {
     let t = tempfile::tempdir().unwrap();
     let raw = t.path().join("disk.raw");
-    let mut data = noise(9 * MIB, 11);
-    data[2 * MIB..5 * MIB].fill(0);
-    std::fs::write(&raw, data).unwrap();
-    let o = run(Command::new("sgdisk")
-        .args(["-Z", "-n1:2048:0", "-t1:8300"])
-        .arg(&raw));
-    assert!(o.status.success(), "sgdisk: {}", stderr(&o));
+    gpt_raw(&raw, 9 * MIB, 11, 2 * MIB..5 * MIB);
     let want = std::fs::read(&raw).unwrap();
     for (flag, version, frames) in [(None, 2, Some(3)), (Some("--one-stream"), 1, None)] {
         let img = t.path().join(format!("v{version}.img.zst"));
